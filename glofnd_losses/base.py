@@ -1,0 +1,245 @@
+"""Shared machinery of the GloFND losses: schedule, state, validation, detection, diagnostics.
+
+Subclasses (the SogCLR, NT-Xent and CLIP losses) compute their similarity rows and loss; this
+class owns everything else: when thresholds learn and when they filter, the per-sample state and
+its one sync per step, input validation without host syncs, and the ``last_stats`` diagnostics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from glofnd_losses import distributed, functional, validation
+from glofnd_losses.detectors import BatchRows, Detection, Detector, make_detector
+from glofnd_losses.state import Field, PerSampleState
+from glofnd_losses.thresholds import ThresholdOptimizer
+
+
+@dataclass
+class TwoViewBatch:
+    """The normalised, gathered inputs of a two-view (unimodal) loss.
+
+    Attributes:
+        scores: ``(2, b, 2B)`` float32 cosine rows with gradient (see
+            :func:`glofnd_losses.functional.two_view_scores`).
+        rows: The detached rows for the detector.
+        positive_index: ``(b,)`` positive column of each local anchor.
+        indices: ``(b,)`` local data set indices, safe to index the state with.
+        valid: 0-d bool device tensor, or None when the inputs were checked eagerly.
+    """
+
+    scores: torch.Tensor
+    rows: BatchRows
+    positive_index: torch.Tensor
+    indices: torch.Tensor
+    valid: torch.Tensor | None
+
+
+class GloFNDLossBase(nn.Module):
+    """Base class of the GloFND losses. Not used directly.
+
+    Args:
+        num_samples: Number of data set items; indices must lie in ``[0, num_samples)``.
+        alpha: Target fraction of each anchor's negatives flagged as false negatives.
+        detector: ``"glofnd"``, ``"fnc"``, ``"oracle"`` or None.
+        threshold_optimizer: Update rule of GloFND's thresholds (default
+            :meth:`ThresholdOptimizer.default`; :meth:`ThresholdOptimizer.paper` for parity).
+        start_epoch: First epoch (0-based, see :meth:`set_epoch`) in which thresholds learn
+            and filter.
+        start_step: First training step (counted by the loss) in which thresholds learn and
+            filter; for iterable data sets without epochs. Both conditions must hold.
+        filter_start_epoch: First epoch in which flagged negatives leave the loss; defaults to
+            ``start_epoch``; a later value warms the thresholds up first.
+        banks: Threshold bank prefixes (one per anchor modality).
+        extra_fields: Further per-sample fields of the subclass (e.g. SogCLR's ``u``).
+
+    Examples:
+        See :class:`~glofnd_losses.GloFNDSogCLRLoss` and :class:`~glofnd_losses.GloFNDNTXent`.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        alpha: float,
+        detector: str | None,
+        threshold_optimizer: ThresholdOptimizer | None,
+        start_epoch: int,
+        start_step: int,
+        filter_start_epoch: int | None,
+        banks: Sequence[str] = ("",),
+        extra_fields: dict[str, Field] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int (the data set size), got {num_samples!r}")
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        if start_epoch < 0 or start_step < 0:
+            raise ValueError(f"start_epoch and start_step must be >= 0, got {start_epoch}, {start_step}")
+        if filter_start_epoch is None:
+            filter_start_epoch = start_epoch
+        if filter_start_epoch < start_epoch:
+            raise ValueError(
+                f"filter_start_epoch must be >= start_epoch={start_epoch} (thresholds must learn before they "
+                f"filter), got {filter_start_epoch}"
+            )
+        self.num_samples = num_samples
+        self.alpha = float(alpha)
+        self.detector: Detector = make_detector(detector, alpha, threshold_optimizer)
+        self.start_epoch = start_epoch
+        self.start_step = start_step
+        self.filter_start_epoch = filter_start_epoch
+        self.banks = tuple(banks)
+        fields: dict[str, Field] = {}
+        for prefix in self.banks:
+            fields.update(self.detector.fields(prefix))
+        fields.update(extra_fields or {})
+        self.state = PerSampleState(num_samples, fields)
+        self.epoch = 0
+        self.step = 0
+        self.last_stats: dict[str, torch.Tensor] = {}
+        self._deferred = validation.DeferredErrors()
+
+    # ------------------------------------------------------------------ schedule
+    def set_epoch(self, epoch: int) -> None:
+        """Set the current 0-based epoch (call at the start of every epoch, on every rank)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    @property
+    def learning(self) -> bool:
+        """Whether thresholds learn in the current step."""
+        return self.epoch >= self.start_epoch and self.step >= self.start_step
+
+    @property
+    def filtering(self) -> bool:
+        """Whether flagged negatives are removed from the loss in the current step."""
+        return self.learning and self.epoch >= self.filter_start_epoch
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------------ state access
+    def _threshold_buffer(self, prefix: str) -> torch.Tensor:
+        name = f"{prefix}threshold"
+        if name not in self.state.fields:
+            raise AttributeError(f"detector {self.detector.name!r} keeps no per-sample thresholds")
+        return self.state.buffer(name)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(
+        self, embeddings: Sequence[tuple[str, torch.Tensor]], indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check the inputs; return indices safe for indexing and a device validity flag or None."""
+        self._deferred.raise_if_any()
+        validation.check_embeddings(embeddings)
+        validation.check_index_shape(indices, embeddings[0][1].shape[0])
+        device = embeddings[0][1].device
+        indices = indices.to(device=device, dtype=torch.int64)
+        if device.type == "cpu":
+            validation.check_values_eagerly(indices, self.num_samples, embeddings)
+            return indices, None
+        bits = validation.value_error_bits(indices, self.num_samples, embeddings)
+        if self.training:
+            self._deferred.record(bits, self.num_samples, [name for name, _ in embeddings])
+        return indices.clamp(0, self.num_samples - 1), bits == 0
+
+    def check_errors(self) -> None:
+        """Raise any pending ``ValueError`` from accelerator-side input checks (blocks)."""
+        self._deferred.raise_if_any(wait=True)
+
+    # ------------------------------------------------------------------ detection
+    def _detect(
+        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str
+    ) -> tuple[torch.Tensor, Detection]:
+        """Keep-mask ``(V, b, C)`` of the loss, and the detection (with updated rows)."""
+        detection = self.detector.detect(
+            rows, state_rows, prefix, learn=self.training and self.learning, epoch=self.epoch
+        )
+        negatives = rows.negatives.expand_as(rows.scores)
+        if not self.filtering:
+            return negatives, detection
+        return functional.keep_nonempty(negatives & ~detection.flagged, negatives), detection
+
+    def _stats(self, prefix: str, rows: BatchRows, keep: torch.Tensor, detection: Detection) -> dict[str, torch.Tensor]:
+        """Per-step diagnostics as detached 0-d tensors (no host sync)."""
+        total = float(rows.scores.shape[0] * rows.scores.shape[1] * rows.num_negatives)
+        stats = {
+            f"{prefix}flagged_fraction": detection.flagged.sum() / total,
+            f"{prefix}filtered_fraction": 1.0 - keep.sum() / total,
+            f"{prefix}kept_negatives": keep.sum(dim=-1).to(torch.float32).mean(),
+        }
+        if detection.thresholds is not None:
+            stats[f"{prefix}mean_threshold"] = detection.thresholds.mean()
+        if rows.anchor_labels is not None and rows.column_labels is not None:
+            from glofnd_losses.metrics import batch_precision_recall
+
+            same = rows.anchor_labels[:, None] == rows.column_labels[None, :]
+            precision, recall = batch_precision_recall(detection.flagged, rows.negatives & same)
+            stats[f"{prefix}fn_precision"] = precision
+            stats[f"{prefix}fn_recall"] = recall
+        return {name: value.detach() for name, value in stats.items()}
+
+    def _commit(self, indices: torch.Tensor, new_rows: dict[str, torch.Tensor], valid: torch.Tensor | None) -> None:
+        if self.training and new_rows:
+            self.state.commit(indices, new_rows, valid)
+
+    def _finish_step(self) -> None:
+        if self.training:
+            self.step += 1
+
+    # ------------------------------------------------------------------ two-view inputs
+    def _two_view_batch(
+        self,
+        view_a: torch.Tensor,
+        view_b: torch.Tensor,
+        indices: torch.Tensor,
+        labels: torch.Tensor | None,
+        names: tuple[str, str],
+        gather: bool,
+    ) -> TwoViewBatch:
+        """Validate, normalise in fp32, gather (with gradient) and build the similarity rows."""
+        safe_indices, valid = self._validate([(names[0], view_a), (names[1], view_b)], indices)
+        view_a = nn.functional.normalize(view_a.float(), dim=1)
+        view_b = nn.functional.normalize(view_b.float(), dim=1)
+        local_size = view_a.shape[0]
+        use_gather = gather and distributed.is_distributed()
+        if use_gather:
+            all_a, all_b = distributed.gather_with_grad(view_a), distributed.gather_with_grad(view_b)
+            offset = distributed.rank() * local_size
+        else:
+            all_a, all_b, offset = view_a, view_b, 0
+        scores = functional.two_view_scores(view_a, view_b, all_a, all_b)
+        global_size = all_a.shape[0]
+        negatives = functional.two_view_negatives(local_size, global_size, offset, view_a.device)
+        column_labels = None
+        if labels is not None:
+            validation.check_index_shape(labels, local_size, name="labels")
+            labels = labels.to(view_a.device)
+            batch_labels = distributed.gather_rows(labels) if use_gather else labels
+            column_labels = torch.cat([batch_labels, batch_labels])
+        rows = BatchRows(scores.detach(), negatives, 2 * (global_size - 1), labels, column_labels)
+        positive_index = torch.arange(local_size, device=view_a.device) + offset
+        return TwoViewBatch(scores, rows, positive_index, safe_indices, valid)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_samples={self.num_samples}, alpha={self.alpha}, detector={self.detector.name!r}, "
+            f"start_epoch={self.start_epoch}, start_step={self.start_step}, "
+            f"filter_start_epoch={self.filter_start_epoch}"
+        )
+
+
+def autocast_disabled(device_type: str) -> Any:
+    """Context manager computing the loss in float32 even inside an autocast region."""
+    return torch.autocast(device_type=device_type, enabled=False)

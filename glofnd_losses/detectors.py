@@ -1,0 +1,179 @@
+"""False-negative detectors shared by every loss.
+
+A detector looks at the detached similarity rows of a batch and says which negatives are false
+negatives (``flagged``) and which are kept in the loss. Detectors are plain objects: any state
+they need is declared as per-sample fields (:meth:`Detector.fields`) that the owning loss stores
+in its :class:`~glofnd_losses.state.PerSampleState` and syncs with its other state in one gather.
+
+* :class:`GloFNDDetector` (``"glofnd"``): a learned per-sample global threshold (the paper).
+* :class:`FNCDetector` (``"fnc"``): each row's mini-batch ``(1 - alpha)``-quantile (Huynh et al.
+  2022, as compared in the paper). Stateless.
+* :class:`OracleDetector` (``"oracle"``): same-label negatives, for upper-bound experiments.
+* :class:`NoDetector` (``None``): flags nothing; the losses reduce to their base form.
+
+Treatment is elimination (flagged negatives leave the loss); the output keeps ``flagged`` apart
+from ``keep`` so an attraction treatment can be added without touching the detectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from glofnd_losses import functional, thresholds
+from glofnd_losses.state import Field
+from glofnd_losses.thresholds import ThresholdOptimizer, ThresholdRows
+
+
+@dataclass
+class BatchRows:
+    """Detached similarity rows of a batch, as a detector sees them.
+
+    Attributes:
+        scores: ``(V, b, C)`` float32 cosine scores.
+        negatives: ``(b, C)`` bool negative mask, the same for all ``V`` rows.
+        num_negatives: Negatives per row.
+        anchor_labels: ``(b,)`` labels of the anchors, or None.
+        column_labels: ``(C,)`` labels of the columns, or None.
+    """
+
+    scores: torch.Tensor
+    negatives: torch.Tensor
+    num_negatives: int
+    anchor_labels: torch.Tensor | None = None
+    column_labels: torch.Tensor | None = None
+
+
+@dataclass
+class Detection:
+    """What a detector returns for one bank of rows.
+
+    Attributes:
+        flagged: ``(V, b, C)`` bool negatives identified as false negatives.
+        thresholds: ``(b,)`` or ``(V, b)`` thresholds used, or None for the oracle / no detector.
+        new_rows: Updated per-sample fields of the anchors (empty when nothing is learned).
+    """
+
+    flagged: torch.Tensor
+    thresholds: torch.Tensor | None
+    new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Detector:
+    """Interface of a false-negative detector."""
+
+    name: str = ""
+
+    def fields(self, prefix: str) -> dict[str, Field]:
+        """Per-sample fields this detector needs, named with ``prefix``."""
+        return {}
+
+    def detect(
+        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+    ) -> Detection:
+        """Flag the false negatives of ``rows``; learn from them if ``learn``."""
+        raise NotImplementedError
+
+
+class NoDetector(Detector):
+    """Flags nothing."""
+
+    name = "none"
+
+    def detect(
+        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+    ) -> Detection:
+        return Detection(torch.zeros_like(rows.scores, dtype=torch.bool), None)
+
+
+class FNCDetector(Detector):
+    """Per-row mini-batch ``(1 - alpha)``-quantile threshold (no state).
+
+    Args:
+        alpha: Fraction of each row's negatives flagged.
+    """
+
+    name = "fnc"
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def detect(
+        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+    ) -> Detection:
+        quantiles = functional.minibatch_quantile(rows.scores, rows.negatives, self.alpha, rows.num_negatives)
+        flagged = rows.negatives & (rows.scores > quantiles[..., None])
+        return Detection(flagged, quantiles)
+
+
+class OracleDetector(Detector):
+    """Same-label negatives are the false negatives (needs labels)."""
+
+    name = "oracle"
+
+    def detect(
+        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+    ) -> Detection:
+        if rows.anchor_labels is None or rows.column_labels is None:
+            raise ValueError("detector='oracle' needs labels: pass labels=... to the loss's forward")
+        same = rows.anchor_labels[:, None] == rows.column_labels[None, :]
+        flagged = (rows.negatives & same).expand_as(rows.scores)
+        return Detection(flagged, None)
+
+
+class GloFNDDetector(Detector):
+    """GloFND: one learned threshold per data set item, the global ``(1 - alpha)``-quantile.
+
+    Per step: the subgradient is computed with the stored thresholds, the thresholds are updated,
+    and the negatives scoring strictly above the *updated* threshold are flagged (paper order).
+
+    Args:
+        alpha: Target fraction of each item's negatives (over the whole data set) to flag.
+        optimizer: Update rule of the thresholds.
+    """
+
+    name = "glofnd"
+
+    def __init__(self, alpha: float, optimizer: ThresholdOptimizer) -> None:
+        self.alpha = alpha
+        self.optimizer = optimizer
+
+    def fields(self, prefix: str) -> dict[str, Field]:
+        return thresholds.threshold_fields(prefix)
+
+    def detect(
+        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+    ) -> Detection:
+        current = ThresholdRows.from_state(state_rows, prefix)
+        new_rows: dict[str, torch.Tensor] = {}
+        threshold = current.threshold
+        if learn:
+            subgradient = functional.threshold_subgradient(
+                rows.scores, rows.negatives, current.threshold, self.alpha, rows.num_negatives
+            )
+            seed = None
+            if self.optimizer.init == "minibatch_quantile":
+                per_row = functional.minibatch_quantile(rows.scores, rows.negatives, self.alpha, rows.num_negatives)
+                seed = per_row.mean(dim=0)
+            updated = thresholds.step(current, subgradient, seed, epoch, self.optimizer)
+            threshold = updated.threshold
+            new_rows = updated.to_state(prefix)
+        flagged = rows.negatives & (rows.scores > threshold[None, :, None])
+        return Detection(flagged, threshold, new_rows)
+
+
+DETECTOR_NAMES = ("glofnd", "fnc", "oracle", None)
+
+
+def make_detector(name: str | None, alpha: float, optimizer: ThresholdOptimizer | None) -> Detector:
+    """Build a detector from its name (``"glofnd"``, ``"fnc"``, ``"oracle"`` or None)."""
+    if name == "glofnd":
+        return GloFNDDetector(alpha, optimizer or ThresholdOptimizer.default())
+    if name == "fnc":
+        return FNCDetector(alpha)
+    if name == "oracle":
+        return OracleDetector()
+    if name is None or name == "none":
+        return NoDetector()
+    raise ValueError(f"detector must be one of 'glofnd', 'fnc', 'oracle' or None, got {name!r}")

@@ -1,0 +1,118 @@
+"""Every collective the package performs lives in this module.
+
+The rest of the package asks three questions (is there a process group, how many ranks, which one
+am I) and calls two gathers:
+
+* :func:`gather_with_grad` for embeddings: an all-gather whose backward sums the incoming gradient
+  over ranks and hands each rank its own slice, so that with DDP's gradient averaging the result
+  equals the single-process gradient of the global batch.
+* :func:`gather_rows` for everything that carries no gradient (indices, per-sample state rows,
+  labels). It uses accelerate's gather when accelerate has been initialised by the user *and*
+  agrees with ``torch.distributed`` about the number of processes, and ``torch.distributed``
+  otherwise. accelerate's default state on a CPU-only host can report a single process while two
+  ranks are running, which would make its gather silently return only the local rows.
+
+``torch.distributed.is_initialized()`` is the source of truth. Nothing here constructs
+accelerate state or initialises a process group.
+
+All gathers require the same leading size on every rank (as ``torch.distributed.all_gather``
+does): use ``drop_last=True`` or a ``DistributedSampler`` for the training loader.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group with more than one rank is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of ranks in the default process group (1 without one)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """Rank of this process in the default process group (0 without one)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 with a sum-reduced backward."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.local_size = tensor.shape[0]
+        return _all_gather_cat(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.local_size
+        return grad[start : start + ctx.local_size]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, keeping the gradient path.
+
+    The backward pass sums the gradient of the gathered tensor over ranks and returns this rank's
+    slice, so the gradient of every rank's negatives from every other rank's anchors is kept.
+    Without a process group the input is returned unchanged.
+
+    Args:
+        tensor: Local tensor of shape ``(b, ...)``; ``b`` must be equal on every rank.
+
+    Returns:
+        Tensor of shape ``(world_size * b, ...)`` in rank order.
+    """
+    if not is_distributed():
+        return tensor
+    gathered: torch.Tensor = _GatherWithGrad.apply(tensor)
+    return gathered
+
+
+def _accelerate_agrees() -> bool:
+    """Whether the user initialised accelerate and it sees the same processes as torch."""
+    try:
+        from accelerate.state import PartialState
+    except ImportError:
+        return False
+    if not PartialState._shared_state:  # never construct accelerate state ourselves
+        return False
+    state = PartialState()
+    return bool(state.num_processes == dist.get_world_size())
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a gradient-free tensor from every rank along dim 0, in rank order.
+
+    The input is detached first: accelerate's gather returns its input itself with one process
+    (keeping the graph) but a gradient-free copy with several.
+
+    Args:
+        tensor: Local tensor of shape ``(b, ...)``; ``b`` must be equal on every rank.
+
+    Returns:
+        Detached tensor of shape ``(world_size * b, ...)``.
+    """
+    tensor = tensor.detach()
+    if not is_distributed():
+        return tensor
+    if _accelerate_agrees():
+        from accelerate.utils import gather
+
+        gathered: torch.Tensor = gather(tensor.contiguous())
+        return gathered
+    return _all_gather_cat(tensor)

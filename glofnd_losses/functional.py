@@ -1,0 +1,208 @@
+"""Pure tensor functions: similarity rows, negative and keep masks, threshold statistics, losses.
+
+Nothing here holds state or communicates. Shapes use ``V`` rows per anchor (2 for two-view
+unimodal losses, 1 per modality for CLIP), ``b`` local anchors and ``C`` candidate columns.
+Scores are raw cosine similarities (not divided by the temperature), in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def two_view_scores(
+    view_a: torch.Tensor, view_b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor
+) -> torch.Tensor:
+    """Unimodal similarity rows of the local anchors against the global batch.
+
+    Row ``a`` of anchor ``i`` is ``[a_i . b_j for j | a_i . a_j for j]`` and row ``b`` is
+    ``[b_i . a_j | b_i . b_j]``, so in both rows the positive sits at column ``p(i)`` and the
+    anchor itself at ``B + p(i)``, where ``p(i)`` is its position in the global batch.
+
+    Args:
+        view_a: Local normalised embeddings of view a, ``(b, d)``.
+        view_b: Local normalised embeddings of view b, ``(b, d)``.
+        all_a: Global batch of view a, ``(B, d)``.
+        all_b: Global batch of view b, ``(B, d)``.
+
+    Returns:
+        Scores of shape ``(2, b, 2B)``.
+    """
+    row_a = view_a @ torch.cat([all_b, all_a]).T
+    row_b = view_b @ torch.cat([all_a, all_b]).T
+    return torch.stack([row_a, row_b])
+
+
+def two_view_negatives(local_size: int, global_size: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Negative-column mask ``(b, 2B)`` of :func:`two_view_scores`: all but positive and self."""
+    positions = torch.arange(local_size, device=device) + offset
+    negatives = torch.ones(local_size, 2 * global_size, dtype=torch.bool, device=device)
+    rows = torch.arange(local_size, device=device)
+    negatives[rows, positions] = False
+    negatives[rows, positions + global_size] = False
+    return negatives
+
+
+def cross_modal_negatives(local_size: int, global_size: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Negative-column mask ``(b, B)`` of image-vs-text rows: all but the paired column."""
+    positions = torch.arange(local_size, device=device) + offset
+    negatives = torch.ones(local_size, global_size, dtype=torch.bool, device=device)
+    negatives[torch.arange(local_size, device=device), positions] = False
+    return negatives
+
+
+def count_above(scores: torch.Tensor, negatives: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Number of negatives scoring strictly above each anchor's threshold, pooled over rows.
+
+    Args:
+        scores: ``(V, b, C)`` float32 scores.
+        negatives: ``(b, C)`` bool negative mask shared by the ``V`` rows.
+        thresholds: ``(b,)`` float32 thresholds, one per anchor.
+
+    Returns:
+        ``(b,)`` counts as float32.
+    """
+    above = (scores > thresholds[None, :, None]) & negatives
+    return above.sum(dim=(0, 2)).to(torch.float32)
+
+
+def threshold_subgradient(
+    scores: torch.Tensor, negatives: torch.Tensor, thresholds: torch.Tensor, alpha: float, num_negatives: int
+) -> torch.Tensor:
+    """Stochastic subgradient of the quantile objective ``alpha*lam + mean((s - lam)_+)``.
+
+    ``G_i = alpha - (# negatives of i with s > lam_i) / (V * num_negatives)``, pooling the ``V``
+    rows of the anchor (paper Eq. 4; strict ``>``, so ties count as kept).
+
+    Args:
+        scores: ``(V, b, C)`` float32 scores.
+        negatives: ``(b, C)`` bool negative mask.
+        thresholds: ``(b,)`` thresholds before the update.
+        alpha: Target fraction of negatives above the threshold.
+        num_negatives: Negatives per row (``negatives.sum(-1)``, equal for every row).
+
+    Returns:
+        ``(b,)`` subgradients in ``[alpha - 1, alpha]``.
+    """
+    fraction_above = count_above(scores, negatives, thresholds) / (scores.shape[0] * num_negatives)
+    return alpha - fraction_above
+
+
+def minibatch_quantile(scores: torch.Tensor, negatives: torch.Tensor, alpha: float, num_negatives: int) -> torch.Tensor:
+    """Per-row ``(1 - alpha)``-quantile of the negatives (FNC's threshold), via ``topk``.
+
+    Equal to ``torch.quantile(row[negatives], 1 - alpha)`` (linear interpolation) without sorting
+    the whole row and without ``torch.quantile``'s 16M-element limit.
+
+    Args:
+        scores: ``(V, b, C)`` float32 scores.
+        negatives: ``(b, C)`` bool negative mask with exactly ``num_negatives`` True per row.
+        alpha: Upper tail fraction.
+        num_negatives: Negatives per row.
+
+    Returns:
+        ``(V, b)`` float32 quantiles.
+    """
+    position = (num_negatives - 1) * (1.0 - alpha)
+    lower_rank = math.floor(position)  # ascending rank r is descending rank num_negatives - 1 - r
+    fraction = position - lower_rank
+    top_count = num_negatives - lower_rank
+    masked = scores.masked_fill(~negatives, float("-inf"))
+    top = masked.topk(top_count, dim=-1).values
+    lower = top[..., top_count - 1]
+    if fraction == 0.0 or top_count < 2:
+        return lower
+    upper = top[..., top_count - 2]
+    return lower + fraction * (upper - lower)
+
+
+def keep_at_or_below(scores: torch.Tensor, negatives: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Keep-mask ``negatives & (scores <= threshold)``; thresholds ``(b,)`` or ``(V, b)``."""
+    if thresholds.dim() == 1:
+        thresholds = thresholds.expand(scores.shape[0], -1)
+    return negatives & (scores <= thresholds[..., None])
+
+
+def keep_nonempty(keep: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Fall back to all negatives for any row whose keep-mask is empty (never a 0/0)."""
+    return torch.where(keep.any(dim=-1, keepdim=True), keep, negatives)
+
+
+def filtered_cross_entropy(
+    logits: torch.Tensor, positive_index: torch.Tensor, keep: torch.Tensor, num_negatives: int
+) -> torch.Tensor:
+    """NT-Xent / InfoNCE per row over the positive and the kept negatives.
+
+    The kept negatives' sum of exponentials is rescaled to the full negative count, so the
+    positive/negative balance is unchanged by filtering:
+    ``-l_pos + log(exp(l_pos) + (num_negatives / n_kept) * sum_kept exp(l))``.
+    With every negative kept this is the usual cross-entropy.
+
+    Args:
+        logits: ``(V, b, C)`` scores divided by the temperature.
+        positive_index: ``(b,)`` column of each anchor's positive.
+        keep: ``(V, b, C)`` bool kept negatives (at least one per row).
+        num_negatives: Negatives per row before filtering.
+
+    Returns:
+        ``(V, b)`` per-row losses.
+    """
+    kept_count = keep.sum(dim=-1).clamp_min(1).to(logits.dtype)
+    rescale = math.log(num_negatives) - torch.log(kept_count)
+    negative_logits = logits.masked_fill(~keep, float("-inf")) + rescale[..., None]
+    positive_logits = logits.gather(-1, positive_index.expand(logits.shape[0], -1)[..., None])
+    all_logits = torch.cat([positive_logits, negative_logits], dim=-1)
+    return torch.logsumexp(all_logits, dim=-1) - positive_logits.squeeze(-1)
+
+
+def moving_average(
+    previous: torch.Tensor, estimate: torch.Tensor, gamma: float, initialized: torch.Tensor
+) -> torch.Tensor:
+    """``(1 - gamma) * previous + gamma * estimate``, or ``estimate`` where not yet initialised."""
+    return torch.where(initialized, (1.0 - gamma) * previous + gamma * estimate, estimate)
+
+
+def sogclr_rows(
+    scores: torch.Tensor,
+    positive_index: torch.Tensor,
+    keep: torch.Tensor,
+    u_previous: torch.Tensor,
+    u_initialized: torch.Tensor,
+    gamma: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SogCLR's per-row loss with its moving average of the negatives' mean exponential.
+
+    For each row: ``g = mean_kept exp(s / tau)``, ``u' = (1 - gamma) u + gamma g`` (``u' = g`` at
+    a sample's first visit), weights ``w = sg[exp(s / tau) / u']``, and
+
+    * gradient of the row: ``-grad s_pos + mean_kept w * grad s`` (SogCLR's surrogate, an estimate
+      of ``tau`` times the gradient of the global contrastive loss);
+    * value of the row: ``-s_pos + tau * log u'``, the matching estimate of ``tau`` times the
+      global contrastive loss of the anchor (so logs show a meaningful number).
+
+    Args:
+        scores: ``(V, b, C)`` float32 cosine scores, with gradient.
+        positive_index: ``(b,)`` positive column per anchor.
+        keep: ``(V, b, C)`` bool kept negatives (at least one per row).
+        u_previous: ``(b,)`` stored ``u`` of each anchor's item.
+        u_initialized: ``(b,)`` bool, whether ``u_previous`` has been set before.
+        gamma: Weight of the new estimate.
+        temperature: ``tau``.
+
+    Returns:
+        ``(V, b)`` per-row losses and ``(V, b)`` updated ``u'`` (detached).
+    """
+    kept = keep.to(scores.dtype)
+    kept_count = kept.sum(dim=-1).clamp_min(1.0)
+    exp_scores = torch.exp(scores.detach() / temperature) * kept
+    estimate = exp_scores.sum(dim=-1) / kept_count
+    u_new = moving_average(u_previous.expand_as(estimate), estimate, gamma, u_initialized.expand_as(estimate))
+    u_safe = u_new.clamp_min(torch.finfo(u_new.dtype).tiny)
+    weights = exp_scores / u_safe[..., None]
+    positive = scores.gather(-1, positive_index.expand(scores.shape[0], -1)[..., None]).squeeze(-1)
+    surrogate = -positive + (weights * scores).sum(dim=-1) / kept_count
+    value = -positive.detach() + temperature * torch.log(u_safe)
+    return surrogate + (value - surrogate.detach()), u_new

@@ -1,0 +1,103 @@
+"""NT-Xent (SimCLR) with GloFND false-negative filtering: a drop-in for lightly's NTXentLoss."""
+
+from __future__ import annotations
+
+import torch
+
+from glofnd_losses import functional
+from glofnd_losses.base import GloFNDLossBase, autocast_disabled
+from glofnd_losses.thresholds import ThresholdOptimizer
+
+
+class GloFNDNTXent(GloFNDLossBase):
+    """lightly's ``NTXentLoss`` whose negatives skip GloFND's false negatives.
+
+    With filtering off (``detector=None``, before ``start_epoch``, or while no threshold has moved)
+    the value and gradients equal ``lightly.loss.NTXentLoss(temperature, gather_distributed=...)``:
+    the mean over the ``2b`` local rows of the cross-entropy of each view against the other view
+    and the other samples of both views. With filtering, each row's kept negatives are rescaled
+    to the full negative count (``-l_pos + log(exp(l_pos) + (N / n_kept) * sum_kept exp(l))``), so
+    the positive/negative balance is unchanged. Memory banks are not supported: banked
+    negatives have no data set index to carry a threshold.
+
+    Args:
+        num_samples: Number of data set items; ``indices`` must lie in ``[0, num_samples)``.
+        temperature: Softmax temperature, as in lightly.
+        gather_distributed: Contrast against the global batch of all ranks (as in lightly). The
+            per-sample state is synced across ranks either way.
+        alpha: Target fraction of each item's negatives flagged as false negatives.
+        start_epoch: First 0-based epoch in which thresholds learn and filter.
+        detector: ``"glofnd"``, ``"fnc"``, ``"oracle"`` (needs labels) or None.
+        threshold_optimizer: GloFND's update rule (default :meth:`ThresholdOptimizer.default`).
+        memory_bank_size: Accepted for signature compatibility with lightly; must be 0.
+        start_step: First training step in which thresholds learn (for data without epochs).
+        filter_start_epoch: First epoch in which flagged negatives are removed.
+
+    Examples:
+        >>> import torch
+        >>> from glofnd_losses import GloFNDNTXent
+        >>> criterion = GloFNDNTXent(num_samples=1000, temperature=0.5)
+        >>> out0, out1 = torch.randn(8, 32), torch.randn(8, 32)
+        >>> loss = criterion(out0, out1, indices=torch.arange(8))
+        >>> float(loss) > 0
+        True
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        temperature: float = 0.5,
+        gather_distributed: bool = False,
+        alpha: float = 0.01,
+        start_epoch: int = 0,
+        detector: str | None = "glofnd",
+        threshold_optimizer: ThresholdOptimizer | None = None,
+        *,
+        memory_bank_size: int | tuple[int, ...] = 0,
+        start_step: int = 0,
+        filter_start_epoch: int | None = None,
+    ) -> None:
+        if memory_bank_size not in (0, None) and memory_bank_size != (0,):
+            raise ValueError(
+                f"memory_bank_size must be 0: GloFNDNTXent does not support memory banks (banked negatives "
+                f"carry no data set index, so no threshold applies to them), got {memory_bank_size}"
+            )
+        if abs(temperature) < 1e-8:
+            raise ValueError(f"temperature must be non-zero, got {temperature}")
+        super().__init__(
+            num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch
+        )
+        self.temperature = float(temperature)
+        self.gather_distributed = bool(gather_distributed)
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """Per-sample GloFND thresholds, shape ``(num_samples,)`` (read-only view)."""
+        return self._threshold_buffer("").detach()
+
+    def forward(
+        self, out0: torch.Tensor, out1: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of a batch of two views.
+
+        Args:
+            out0: Projections of the first view, ``(b, d)``.
+            out1: Projections of the second view, ``(b, d)``.
+            indices: Data set indices of the ``b`` items, ``(b,)`` integers.
+            labels: Optional ``(b,)`` class labels, for the oracle detector and the
+                ``fn_precision`` / ``fn_recall`` diagnostics.
+
+        Returns:
+            Scalar loss: the mean over the ``2b`` local rows.
+        """
+        with autocast_disabled(out0.device.type):
+            batch = self._two_view_batch(out0, out1, indices, labels, ("out0", "out1"), self.gather_distributed)
+            state_rows = self.state.read(batch.indices)
+            keep, detection = self._detect(batch.rows, state_rows, "")
+            per_row = functional.filtered_cross_entropy(
+                batch.scores / self.temperature, batch.positive_index, keep, batch.rows.num_negatives
+            )
+            self._commit(batch.indices, detection.new_rows, batch.valid)
+            self.last_stats = self._stats("", batch.rows, keep, detection)
+            self._finish_step()
+            return per_row.mean()

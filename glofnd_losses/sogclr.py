@@ -1,0 +1,132 @@
+"""Unimodal SogCLR (global contrastive loss) with GloFND false-negative filtering."""
+
+from __future__ import annotations
+
+import torch
+
+from glofnd_losses import functional
+from glofnd_losses.base import GloFNDLossBase, autocast_disabled
+from glofnd_losses.state import Field
+from glofnd_losses.thresholds import ThresholdOptimizer
+
+
+class GloFNDSogCLRLoss(GloFNDLossBase):
+    """SogCLR's global contrastive loss whose negatives skip GloFND's false negatives.
+
+    SogCLR keeps, for every data set item, a moving average ``u`` of the mean exponential
+    similarity of the item to its negatives, which lets it optimise the global (whole data set)
+    contrastive loss with small batches. GloFND learns, for every item, the similarity threshold
+    above which a negative is a false negative, and those negatives leave both the loss and ``u``.
+
+    Inputs are two views of the same ``b`` items plus their data set indices. Embeddings are
+    L2-normalised here and the loss is computed in float32 (also under autocast). When a
+    ``torch.distributed`` process group is active, the views are gathered (with gradient) and
+    every local anchor is contrasted with the global batch; the per-sample state is identical on
+    every rank after every step.
+
+    The returned scalar has SogCLR's surrogate gradient (an estimate of ``temperature`` times the
+    gradient of the global contrastive loss) and, as its value, the matching estimate of
+    ``temperature`` times the global contrastive loss, ``mean_i sum_v [-s_pos + tau * log u_i^v]``,
+    so that logged values are meaningful. Per-step diagnostics (tensors, no host sync) are in
+    :attr:`last_stats`.
+
+    Args:
+        num_samples: Number of data set items; ``indices`` must lie in ``[0, num_samples)``.
+        temperature: SogCLR's temperature ``tau``.
+        gamma: Weight of the new estimate in ``u``'s moving average (``u`` is set directly at an
+            item's first visit).
+        alpha: Target fraction of each item's negatives flagged as false negatives.
+        start_epoch: First 0-based epoch in which thresholds learn and filter (paper: 70 of 200).
+        detector: ``"glofnd"``, ``"fnc"`` (mini-batch quantile), ``"oracle"`` (needs labels) or None.
+        threshold_optimizer: GloFND's update rule (default :meth:`ThresholdOptimizer.default`).
+        start_step: First training step in which thresholds learn (for data without epochs).
+        filter_start_epoch: First epoch in which flagged negatives are removed (default
+            ``start_epoch``).
+
+    Examples:
+        >>> import torch
+        >>> from glofnd_losses import GloFNDSogCLRLoss
+        >>> loss_fn = GloFNDSogCLRLoss(num_samples=1000, alpha=0.01)
+        >>> z1, z2 = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32, requires_grad=True)
+        >>> indices = torch.arange(8)
+        >>> loss = loss_fn(z1, z2, indices)
+        >>> loss.backward()
+        >>> loss_fn.thresholds.shape
+        torch.Size([1000])
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        temperature: float = 0.1,
+        gamma: float = 0.9,
+        alpha: float = 0.01,
+        start_epoch: int = 0,
+        detector: str | None = "glofnd",
+        threshold_optimizer: ThresholdOptimizer | None = None,
+        *,
+        start_step: int = 0,
+        filter_start_epoch: int | None = None,
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        super().__init__(
+            num_samples,
+            alpha,
+            detector,
+            threshold_optimizer,
+            start_epoch,
+            start_step,
+            filter_start_epoch,
+            extra_fields={"u": Field(torch.float32, 0.0), "u_initialized": Field(torch.bool, 0.0)},
+        )
+        self.temperature = float(temperature)
+        self.gamma = float(gamma)
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """Per-sample GloFND thresholds, shape ``(num_samples,)`` (read-only view)."""
+        return self._threshold_buffer("").detach()
+
+    @property
+    def u(self) -> torch.Tensor:
+        """Per-sample moving averages of the negatives' mean exponential (read-only view)."""
+        return self.state.buffer("u").detach()
+
+    def forward(
+        self, z1: torch.Tensor, z2: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of a batch of two views.
+
+        Args:
+            z1: Embeddings of the first view, ``(b, d)``.
+            z2: Embeddings of the second view, ``(b, d)``.
+            indices: Data set indices of the ``b`` items, ``(b,)`` integers.
+            labels: Optional ``(b,)`` class labels, for the oracle detector and for the
+                ``fn_precision`` / ``fn_recall`` diagnostics.
+
+        Returns:
+            A scalar (see the class docstring for what its value is).
+        """
+        with autocast_disabled(z1.device.type):
+            batch = self._two_view_batch(z1, z2, indices, labels, ("z1", "z2"), gather=True)
+            state_rows = self.state.read(batch.indices)
+            keep, detection = self._detect(batch.rows, state_rows, "")
+            per_row, u_new = functional.sogclr_rows(
+                batch.scores,
+                batch.positive_index,
+                keep,
+                state_rows["u"],
+                state_rows["u_initialized"],
+                self.gamma,
+                self.temperature,
+            )
+            new_rows = dict(detection.new_rows)
+            new_rows["u"] = u_new.mean(dim=0)
+            new_rows["u_initialized"] = torch.ones_like(state_rows["u_initialized"])
+            self._commit(batch.indices, new_rows, batch.valid)
+            self.last_stats = self._stats("", batch.rows, keep, detection)
+            self._finish_step()
+            return per_row.sum(dim=0).mean()

@@ -1,0 +1,122 @@
+"""Per-sample state with an index-scatter sync rule.
+
+Every loss in the package keeps a few numbers per data set item (threshold, optimiser moments,
+visit count, SogCLR's ``u`` and its init flag). They live here as registered, persistent buffers
+(so they are in ``state_dict()`` and follow ``.to(device)``), one 1-D buffer per field.
+
+Sync rule (compare torchmetrics' declared states with a reduction; ours is scatter-by-index):
+each rank computes new rows for its local anchors, :meth:`PerSampleState.commit` packs
+``(index, valid, field_1, ..., field_F)`` of those rows into one ``float64`` tensor, runs **one**
+all-gather, and every rank writes every row. The state is therefore bit-identical on every rank
+after every step and any rank can checkpoint at any step.
+
+Duplicate indices in a global batch are resolved deterministically: the last occurrence in global
+batch order (rank order, then position) wins on every rank. The rows of the earlier occurrences
+are replaced by the winner's before the scatter, so the scatter never races.
+
+If any rank flags its batch as invalid, the whole step writes nothing (the old rows are written
+back), so a rejected batch never corrupts or half-updates the state.
+
+The storage is a plain buffer per field. Moving it to the host or sharding it across ranks (for
+data sets of hundreds of millions of items) only changes :meth:`read` and :meth:`commit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glofnd_losses import distributed
+
+
+@dataclass(frozen=True)
+class Field:
+    """Declaration of one per-sample field.
+
+    Attributes:
+        dtype: Storage dtype (``float32``, ``int32`` or ``bool``; all pack exactly into float64).
+        init: Initial value of every row.
+    """
+
+    dtype: torch.dtype
+    init: float
+
+
+def _last_occurrence(indices: torch.Tensor) -> torch.Tensor:
+    """Position of the last occurrence of each element's value in ``indices`` (1-D, int64)."""
+    sorted_values, order = torch.sort(indices, stable=True)
+    last_sorted = torch.searchsorted(sorted_values, indices, right=True) - 1
+    return order[last_sorted]
+
+
+class PerSampleState(nn.Module):
+    """A table of ``num_samples`` rows with named scalar fields, synced across ranks by index.
+
+    Args:
+        num_samples: Number of data set items (rows). Indices must lie in ``[0, num_samples)``.
+        fields: Field name to declaration. Buffer names are the field names.
+
+    Examples:
+        >>> import torch
+        >>> state = PerSampleState(10, {"threshold": Field(torch.float32, 1.0)})
+        >>> idx = torch.tensor([3, 7])
+        >>> state.commit(idx, {"threshold": torch.tensor([0.5, 0.25])})
+        >>> state.read(idx)["threshold"]
+        tensor([0.5000, 0.2500])
+    """
+
+    def __init__(self, num_samples: int, fields: dict[str, Field]) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.fields = dict(fields)
+        for name, field in self.fields.items():
+            self.register_buffer(
+                name, torch.full((self.num_samples,), field.init, dtype=field.dtype), persistent=True
+            )
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """The full 1-D buffer of field ``name`` (not a copy)."""
+        value = getattr(self, name)
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    def read(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` of every field (copies; indices must be valid)."""
+        return {name: self.buffer(name).index_select(0, indices) for name in self.fields}
+
+    def commit(
+        self,
+        indices: torch.Tensor,
+        rows: dict[str, torch.Tensor],
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        """Write new rows for the local ``indices`` on every rank (one all-gather).
+
+        Must be called by every rank in the same step (it is a collective when a process group
+        is active).
+
+        Args:
+            indices: Local data set indices, 1-D int64 of length ``b`` (equal on every rank).
+            rows: New values per field, each of shape ``(b,)``; fields not given keep their value.
+            valid: Optional 0-d bool tensor; if it is False on any rank, nothing is written.
+        """
+        names = list(rows)
+        device = indices.device
+        columns = [indices.to(torch.float64)]
+        valid_flag = torch.ones((), dtype=torch.bool, device=device) if valid is None else valid
+        columns.append(valid_flag.to(torch.float64).expand(indices.shape[0]))
+        columns += [rows[name].detach().to(torch.float64) for name in names]
+        packed = distributed.gather_rows(torch.stack(columns, dim=1))
+
+        global_indices = packed[:, 0].to(torch.int64)
+        step_valid = packed[:, 1].min() > 0.5
+        winners = _last_occurrence(global_indices)
+        for column, name in enumerate(names, start=2):
+            store = self.buffer(name)
+            new_values = packed[winners, column].to(store.dtype)
+            old_values = store.index_select(0, global_indices)
+            store.index_copy_(0, global_indices, torch.where(step_valid, new_values, old_values))

@@ -1,0 +1,206 @@
+"""Update rules for the per-sample GloFND thresholds (pure functions over state rows).
+
+A threshold ``lam_i`` minimises ``F_i(lam) = alpha * lam + mean_z (s_iz - lam)_+`` over the scores
+of item ``i`` against the whole data set; its minimiser is the ``(1 - alpha)``-quantile. Each
+visit of ``i`` gives a stochastic subgradient ``G_i`` (see
+:func:`glofnd_losses.functional.threshold_subgradient`) and :func:`step` moves ``lam_i`` against
+it, clamped to ``[-1, 1]``.
+
+Two presets:
+
+* :meth:`ThresholdOptimizer.paper` reproduces the reference experiments: per-sample Adam
+  (betas 0.9/0.98, eps 1e-8, lr 0.05) whose bias correction uses the global epoch number, from
+  ``lam = 1``.
+* :meth:`ThresholdOptimizer.default` is chosen by ``benchmarks/threshold_quality.py``: the
+  threshold starts at the mini-batch quantile on a sample's first visit, then takes Adam steps
+  with per-sample bias correction and a step size decaying with the sample's visit count down to a
+  floor (so it keeps tracking a drifting encoder). See BENCHMARKS.md for the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from glofnd_losses.state import Field
+
+Rule = Literal["adam", "sgd"]
+BiasCorrection = Literal["per_sample", "epoch"]
+Init = Literal["one", "minibatch_quantile"]
+Decay = Literal["constant", "inverse_sqrt"]
+
+
+@dataclass(frozen=True)
+class ThresholdOptimizer:
+    """How the per-sample thresholds are learned.
+
+    Attributes:
+        rule: ``"adam"`` (per-sample moments) or ``"sgd"`` (projected subgradient steps, paper Eq. 4).
+        lr: Step size.
+        betas: Adam's moment decay rates.
+        eps: Adam's denominator epsilon.
+        bias_correction: ``"per_sample"`` (by the sample's own number of steps) or ``"epoch"``
+            (by the global epoch number + 1, the reference code's quirk).
+        init: ``"one"`` (start at 1, nothing flagged) or ``"minibatch_quantile"`` (set the
+            threshold to the mini-batch ``(1 - alpha)``-quantile at the sample's first visit).
+        lr_decay: ``"constant"`` or ``"inverse_sqrt"`` (``lr / sqrt(steps)`` per sample).
+        min_lr: Floor of the decayed step size.
+
+    Examples:
+        >>> ThresholdOptimizer.paper().rule
+        'adam'
+        >>> ThresholdOptimizer(rule="sgd", lr=0.5).lr_decay
+        'constant'
+    """
+
+    rule: Rule = "adam"
+    lr: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    bias_correction: BiasCorrection = "per_sample"
+    init: Init = "one"
+    lr_decay: Decay = "constant"
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("adam", "sgd"):
+            raise ValueError(f"rule must be 'adam' or 'sgd', got {self.rule!r}")
+        if self.bias_correction not in ("per_sample", "epoch"):
+            raise ValueError(f"bias_correction must be 'per_sample' or 'epoch', got {self.bias_correction!r}")
+        if self.init not in ("one", "minibatch_quantile"):
+            raise ValueError(f"init must be 'one' or 'minibatch_quantile', got {self.init!r}")
+        if self.lr_decay not in ("constant", "inverse_sqrt"):
+            raise ValueError(f"lr_decay must be 'constant' or 'inverse_sqrt', got {self.lr_decay!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+    @classmethod
+    def paper(cls) -> ThresholdOptimizer:
+        """The reference code's rule, for parity with the paper's experiments."""
+        return cls(rule="adam", lr=0.05, betas=(0.9, 0.98), eps=1e-8, bias_correction="epoch", init="one")
+
+    @classmethod
+    def default(cls) -> ThresholdOptimizer:
+        """The package default, chosen on ``benchmarks/threshold_quality.py``."""
+        return cls(
+            rule="adam",
+            lr=0.05,
+            betas=(0.9, 0.98),
+            bias_correction="per_sample",
+            init="minibatch_quantile",
+            lr_decay="inverse_sqrt",
+            min_lr=0.01,
+        )
+
+
+def threshold_fields(prefix: str) -> dict[str, Field]:
+    """Per-sample fields of one threshold bank, named ``{prefix}threshold`` etc."""
+    return {
+        f"{prefix}threshold": Field(torch.float32, 1.0),
+        f"{prefix}threshold_exp_avg": Field(torch.float32, 0.0),
+        f"{prefix}threshold_exp_avg_sq": Field(torch.float32, 0.0),
+        f"{prefix}threshold_visits": Field(torch.int32, 0),
+    }
+
+
+@dataclass
+class ThresholdRows:
+    """Rows of one threshold bank for the anchors of a batch."""
+
+    threshold: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    visits: torch.Tensor
+
+    @classmethod
+    def from_state(cls, rows: dict[str, torch.Tensor], prefix: str) -> ThresholdRows:
+        return cls(
+            rows[f"{prefix}threshold"],
+            rows[f"{prefix}threshold_exp_avg"],
+            rows[f"{prefix}threshold_exp_avg_sq"],
+            rows[f"{prefix}threshold_visits"],
+        )
+
+    def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}threshold": self.threshold,
+            f"{prefix}threshold_exp_avg": self.exp_avg,
+            f"{prefix}threshold_exp_avg_sq": self.exp_avg_sq,
+            f"{prefix}threshold_visits": self.visits,
+        }
+
+
+def step(
+    rows: ThresholdRows,
+    subgradient: torch.Tensor,
+    batch_quantile: torch.Tensor | None,
+    epoch: int,
+    optimizer: ThresholdOptimizer,
+) -> ThresholdRows:
+    """One update of the thresholds of a batch's anchors.
+
+    Args:
+        rows: Current rows (threshold, moments, per-sample visit count).
+        subgradient: ``(b,)`` subgradients computed with ``rows.threshold``.
+        batch_quantile: ``(b,)`` mini-batch ``(1 - alpha)``-quantiles, required when
+            ``optimizer.init == "minibatch_quantile"``.
+        epoch: Current 0-based epoch (used by ``bias_correction="epoch"``).
+        optimizer: The rule.
+
+    Returns:
+        The new rows. With ``init="minibatch_quantile"`` a sample's first visit sets its threshold
+        to the mini-batch quantile and takes no step; Adam's bias correction and the step-size
+        decay count the visits after it.
+    """
+    grad = subgradient.to(torch.float32)
+    visits = rows.visits + 1
+    seeding = optimizer.init == "minibatch_quantile"
+    # With a seeded start the first visit sets the threshold; Adam's own count starts after it.
+    optimizer_steps = (visits - 1 if seeding else visits).clamp_min(1).to(torch.float32)
+    lr: torch.Tensor | float = optimizer.lr
+    if optimizer.lr_decay == "inverse_sqrt":
+        lr = (optimizer.lr / optimizer_steps.sqrt()).clamp_min(optimizer.min_lr)
+
+    if optimizer.rule == "adam":
+        beta1, beta2 = optimizer.betas
+        exp_avg = beta1 * rows.exp_avg + (1 - beta1) * grad
+        exp_avg_sq = beta2 * rows.exp_avg_sq + (1 - beta2) * grad * grad
+        if optimizer.bias_correction == "epoch":
+            correction1: torch.Tensor | float = 1 - beta1 ** (epoch + 1)
+            correction2: torch.Tensor | float = 1 - beta2 ** (epoch + 1)
+        else:
+            correction1 = 1 - torch.pow(beta1, optimizer_steps)
+            correction2 = 1 - torch.pow(beta2, optimizer_steps)
+        direction = (exp_avg / correction1) / ((exp_avg_sq / correction2).sqrt() + optimizer.eps)
+    else:
+        exp_avg, exp_avg_sq, direction = rows.exp_avg, rows.exp_avg_sq, grad
+    threshold = (rows.threshold - lr * direction).clamp(-1.0, 1.0)
+    visits = visits.to(rows.visits.dtype)
+    if not seeding:
+        return ThresholdRows(threshold, exp_avg, exp_avg_sq, visits)
+    if batch_quantile is None:
+        raise ValueError("init='minibatch_quantile' needs the mini-batch quantile")
+    first_visit = rows.visits == 0
+    return ThresholdRows(
+        torch.where(first_visit, batch_quantile.to(torch.float32).clamp(-1.0, 1.0), threshold),
+        torch.where(first_visit, rows.exp_avg, exp_avg),
+        torch.where(first_visit, rows.exp_avg_sq, exp_avg_sq),
+        visits,
+    )
+
+
+def paper_first_step_multiplier(epoch: int, betas: tuple[float, float] = (0.9, 0.98)) -> float:
+    """Size of the reference code's first Adam step of a sample, in units of ``lr``.
+
+    With epoch-number bias correction the first step is ``lr * c * sign(G)`` with
+    ``c = (1 - beta1) / (1 - beta1**(e+1)) / sqrt((1 - beta2) / (1 - beta2**(e+1)))``.
+    """
+    beta1, beta2 = betas
+    return (1 - beta1) / (1 - beta1 ** (epoch + 1)) / math.sqrt((1 - beta2) / (1 - beta2 ** (epoch + 1)))

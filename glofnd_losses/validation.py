@@ -1,0 +1,116 @@
+"""Input checks that never add a host-device sync to the training step.
+
+Shape, dtype and length checks read host metadata only and raise at once. Value checks (indices
+in range, finite embeddings) need the data:
+
+* on CPU tensors they run eagerly and raise ``ValueError`` before anything is written;
+* on an accelerator they are computed on the device as a bit mask. The step then writes no state
+  (:meth:`glofnd_losses.state.PerSampleState.commit` gets ``valid=False`` on every rank), the mask
+  is copied to pinned host memory without blocking, and the ``ValueError`` is raised by the next
+  call of the loss (or :meth:`DeferredErrors.raise_if_any`) once the copy has landed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_INDEX_BIT = 1
+
+
+def check_embeddings(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Embeddings must be 2-D floating tensors of one shape and device."""
+    first_name, first = named[0]
+    for name, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 2:
+            raise ValueError(f"{name} must have shape (batch_size, dim), got {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {tensor.dtype}")
+        if tensor.shape != first.shape:
+            raise ValueError(
+                f"{name} must have the same shape as {first_name} {tuple(first.shape)}, got {tuple(tensor.shape)}"
+            )
+        if tensor.device != first.device:
+            raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {first.device}")
+    if first.shape[0] < 1:
+        raise ValueError(f"{first_name} must hold at least one sample, got batch size 0")
+
+
+def check_index_shape(indices: torch.Tensor, batch_size: int, name: str = "indices") -> None:
+    """Indices must be a 1-D integer tensor with one entry per sample."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D integer torch.Tensor, got {type(indices).__name__}")
+    if indices.dim() != 1 or indices.shape[0] != batch_size:
+        raise ValueError(f"{name} must have shape ({batch_size},) (one data set index per sample), got {tuple(indices.shape)}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer data set indices, got dtype {indices.dtype}")
+
+
+def _message(bits: int, num_samples: int, names: Sequence[str]) -> str:
+    problems = []
+    if bits & _INDEX_BIT:
+        problems.append(f"indices must lie in [0, num_samples={num_samples})")
+    for position, name in enumerate(names):
+        if bits & (2 << position):
+            problems.append(f"{name} contains NaN or infinite values")
+    return "; ".join(problems) + " (the state was left unchanged)"
+
+
+def value_error_bits(
+    indices: torch.Tensor, num_samples: int, embeddings: Sequence[tuple[str, torch.Tensor]]
+) -> torch.Tensor:
+    """0-d int tensor whose bits flag out-of-range indices and non-finite embeddings."""
+    bits = ((indices < 0) | (indices >= num_samples)).any().to(torch.int64) * _INDEX_BIT
+    for position, (_, tensor) in enumerate(embeddings):
+        bits = bits + (~torch.isfinite(tensor).all()).to(torch.int64) * (2 << position)
+    return bits
+
+
+def check_values_eagerly(
+    indices: torch.Tensor, num_samples: int, embeddings: Sequence[tuple[str, torch.Tensor]]
+) -> None:
+    """Raise ``ValueError`` for bad index or embedding values (CPU tensors: no device sync)."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_samples):
+        bad = indices[(indices < 0) | (indices >= num_samples)][0]
+        raise ValueError(f"indices must lie in [0, num_samples={num_samples}), got {int(bad)}")
+    for name, tensor in embeddings:
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or infinite values (the state was left unchanged)")
+
+
+class DeferredErrors:
+    """Carries device-side check results to the host without blocking the step."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None, str, int]] = []
+
+    def record(self, bits: torch.Tensor, num_samples: int, names: Sequence[str]) -> None:
+        """Start a non-blocking copy of ``bits`` to the host."""
+        host = torch.empty((), dtype=bits.dtype, pin_memory=bits.is_cuda)
+        host.copy_(bits, non_blocking=True)
+        event = None
+        if bits.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((host, event, ",".join(names), num_samples))
+
+    def raise_if_any(self, wait: bool = False) -> None:
+        """Raise ``ValueError`` for any recorded bad batch whose result has reached the host.
+
+        Args:
+            wait: Block until every pending result is available (for the end of training).
+        """
+        still_pending = []
+        for host, event, names, num_samples in self._pending:
+            if event is not None and not event.query():
+                if not wait:
+                    still_pending.append((host, event, names, num_samples))
+                    continue
+                event.synchronize()
+            if int(host):
+                self._pending = []
+                raise ValueError(_message(int(host), num_samples, names.split(",")))
+        self._pending = still_pending
