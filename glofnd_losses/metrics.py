@@ -20,7 +20,9 @@ import torch
 _SMOOTH = 1e-9
 
 
-def batch_precision_recall(flagged: torch.Tensor, true_false_negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_precision_recall(
+    flagged: torch.Tensor, true_false_negatives: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean per-anchor precision and recall of the flagged negatives (tensors, no host sync).
 
     Args:

@@ -64,9 +64,7 @@ class GloFNDNTXent(GloFNDLossBase):
             )
         if abs(temperature) < 1e-8:
             raise ValueError(f"temperature must be non-zero, got {temperature}")
-        super().__init__(
-            num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch
-        )
+        super().__init__(num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch)
         self.temperature = float(temperature)
         self.gather_distributed = bool(gather_distributed)
 

@@ -23,6 +23,7 @@ data sets of hundreds of millions of items) only changes :meth:`read` and :meth:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,9 +75,15 @@ class PerSampleState(nn.Module):
         self.num_samples = int(num_samples)
         self.fields = dict(fields)
         for name, field in self.fields.items():
-            self.register_buffer(
-                name, torch.full((self.num_samples,), field.init, dtype=field.dtype), persistent=True
-            )
+            self.register_buffer(name, torch.full((self.num_samples,), field.init, dtype=field.dtype), persistent=True)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PerSampleState:
+        """Follow device moves but never dtype casts: ``.half()`` must not round thresholds."""
+        for name in self.fields:
+            store = self.buffer(name)
+            moved_to = fn(store[:1]).device
+            self._buffers[name] = store.to(device=moved_to)
+        return self
 
     def buffer(self, name: str) -> torch.Tensor:
         """The full 1-D buffer of field ``name`` (not a copy)."""

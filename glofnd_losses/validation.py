@@ -44,7 +44,9 @@ def check_index_shape(indices: torch.Tensor, batch_size: int, name: str = "indic
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D integer torch.Tensor, got {type(indices).__name__}")
     if indices.dim() != 1 or indices.shape[0] != batch_size:
-        raise ValueError(f"{name} must have shape ({batch_size},) (one data set index per sample), got {tuple(indices.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({batch_size},) (one data set index per sample), got {tuple(indices.shape)}"
+        )
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer data set indices, got dtype {indices.dtype}")
 
@@ -81,11 +83,14 @@ def check_values_eagerly(
             raise ValueError(f"{name} contains NaN or infinite values (the state was left unchanged)")
 
 
+_Pending = tuple[torch.Tensor, "torch.cuda.Event | None", str, int]
+
+
 class DeferredErrors:
     """Carries device-side check results to the host without blocking the step."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None, str, int]] = []
+        self._pending: list[_Pending] = []
 
     def record(self, bits: torch.Tensor, num_samples: int, names: Sequence[str]) -> None:
         """Start a non-blocking copy of ``bits`` to the host."""
@@ -103,7 +108,7 @@ class DeferredErrors:
         Args:
             wait: Block until every pending result is available (for the end of training).
         """
-        still_pending = []
+        still_pending: list[_Pending] = []
         for host, event, names, num_samples in self._pending:
             if event is not None and not event.query():
                 if not wait:

@@ -1,0 +1,163 @@
+"""Behaviour shared by the losses: convergence, checkpoints, bad input, low precision."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glofnd_losses import GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
+from glofnd_losses.base import GloFNDLossBase
+
+LOSSES: dict[str, Callable[..., GloFNDLossBase]] = {"sogclr": GloFNDSogCLRLoss, "ntxent": GloFNDNTXent}
+
+
+def clustered_views(num_samples: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(5, dim, generator=generator)
+    base = centres[torch.arange(num_samples) % 5] + 0.8 * torch.randn(num_samples, dim, generator=generator)
+    view_a = F.normalize(base + 0.3 * torch.randn(num_samples, dim, generator=generator), dim=1)
+    view_b = F.normalize(base + 0.3 * torch.randn(num_samples, dim, generator=generator), dim=1)
+    return view_a, view_b
+
+
+def brute_force_quantile(view_a: torch.Tensor, view_b: torch.Tensor, alpha: float) -> np.ndarray:
+    """The k-th largest of each item's 4(N-1) scores against all other items, by full sorting."""
+    a, b = view_a.double().numpy(), view_b.double().numpy()
+    size = a.shape[0]
+    k = int(np.ceil(alpha * 4 * (size - 1)))
+    targets = np.empty(size)
+    for i in range(size):
+        others = np.arange(size) != i
+        scores = np.concatenate([a[others] @ a[i], b[others] @ a[i], a[others] @ b[i], b[others] @ b[i]])
+        targets[i] = np.sort(scores)[::-1][k - 1]
+    return targets
+
+
+@pytest.mark.parametrize(
+    "optimizer", [ThresholdOptimizer.default(), ThresholdOptimizer(rule="sgd", lr=1.0, lr_decay="inverse_sqrt")]
+)
+def test_thresholds_converge_to_the_exact_data_set_quantile(optimizer: ThresholdOptimizer) -> None:
+    num_samples, batch, alpha = 400, 50, 0.05
+    view_a, view_b = clustered_views(num_samples, dim=16, seed=0)
+    targets = torch.from_numpy(brute_force_quantile(view_a, view_b, alpha)).float()
+    loss_fn = GloFNDSogCLRLoss(num_samples, alpha=alpha, threshold_optimizer=optimizer)
+    generator = torch.Generator().manual_seed(1)
+    flagged = []
+    for epoch in range(40):
+        loss_fn.set_epoch(epoch)
+        for batch_indices in torch.randperm(num_samples, generator=generator).split(batch):
+            loss_fn(view_a[batch_indices], view_b[batch_indices], batch_indices)
+            if epoch >= 30:
+                flagged.append(float(loss_fn.last_stats["flagged_fraction"]))
+    error = (loss_fn.thresholds - targets).abs()
+    spread = (targets.max() - targets.min()).item()
+    assert error.mean() < 0.02, f"mean error {error.mean():.4f} (targets span {spread:.2f})"
+    assert np.mean(flagged) == pytest.approx(alpha, abs=0.01)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_checkpoint_restore_continues_identically(name: str) -> None:
+    view_a, view_b = clustered_views(60, dim=8, seed=3)
+    batches = [torch.randperm(60, generator=torch.Generator().manual_seed(step))[:12] for step in range(8)]
+
+    def run(loss_fn: GloFNDLossBase, steps: list[torch.Tensor], first_step: int = 0) -> list[torch.Tensor]:
+        values = []
+        for step, indices in enumerate(steps, start=first_step):
+            loss_fn.set_epoch(step // 2)
+            values.append(loss_fn(view_a[indices], view_b[indices], indices).detach())
+        return values
+
+    uninterrupted = LOSSES[name](60, alpha=0.1, start_epoch=1)
+    expected = run(uninterrupted, batches)
+    first = LOSSES[name](60, alpha=0.1, start_epoch=1)
+    run(first, batches[:5])
+    checkpoint = {key: value for key, value in first.state_dict().items()}
+    resumed = LOSSES[name](60, alpha=0.1, start_epoch=1)
+    resumed.load_state_dict(checkpoint)
+    assert resumed.step == 5
+    got = run(resumed, batches[5:], first_step=5)
+    assert len(got) == 3
+    for value, reference in zip(got, expected[5:]):
+        assert torch.equal(value, reference)
+    for key, value in uninterrupted.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(resumed.state_dict()[key], value), key
+
+
+BAD_INPUTS = [
+    (
+        "index too large",
+        lambda a, b, i: (a, b, torch.tensor([0, 1, 2, 50])),
+        r"indices must lie in \[0, num_samples=50\), got 50",
+    ),
+    (
+        "negative index",
+        lambda a, b, i: (a, b, torch.tensor([0, -1, 2, 3])),
+        r"indices must lie in \[0, num_samples=50\), got -1",
+    ),
+    ("views differ", lambda a, b, i: (a, b[:, :3], i), r"must have the same shape"),
+    ("indices 2-D", lambda a, b, i: (a, b, i[None]), r"indices must have shape \(4,\)"),
+    ("indices too short", lambda a, b, i: (a, b, i[:3]), r"indices must have shape \(4,\)"),
+    ("float indices", lambda a, b, i: (a, b, i.float()), r"integer"),
+    ("NaN", lambda a, b, i: (a.clone().fill_(float("nan")), b, i), r"contains NaN or infinite"),
+    ("inf", lambda a, b, i: (a, b.clone().fill_(float("inf")), i), r"contains NaN or infinite"),
+    ("1-D view", lambda a, b, i: (a[0], b, i), r"must have shape \(batch_size, dim\)"),
+]
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize(("case", "corrupt", "message"), BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_raises_and_leaves_state_unchanged(name: str, case: str, corrupt: Callable, message: str) -> None:
+    loss_fn = LOSSES[name](50, alpha=0.2)
+    view_a, view_b = clustered_views(4, dim=5, seed=0)
+    loss_fn(view_a, view_b, torch.arange(4))
+    before = {key: value.clone() for key, value in loss_fn.state_dict().items() if isinstance(value, torch.Tensor)}
+    with pytest.raises(ValueError, match=message):
+        loss_fn(*corrupt(view_a, view_b, torch.arange(4) + 10))
+    for key, value in before.items():
+        assert torch.equal(loss_fn.state_dict()[key], value), key
+    assert loss_fn.step == 1
+
+
+def test_bad_constructor_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="num_samples"):
+        GloFNDSogCLRLoss(0)
+    with pytest.raises(ValueError, match="alpha"):
+        GloFNDSogCLRLoss(10, alpha=1.5)
+    with pytest.raises(ValueError, match="detector"):
+        GloFNDNTXent(10, detector="topk")
+    with pytest.raises(ValueError, match="filter_start_epoch"):
+        GloFNDNTXent(10, start_epoch=3, filter_start_epoch=1)
+    with pytest.raises(ValueError, match="labels"):
+        GloFNDNTXent(10, detector="oracle")(torch.randn(4, 3), torch.randn(4, 3), torch.arange(4))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_give_finite_losses_and_fp32_thresholds(name: str, dtype: torch.dtype) -> None:
+    loss_fn = LOSSES[name](50, alpha=0.1)
+    view_a, view_b = clustered_views(16, dim=8, seed=4)
+    a = view_a.to(dtype).requires_grad_(True)
+    loss = loss_fn(a, view_b.to(dtype), torch.arange(16))
+    loss.backward()
+    assert torch.isfinite(loss) and a.grad is not None and torch.isfinite(a.grad).all()
+    assert a.grad.dtype == dtype
+    assert loss_fn.thresholds.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_anchor_with_every_negative_flagged_stays_finite(name: str) -> None:
+    loss_fn = LOSSES[name](8, alpha=0.5)
+    loss_fn.state.buffer("threshold").fill_(-1.0)  # every negative scores above -1 ...
+    loss_fn.set_epoch(0)
+    view_a, view_b = clustered_views(4, dim=3, seed=5)
+    loss_fn.eval()  # ... and thresholds stay there (no learning in eval mode)
+    a = view_a.clone().requires_grad_(True)
+    loss = loss_fn(a, view_b, torch.arange(4))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
+    assert loss_fn.last_stats["flagged_fraction"] == 1.0

@@ -1,0 +1,87 @@
+"""Real 2-process runs (gloo on CPU) against 1-process runs over the same global batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests import dist_cases
+from tests.multiprocess import run_ranks
+
+WORLD = 2
+
+
+def make_batches(steps: int, global_batch: int, dim: int, num_samples: int, seed: int = 0) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        base = torch.randn(global_batch, dim, generator=generator)
+        view_a = base + 0.3 * torch.randn(global_batch, dim, generator=generator)
+        view_b = base + 0.3 * torch.randn(global_batch, dim, generator=generator)
+        indices = torch.randperm(num_samples, generator=generator)[:global_batch]
+        indices[-1] = indices[0]  # a duplicate across the two ranks: the last occurrence must win
+        labels = torch.randint(0, 3, (global_batch,), generator=generator)
+        batches.append((view_a, view_b, indices, labels))
+    return batches
+
+
+CASES = {
+    "sogclr-glofnd": ("sogclr", {"num_samples": 40, "alpha": 0.1, "optimizer": {"rule": "adam", "lr": 0.2}}),
+    "sogclr-default": ("sogclr", {"num_samples": 40, "alpha": 0.1}),
+    "sogclr-fnc": ("sogclr", {"num_samples": 40, "alpha": 0.1, "detector": "fnc"}),
+    "ntxent-glofnd": ("ntxent", {"num_samples": 40, "alpha": 0.1, "gather_distributed": True}),
+    "ntxent-oracle": ("ntxent", {"num_samples": 40, "gather_distributed": True, "detector": "oracle"}),
+}
+
+
+def assert_equivalent(single: dict[str, Any], ranks: list[dict[str, Any]]) -> None:
+    local = single["grads"][0][0].shape[0] // WORLD
+    for step, (grad_a, grad_b) in enumerate(single["grads"]):
+        for rank, result in enumerate(ranks):
+            part = slice(rank * local, (rank + 1) * local)
+            # DDP averages gradients over ranks: rank gradient / world == 1-process gradient.
+            torch.testing.assert_close(result["grads"][step][0] / WORLD, grad_a[part], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(result["grads"][step][1] / WORLD, grad_b[part], rtol=1e-5, atol=1e-6)
+        mean_value = sum(result["values"][step] for result in ranks) / WORLD
+        torch.testing.assert_close(mean_value, single["values"][step], rtol=1e-5, atol=1e-6)
+    for name, value in single["state"].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6)
+            assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs across ranks"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_equal_one_rank_with_twice_the_batch(case: str) -> None:
+    name, kwargs = CASES[case]
+    batches = make_batches(steps=4, global_batch=12, dim=8, num_samples=40)
+    single = dist_cases.run_steps(dist_cases.make_loss(name, kwargs), batches, rank=0, world_size=1)
+    ranks = run_ranks(dist_cases.equivalence_case, WORLD, name, kwargs, batches, False)
+    assert_equivalent(single, ranks)
+    if "state.threshold" in single["state"]:
+        assert (single["state"]["state.threshold"] < 1).any(), "thresholds never moved: the test would be vacuous"
+
+
+def test_accelerate_gather_is_used_and_agrees() -> None:
+    name, kwargs = CASES["sogclr-glofnd"]
+    batches = make_batches(steps=3, global_batch=12, dim=8, num_samples=40, seed=1)
+    single = dist_cases.run_steps(dist_cases.make_loss(name, kwargs), batches, rank=0, world_size=1)
+    ranks = run_ranks(dist_cases.equivalence_case, WORLD, name, kwargs, batches, True)
+    assert all(result["used_accelerate"] for result in ranks)
+    assert_equivalent(single, ranks)
+
+
+def test_ntxent_matches_lightly_on_two_ranks() -> None:
+    generator = torch.Generator().manual_seed(3)
+    out0, out1 = torch.randn(16, 8, generator=generator), torch.randn(16, 8, generator=generator)
+    for result in run_ranks(dist_cases.lightly_parity_case, WORLD, out0, out1):
+        for expected, actual in zip(result["lightly"], result["glofnd"]):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_helper", [False, True])
+def test_ddp_buffer_broadcast_is_disabled_by_the_helper(use_helper: bool) -> None:
+    rank1_threshold = run_ranks(dist_cases.ddp_broadcast_case, WORLD, use_helper)[1]
+    expected = 0.5 if use_helper else 1.0  # without the helper DDP copies rank 0's buffer over rank 1's
+    assert torch.all(rank1_threshold == expected)

@@ -1,0 +1,115 @@
+"""The functional core against hand-written references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from glofnd_losses import functional
+
+
+def random_rows(views: int, anchors: int, columns: int, negatives: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(views, anchors, columns, generator=generator) * 2 - 1
+    mask = torch.zeros(anchors, columns, dtype=torch.bool)
+    for row in range(anchors):
+        mask[row, torch.randperm(columns, generator=generator)[:negatives]] = True
+    return scores, mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    alpha=st.floats(0.0, 0.9),
+    negatives=st.integers(1, 40),
+    seed=st.integers(0, 10_000),
+)
+def test_minibatch_quantile_equals_torch_quantile(alpha: float, negatives: int, seed: int) -> None:
+    scores, mask = random_rows(2, 3, 50, negatives, seed)
+    expected = torch.stack(
+        [torch.stack([torch.quantile(scores[v, i][mask[i]], 1 - alpha) for i in range(3)]) for v in range(2)]
+    )
+    torch.testing.assert_close(functional.minibatch_quantile(scores, mask, alpha, negatives), expected)
+
+
+def test_threshold_subgradient_by_hand() -> None:
+    # One anchor, two rows of 4 columns; column 0 is the positive (not a negative).
+    scores = torch.tensor([[[0.9, 0.5, 0.2, 0.7]], [[0.9, 0.1, 0.6, 0.4]]])
+    negatives = torch.tensor([[False, True, True, True]])
+    threshold = torch.tensor([0.45])
+    # Negatives above 0.45: row 0 -> 0.5, 0.7; row 1 -> 0.6. Three of six.
+    got = functional.threshold_subgradient(scores, negatives, threshold, alpha=0.1, num_negatives=3)
+    torch.testing.assert_close(got, torch.tensor([0.1 - 3 / 6]))
+    # Ties are kept (strict >): a threshold equal to a score does not count it.
+    tie = functional.threshold_subgradient(scores, negatives, torch.tensor([0.6]), alpha=0.0, num_negatives=3)
+    torch.testing.assert_close(tie, torch.tensor([-1 / 6]))
+
+
+def test_filtered_cross_entropy_without_filtering_is_cross_entropy() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 9, generator=generator)
+    positive = torch.tensor([0, 3, 1, 8, 4])
+    keep = torch.ones(2, 5, 9, dtype=torch.bool)
+    keep[:, torch.arange(5), positive] = False
+    got = functional.filtered_cross_entropy(logits, positive, keep, num_negatives=8)
+    expected = F.cross_entropy(logits.reshape(10, 9), positive.repeat(2), reduction="none").reshape(2, 5)
+    torch.testing.assert_close(got, expected)
+
+
+def test_filtered_cross_entropy_rescales_kept_negatives_to_the_full_count() -> None:
+    logits = torch.tensor([[[2.0, 1.0, 0.5, -1.0, 0.0]]])
+    positive = torch.tensor([0])
+    keep = torch.tensor([[[False, False, True, True, False]]])  # keep 2 of the 4 negatives
+    expected = -2.0 + math.log(math.exp(2.0) + (4 / 2) * (math.exp(0.5) + math.exp(-1.0)))
+    got = functional.filtered_cross_entropy(logits, positive, keep, num_negatives=4)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_keep_nonempty_falls_back_to_all_negatives() -> None:
+    negatives = torch.tensor([[False, True, True], [True, False, True]])
+    keep = torch.tensor([[[False, False, False], [True, False, False]]])
+    got = functional.keep_nonempty(keep, negatives)
+    assert torch.equal(got, torch.tensor([[[False, True, True], [True, False, False]]]))
+
+
+def test_two_view_rows_put_positive_and_self_where_the_mask_says() -> None:
+    generator = torch.Generator().manual_seed(1)
+    view_a = F.normalize(torch.randn(6, 4, generator=generator), dim=1)
+    view_b = F.normalize(torch.randn(6, 4, generator=generator), dim=1)
+    local = slice(2, 4)  # rank 1 of 3 with 2 samples each
+    scores = functional.two_view_scores(view_a[local], view_b[local], view_a, view_b)
+    negatives = functional.two_view_negatives(2, 6, offset=2, device=torch.device("cpu"))
+    for row, anchor in enumerate(range(2, 4)):
+        assert scores[0, row, anchor] == pytest.approx(float(view_a[anchor] @ view_b[anchor]))
+        assert scores[0, row, 6 + anchor] == pytest.approx(1.0)  # self
+        assert scores[1, row, 6 + anchor] == pytest.approx(1.0)
+        assert not negatives[row, anchor] and not negatives[row, 6 + anchor]
+    assert negatives.sum(dim=1).tolist() == [10, 10]
+
+
+def test_sogclr_rows_gradient_matches_the_global_objective_at_first_visit() -> None:
+    # With u' = g (first visit) the surrogate gradient equals the gradient of
+    # -s_pos + tau * log(mean_kept exp(s / tau)).
+    generator = torch.Generator().manual_seed(2)
+    scores = (torch.rand(1, 3, 6, generator=generator) * 2 - 1).requires_grad_(True)
+    positive = torch.tensor([0, 1, 2])
+    keep = torch.ones(1, 3, 6, dtype=torch.bool)
+    keep[0, torch.arange(3), positive] = False
+    keep[0, 0, 4] = False
+    tau = 0.2
+    per_row, _ = functional.sogclr_rows(
+        scores, positive, keep, torch.zeros(3), torch.zeros(3, dtype=torch.bool), gamma=0.9, temperature=tau
+    )
+    per_row.sum().backward()
+    reference_scores = scores.detach().clone().requires_grad_(True)
+    total = torch.zeros(())
+    for i in range(3):
+        kept = reference_scores[0, i][keep[0, i]]
+        total = total - reference_scores[0, i, positive[i]] + tau * torch.log(torch.exp(kept / tau).mean())
+    total.backward()
+    torch.testing.assert_close(scores.grad, reference_scores.grad)
+    torch.testing.assert_close(per_row.detach().sum(), total.detach())

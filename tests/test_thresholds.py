@@ -1,0 +1,77 @@
+"""Threshold update rules against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from glofnd_losses import thresholds
+from glofnd_losses.thresholds import ThresholdOptimizer, ThresholdRows
+
+
+def fresh(size: int = 3) -> ThresholdRows:
+    return ThresholdRows(torch.ones(size), torch.zeros(size), torch.zeros(size), torch.zeros(size, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(("epoch", "multiplier"), [(15, 0.456), (20, 0.467), (70, 0.618), (199, 0.701)])
+def test_paper_rule_first_step_uses_epoch_bias_correction(epoch: int, multiplier: float) -> None:
+    # The reference code's first step of a sample is lr * c * sign(G), with c depending on the epoch.
+    grad = torch.tensor([0.01, -0.5, 0.3])
+    new = thresholds.step(fresh(), grad, None, epoch, ThresholdOptimizer.paper())
+    step = (1.0 - new.threshold) / 0.05
+    expected = torch.sign(grad) * multiplier
+    expected[1] = (1.0 - 1.0) / 0.05  # clamped at 1: a negative gradient pushes above the upper bound
+    torch.testing.assert_close(step, expected, atol=2e-3, rtol=0)
+    assert thresholds.paper_first_step_multiplier(epoch) == pytest.approx(multiplier, abs=1e-3)
+
+
+def test_per_sample_adam_matches_hand_computation_over_two_visits() -> None:
+    optimizer = ThresholdOptimizer(rule="adam", lr=0.1, betas=(0.9, 0.98), eps=1e-8)
+    rows = ThresholdRows(torch.tensor([0.5]), torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.int32))
+    lam, m, v = 0.5, 0.0, 0.0
+    for visit, grad in enumerate([0.2, -0.1], start=1):
+        rows = thresholds.step(rows, torch.tensor([grad]), None, epoch=99, optimizer=optimizer)
+        m = 0.9 * m + 0.1 * grad
+        v = 0.98 * v + 0.02 * grad * grad
+        lam = lam - 0.1 * (m / (1 - 0.9**visit)) / (math.sqrt(v / (1 - 0.98**visit)) + 1e-8)
+        assert rows.threshold.item() == pytest.approx(lam, rel=1e-5)
+        assert rows.visits.item() == visit
+
+
+def test_sgd_with_inverse_sqrt_decay_and_floor() -> None:
+    optimizer = ThresholdOptimizer(rule="sgd", lr=2.0, lr_decay="inverse_sqrt", min_lr=1.0)
+    rows = ThresholdRows(torch.tensor([0.0]), torch.zeros(1), torch.zeros(1), torch.tensor([3], dtype=torch.int32))
+    new = thresholds.step(rows, torch.tensor([0.1]), None, 0, optimizer)
+    assert new.threshold.item() == pytest.approx(-2.0 / math.sqrt(4) * 0.1)
+    rows.visits.fill_(99)  # lr / sqrt(100) = 0.2 is below the floor of 1.0
+    assert thresholds.step(rows, torch.tensor([0.1]), None, 0, optimizer).threshold.item() == pytest.approx(-0.1)
+
+
+def test_minibatch_quantile_seeds_the_first_visit_only() -> None:
+    optimizer = ThresholdOptimizer.default()
+    rows = ThresholdRows(
+        torch.tensor([1.0, 0.3]), torch.zeros(2), torch.zeros(2), torch.tensor([0, 4], dtype=torch.int32)
+    )
+    new = thresholds.step(rows, torch.tensor([0.01, 0.01]), torch.tensor([0.42, 0.9]), 0, optimizer)
+    assert new.threshold[0].item() == pytest.approx(0.42)  # seeded, no step
+    assert new.exp_avg[0].item() == 0.0
+    assert new.threshold[1].item() < 0.3  # a positive gradient moves an already seeded threshold down
+    assert new.visits.tolist() == [1, 5]
+
+
+def test_thresholds_stay_in_minus_one_one() -> None:
+    optimizer = ThresholdOptimizer(rule="sgd", lr=100.0)
+    rows = ThresholdRows(torch.tensor([0.9, -0.9]), torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.int32))
+    new = thresholds.step(rows, torch.tensor([-1.0, 1.0]), None, 0, optimizer)
+    assert new.threshold.tolist() == [1.0, -1.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"rule": "rmsprop"}, "rule"), ({"lr": 0.0}, "lr"), ({"bias_correction": "step"}, "bias_correction")],
+)
+def test_bad_optimizer_settings_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ThresholdOptimizer(**kwargs)
