@@ -28,7 +28,7 @@ class TwoViewBatch:
         scores: ``(2, b, 2B)`` float32 cosine rows with gradient (see
             :func:`glofnd_losses.functional.two_view_scores`).
         rows: The detached rows for the detector.
-        positive_index: ``(b,)`` positive column of each local anchor.
+        positive_index: ``(2, b)`` positive column of each row.
         indices: ``(b,)`` local data set indices, safe to index the state with.
         valid: 0-d bool device tensor, or None when the inputs were checked eagerly.
     """
@@ -161,23 +161,27 @@ class GloFNDLossBase(nn.Module):
     # ------------------------------------------------------------------ detection
     def _detect(
         self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str
-    ) -> tuple[torch.Tensor, Detection]:
-        """Keep-mask ``(V, b, C)`` of the loss, and the detection (with updated rows)."""
+    ) -> tuple[torch.Tensor, Detection, torch.Tensor]:
+        """Keep-mask of the loss, the detection (with updated rows) and the unflagged negatives."""
         detection = self.detector.detect(
             rows, state_rows, prefix, learn=self.training and self.learning, epoch=self.epoch
         )
+        unflagged = detection.kept(rows)
         negatives = rows.negatives.expand_as(rows.scores)
         if not self.filtering:
-            return negatives, detection
-        return functional.keep_nonempty(negatives & ~detection.flagged, negatives), detection
+            return negatives, detection, unflagged
+        return functional.keep_nonempty(unflagged, negatives), detection, unflagged
 
-    def _stats(self, prefix: str, rows: BatchRows, keep: torch.Tensor, detection: Detection) -> dict[str, torch.Tensor]:
+    def _stats(
+        self, prefix: str, rows: BatchRows, keep: torch.Tensor, unflagged: torch.Tensor, detection: Detection
+    ) -> dict[str, torch.Tensor]:
         """Per-step diagnostics as detached 0-d tensors (no host sync)."""
         total = float(rows.scores.shape[0] * rows.scores.shape[1] * rows.num_negatives)
+        kept_count = keep.sum()
         stats = {
-            f"{prefix}flagged_fraction": detection.flagged.sum() / total,
-            f"{prefix}filtered_fraction": 1.0 - keep.sum() / total,
-            f"{prefix}kept_negatives": keep.sum(dim=-1).to(torch.float32).mean(),
+            f"{prefix}flagged_fraction": 1.0 - unflagged.sum() / total,
+            f"{prefix}filtered_fraction": 1.0 - kept_count / total,
+            f"{prefix}kept_negatives": kept_count / float(rows.scores.shape[0] * rows.scores.shape[1]),
         }
         if detection.thresholds is not None:
             stats[f"{prefix}mean_threshold"] = detection.thresholds.mean()
@@ -185,7 +189,8 @@ class GloFNDLossBase(nn.Module):
             from glofnd_losses.metrics import batch_precision_recall
 
             same = rows.anchor_labels[:, None] == rows.column_labels[None, :]
-            precision, recall = batch_precision_recall(detection.flagged, rows.negatives & same)
+            flagged = rows.negatives & ~unflagged
+            precision, recall = batch_precision_recall(flagged, rows.negatives & same)
             stats[f"{prefix}fn_precision"] = precision
             stats[f"{prefix}fn_recall"] = recall
         return {name: value.detach() for name, value in stats.items()}
@@ -229,7 +234,7 @@ class GloFNDLossBase(nn.Module):
             batch_labels = distributed.gather_rows(labels) if use_gather else labels
             column_labels = torch.cat([batch_labels, batch_labels])
         rows = BatchRows(scores.detach(), negatives, 2 * (global_size - 1), labels, column_labels)
-        positive_index = torch.arange(local_size, device=view_a.device) + offset
+        positive_index = functional.two_view_positives(local_size, global_size, offset, view_a.device)
         return TwoViewBatch(scores, rows, positive_index, safe_indices, valid)
 
     def extra_repr(self) -> str:

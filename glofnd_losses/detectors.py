@@ -11,8 +11,8 @@ in its :class:`~glofnd_losses.state.PerSampleState` and syncs with its other sta
 * :class:`OracleDetector` (``"oracle"``): same-label negatives, for upper-bound experiments.
 * :class:`NoDetector` (``None``): flags nothing; the losses reduce to their base form.
 
-Treatment is elimination (flagged negatives leave the loss); the output keeps ``flagged`` apart
-from ``keep`` so an attraction treatment can be added without touching the detectors.
+Treatment is elimination (flagged negatives leave the loss) and is applied by the losses, not the
+detectors, so an attraction treatment can be added without touching them.
 """
 
 from __future__ import annotations
@@ -49,15 +49,27 @@ class BatchRows:
 class Detection:
     """What a detector returns for one bank of rows.
 
+    Negatives scoring strictly above ``thresholds`` are false negatives; without thresholds,
+    ``flagged`` lists them (the oracle), and with neither nothing is flagged.
+
     Attributes:
-        flagged: ``(V, b, C)`` bool negatives identified as false negatives.
-        thresholds: ``(b,)`` or ``(V, b)`` thresholds used, or None for the oracle / no detector.
+        thresholds: ``(b,)`` or ``(V, b)`` float32 thresholds, or None.
+        flagged: ``(b, C)`` or ``(V, b, C)`` bool false negatives when there are no thresholds.
         new_rows: Updated per-sample fields of the anchors (empty when nothing is learned).
     """
 
-    flagged: torch.Tensor
-    thresholds: torch.Tensor | None
+    thresholds: torch.Tensor | None = None
+    flagged: torch.Tensor | None = None
     new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def kept(self, rows: BatchRows) -> torch.Tensor:
+        """``(V, b, C)`` bool negatives that are not flagged."""
+        negatives = rows.negatives.expand_as(rows.scores)
+        if self.thresholds is not None:
+            return functional.keep_at_or_below(rows.scores, rows.negatives, self.thresholds)
+        if self.flagged is not None:
+            return negatives & ~self.flagged
+        return negatives
 
 
 class Detector:
@@ -84,7 +96,7 @@ class NoDetector(Detector):
     def detect(
         self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
     ) -> Detection:
-        return Detection(torch.zeros_like(rows.scores, dtype=torch.bool), None)
+        return Detection()
 
 
 class FNCDetector(Detector):
@@ -102,9 +114,7 @@ class FNCDetector(Detector):
     def detect(
         self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
     ) -> Detection:
-        quantiles = functional.minibatch_quantile(rows.scores, rows.negatives, self.alpha, rows.num_negatives)
-        flagged = rows.negatives & (rows.scores > quantiles[..., None])
-        return Detection(flagged, quantiles)
+        return Detection(functional.minibatch_quantile(rows.scores, rows.negatives, self.alpha, rows.num_negatives))
 
 
 class OracleDetector(Detector):
@@ -118,8 +128,7 @@ class OracleDetector(Detector):
         if rows.anchor_labels is None or rows.column_labels is None:
             raise ValueError("detector='oracle' needs labels: pass labels=... to the loss's forward")
         same = rows.anchor_labels[:, None] == rows.column_labels[None, :]
-        flagged = (rows.negatives & same).expand_as(rows.scores)
-        return Detection(flagged, None)
+        return Detection(flagged=rows.negatives & same)
 
 
 class GloFNDDetector(Detector):
@@ -159,8 +168,7 @@ class GloFNDDetector(Detector):
             updated = thresholds.step(current, subgradient, seed, epoch, self.optimizer)
             threshold = updated.threshold
             new_rows = updated.to_state(prefix)
-        flagged = rows.negatives & (rows.scores > threshold[None, :, None])
-        return Detection(flagged, threshold, new_rows)
+        return Detection(threshold, new_rows=new_rows)
 
 
 DETECTOR_NAMES = ("glofnd", "fnc", "oracle", None)

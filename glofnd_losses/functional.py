@@ -15,11 +15,12 @@ import torch
 def two_view_scores(
     view_a: torch.Tensor, view_b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor
 ) -> torch.Tensor:
-    """Unimodal similarity rows of the local anchors against the global batch.
+    """Unimodal similarity rows of the local anchors against the global batch, in one GEMM.
 
-    Row ``a`` of anchor ``i`` is ``[a_i . b_j for j | a_i . a_j for j]`` and row ``b`` is
-    ``[b_i . a_j | b_i . b_j]``, so in both rows the positive sits at column ``p(i)`` and the
-    anchor itself at ``B + p(i)``, where ``p(i)`` is its position in the global batch.
+    Both rows of anchor ``i`` (``a_i`` and ``b_i``) run over the columns ``[A | B]`` of the global
+    batch. With ``p`` the anchor's position in the global batch, row ``a`` has its positive
+    (``b_p``) at column ``B + p`` and itself at ``p``; row ``b`` has its positive at ``p`` and
+    itself at ``B + p`` (see :func:`two_view_positives`). Both rows exclude the same two columns.
 
     Args:
         view_a: Local normalised embeddings of view a, ``(b, d)``.
@@ -30,13 +31,18 @@ def two_view_scores(
     Returns:
         Scores of shape ``(2, b, 2B)``.
     """
-    row_a = view_a @ torch.cat([all_b, all_a]).T
-    row_b = view_b @ torch.cat([all_a, all_b]).T
-    return torch.stack([row_a, row_b])
+    scores = torch.cat([view_a, view_b]) @ torch.cat([all_a, all_b]).T
+    return scores.view(2, view_a.shape[0], -1)
+
+
+def two_view_positives(local_size: int, global_size: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Positive column ``(2, b)`` of each row of :func:`two_view_scores`."""
+    positions = torch.arange(local_size, device=device) + offset
+    return torch.stack([positions + global_size, positions])
 
 
 def two_view_negatives(local_size: int, global_size: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Negative-column mask ``(b, 2B)`` of :func:`two_view_scores`: all but positive and self."""
+    """Negative-column mask ``(b, 2B)`` of :func:`two_view_scores`: all but the columns of the anchor's item."""
     positions = torch.arange(local_size, device=device) + offset
     negatives = torch.ones(local_size, 2 * global_size, dtype=torch.bool, device=device)
     rows = torch.arange(local_size, device=device)
@@ -142,7 +148,7 @@ def filtered_cross_entropy(
 
     Args:
         logits: ``(V, b, C)`` scores divided by the temperature.
-        positive_index: ``(b,)`` column of each anchor's positive.
+        positive_index: ``(b,)`` or ``(V, b)`` column of each row's positive.
         keep: ``(V, b, C)`` bool kept negatives (at least one per row).
         num_negatives: Negatives per row before filtering.
 
@@ -185,7 +191,7 @@ def sogclr_rows(
 
     Args:
         scores: ``(V, b, C)`` float32 cosine scores, with gradient.
-        positive_index: ``(b,)`` positive column per anchor.
+        positive_index: ``(b,)`` or ``(V, b)`` positive column of each row.
         keep: ``(V, b, C)`` bool kept negatives (at least one per row).
         u_previous: ``(b,)`` stored ``u`` of each anchor's item.
         u_initialized: ``(b,)`` bool, whether ``u_previous`` has been set before.
@@ -197,12 +203,12 @@ def sogclr_rows(
     """
     kept = keep.to(scores.dtype)
     kept_count = kept.sum(dim=-1).clamp_min(1.0)
-    exp_scores = torch.exp(scores.detach() / temperature) * kept
+    exp_scores = torch.exp(scores.detach() * (1.0 / temperature)) * kept
     estimate = exp_scores.sum(dim=-1) / kept_count
     u_new = moving_average(u_previous.expand_as(estimate), estimate, gamma, u_initialized.expand_as(estimate))
     u_safe = u_new.clamp_min(torch.finfo(u_new.dtype).tiny)
-    weights = exp_scores / u_safe[..., None]
     positive = scores.gather(-1, positive_index.expand(scores.shape[0], -1)[..., None]).squeeze(-1)
-    surrogate = -positive + (weights * scores).sum(dim=-1) / kept_count
+    # sum_c w_c s_c / n with w_c = exp(s_c / tau) / u': one weighted reduction, no weight tensor.
+    surrogate = -positive + (exp_scores * scores).sum(dim=-1) / (u_safe * kept_count)
     value = -positive.detach() + temperature * torch.log(u_safe)
     return surrogate + (value - surrogate.detach()), u_new

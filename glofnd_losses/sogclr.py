@@ -113,7 +113,7 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         with autocast_disabled(z1.device.type):
             batch = self._two_view_batch(z1, z2, indices, labels, ("z1", "z2"), gather=True)
             state_rows = self.state.read(batch.indices)
-            keep, detection = self._detect(batch.rows, state_rows, "")
+            keep, detection, unflagged = self._detect(batch.rows, state_rows, "")
             per_row, u_new = functional.sogclr_rows(
                 batch.scores,
                 batch.positive_index,
@@ -127,6 +127,6 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
             new_rows["u"] = u_new.mean(dim=0)
             new_rows["u_initialized"] = torch.ones_like(state_rows["u_initialized"])
             self._commit(batch.indices, new_rows, batch.valid)
-            self.last_stats = self._stats("", batch.rows, keep, detection)
+            self.last_stats = self._stats("", batch.rows, keep, unflagged, detection)
             self._finish_step()
             return per_row.sum(dim=0).mean()

@@ -83,11 +83,16 @@ def test_two_view_rows_put_positive_and_self_where_the_mask_says() -> None:
     local = slice(2, 4)  # rank 1 of 3 with 2 samples each
     scores = functional.two_view_scores(view_a[local], view_b[local], view_a, view_b)
     negatives = functional.two_view_negatives(2, 6, offset=2, device=torch.device("cpu"))
+    positives = functional.two_view_positives(2, 6, offset=2, device=torch.device("cpu"))
     for row, anchor in enumerate(range(2, 4)):
-        assert scores[0, row, anchor] == pytest.approx(float(view_a[anchor] @ view_b[anchor]))
-        assert scores[0, row, 6 + anchor] == pytest.approx(1.0)  # self
-        assert scores[1, row, 6 + anchor] == pytest.approx(1.0)
+        pair = float(view_a[anchor] @ view_b[anchor])
+        assert scores[0, row, positives[0, row]] == pytest.approx(pair)
+        assert scores[1, row, positives[1, row]] == pytest.approx(pair)
+        assert scores[0, row, anchor] == pytest.approx(1.0)  # a_i against itself
+        assert scores[1, row, 6 + anchor] == pytest.approx(1.0)  # b_i against itself
         assert not negatives[row, anchor] and not negatives[row, 6 + anchor]
+        others = [j for j in range(6) if j != anchor]
+        torch.testing.assert_close(scores[0, row, [6 + j for j in others]], view_b[others] @ view_a[anchor])
     assert negatives.sum(dim=1).tolist() == [10, 10]
 
 

@@ -1,0 +1,153 @@
+"""Forward+backward time and peak memory of the GloFND losses against their peers, as ratios.
+
+Every configuration runs in its own subprocess (clean memory high-water mark) on the same inputs;
+ratios are taken between configurations measured in the same invocation, because absolute times on
+shared machines are noise. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the growth
+of the process's peak RSS over its pre-loss baseline on CPU.
+
+Comparisons (dim 128):
+
+* ``GloFNDNTXent`` (GloFND, filtering active) vs lightly's ``NTXentLoss``;
+* ``GloFNDSogCLRLoss`` with GloFND vs without a detector (SogCLR alone);
+* ``GloFNDSogCLRLoss`` per-step time with ``num_samples`` 10^3 vs 10^7 (cost independent of N).
+
+Run: ``python benchmarks/speed.py --batch-sizes 256 1024 4096`` (add ``--device cuda`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+CASES = {
+    "lightly_ntxent": "lightly NTXentLoss",
+    "glofnd_ntxent": "GloFNDNTXent (GloFND filtering)",
+    "sogclr_plain": "GloFNDSogCLRLoss (no detector)",
+    "sogclr_glofnd": "GloFNDSogCLRLoss (GloFND filtering)",
+}
+
+
+def build(case: str, num_samples: int) -> Any:
+    from glofnd_losses import GloFNDNTXent, GloFNDSogCLRLoss
+
+    if case == "lightly_ntxent":
+        from lightly.loss import NTXentLoss
+
+        return NTXentLoss(temperature=0.5)
+    if case == "glofnd_ntxent":
+        return GloFNDNTXent(num_samples, temperature=0.5, alpha=0.01)
+    if case == "sogclr_plain":
+        return GloFNDSogCLRLoss(num_samples, detector=None)
+    return GloFNDSogCLRLoss(num_samples, alpha=0.01)
+
+
+def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int) -> dict[str, float]:
+    """Run in a fresh process: median forward+backward seconds and peak extra memory in MiB."""
+    torch.manual_seed(0)
+    loss_fn = build(case, num_samples)
+    if hasattr(loss_fn, "to"):
+        loss_fn = loss_fn.to(device)
+    out0 = torch.randn(batch, dim, device=device, requires_grad=True)
+    out1 = torch.randn(batch, dim, device=device, requires_grad=True)
+    indices = torch.randperm(num_samples, device=device)[:batch]
+
+    def step() -> None:
+        loss = loss_fn(out0, out1) if case == "lightly_ntxent" else loss_fn(out0, out1, indices)
+        loss.backward()
+
+    cuda = device.startswith("cuda")
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline_cuda = torch.cuda.memory_allocated()
+    step()  # warm-up; it also reaches the peak
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        peak_mib = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
+    else:
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
+    return {"seconds": statistics.median(times), "peak_mib": peak_mib}
+
+
+def run_isolated(case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int) -> dict[str, float]:
+    command = [
+        sys.executable, __file__, "--child", case, "--batch-sizes", str(batch), "--dim", str(dim),
+        "--num-samples", str(num_samples), "--device", device, "--repeats", str(repeats),
+    ]  # fmt: skip
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--num-samples", type=int, default=100_000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scaling-batch", type=int, default=1024)
+    parser.add_argument("--out", default=None, help="write all measurements as JSON")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(
+            json.dumps(measure(args.child, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.repeats))
+        )
+        return
+
+    device_name = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(f"device: {device_name}, torch {torch.__version__}, dim {args.dim}, median of {args.repeats} steps\n")
+    results: dict[str, Any] = {"device": device_name, "batches": {}, "scaling": {}}
+    header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9}"
+    print(header + "\n" + "-" * len(header))
+    for batch in args.batch_sizes:
+        rows = {
+            case: run_isolated(case, batch, args.dim, args.num_samples, args.device, args.repeats) for case in CASES
+        }
+        results["batches"][batch] = rows
+        for case, row in rows.items():
+            print(f"{batch:>6} | {CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f}")
+    print("\nratios (same run)")
+    print(f"{'batch':>6} | {'GloFNDNTXent / lightly':>24} | {'SogCLR GloFND on / off':>24}")
+    for batch, rows in results["batches"].items():
+        ntxent = rows["glofnd_ntxent"]["seconds"] / rows["lightly_ntxent"]["seconds"]
+        onoff = rows["sogclr_glofnd"]["seconds"] / rows["sogclr_plain"]["seconds"]
+        ntxent_mem = rows["glofnd_ntxent"]["peak_mib"] / max(rows["lightly_ntxent"]["peak_mib"], 1e-9)
+        onoff_mem = rows["sogclr_glofnd"]["peak_mib"] / max(rows["sogclr_plain"]["peak_mib"], 1e-9)
+        print(f"{batch:>6} | time {ntxent:5.2f}x  mem {ntxent_mem:5.2f}x | time {onoff:5.2f}x  mem {onoff_mem:5.2f}x")
+
+    print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
+    for num_samples in (10**3, 10**7):
+        batch = min(args.scaling_batch, num_samples)
+        row = run_isolated("sogclr_glofnd", batch, args.dim, num_samples, args.device, args.repeats)
+        results["scaling"][num_samples] = row
+        print(f"  num_samples {num_samples:>10,}: {1e3 * row['seconds']:8.1f} ms")
+    small, large = results["scaling"][10**3]["seconds"], results["scaling"][10**7]["seconds"]
+    print(f"  ratio 10^7 / 10^3: {large / small:.2f}x")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
