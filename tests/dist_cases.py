@@ -107,3 +107,56 @@ def ddp_broadcast_case(rank: int, world_size: int, use_helper: bool) -> torch.Te
     model.criterion.state.threshold.fill_(0.5 if rank == 1 else 1.0)
     ddp_model(torch.randn(2, 4)).sum().backward()
     return model.criterion.thresholds.clone()
+
+
+def run_clip_steps(
+    loss_fn: nn.Module, batches: list, rank: int, world_size: int, scale: float = 1 / 0.07
+) -> dict[str, Any]:
+    """Run GloFNDClipLoss over global batches; this rank takes its contiguous slice of each."""
+    values, grads = [], []
+    for epoch, (images, texts, indices, labels) in enumerate(batches):
+        local = images.shape[0] // world_size
+        part = slice(rank * local, (rank + 1) * local)
+        image_part = images[part].clone().requires_grad_(True)
+        text_part = texts[part].clone().requires_grad_(True)
+        logit_scale = torch.tensor(scale, requires_grad=True)
+        loss_fn.set_epoch(epoch)
+        out = loss_fn(image_part, text_part, logit_scale, output_dict=True, indices=indices[part], labels=labels[part])
+        out["contrastive_loss"].backward()
+        values.append(out["contrastive_loss"].detach())
+        grads.append((image_part.grad, text_part.grad, logit_scale.grad))
+    state = {k: v.clone() for k, v in loss_fn.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {"values": values, "grads": grads, "state": state}
+
+
+def clip_equivalence_case(rank: int, world_size: int, kwargs: dict[str, Any], batches: list) -> dict[str, Any]:
+    from glofnd_losses import GloFNDClipLoss
+
+    return run_clip_steps(GloFNDClipLoss(**kwargs), batches, rank, world_size)
+
+
+def open_clip_parity_case(
+    rank: int, world_size: int, images: torch.Tensor, texts: torch.Tensor, local_loss: bool, gather_with_grad: bool
+) -> dict[str, Any]:
+    from open_clip.loss import ClipLoss
+
+    from glofnd_losses import GloFNDClipLoss
+
+    local = images.shape[0] // world_size
+    part = slice(rank * local, (rank + 1) * local)
+    results = {}
+    for label in ("open_clip", "glofnd"):
+        image_part = images[part].clone().requires_grad_(True)
+        text_part = texts[part].clone().requires_grad_(True)
+        logit_scale = torch.tensor(10.0, requires_grad=True)
+        if label == "open_clip":
+            criterion = ClipLoss(
+                local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
+            )
+            loss = criterion(image_part, text_part, logit_scale)
+        else:
+            criterion = GloFNDClipLoss(images.shape[0], estimator="minibatch", detector=None)
+            loss = criterion(image_part, text_part, logit_scale, indices=torch.arange(images.shape[0])[part])
+        loss.backward()
+        results[label] = (loss.detach(), image_part.grad, text_part.grad, logit_scale.grad)
+    return results

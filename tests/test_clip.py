@@ -1,0 +1,180 @@
+"""GloFNDClipLoss against open_clip's ClipLoss and a per-anchor implementation of DESIGN.md 2.2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from glofnd_losses import GloFNDClipLoss, ThresholdOptimizer
+from glofnd_losses.schedules import cosine_gamma
+from tests import dist_cases
+from tests.multiprocess import run_ranks
+
+WORLD = 2
+
+
+def make_pairs(steps: int, size: int, num_samples: int, seed: int = 0) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        base = torch.randn(size, 8, generator=generator)
+        images = F.normalize(base + 0.4 * torch.randn(size, 8, generator=generator), dim=1)
+        texts = F.normalize(base + 0.4 * torch.randn(size, 8, generator=generator), dim=1)
+        indices = torch.randperm(num_samples, generator=generator)[:size]
+        labels = torch.randint(0, 3, (size,), generator=generator)
+        batches.append((images, texts, indices, labels))
+    return batches
+
+
+class ReferenceClip:
+    """Per-anchor loops over FastCLIP-v1/v3 with GloFND thresholds learned by projected SGD."""
+
+    def __init__(self, num_samples: int, estimator: str, alpha: float, lr: float, rho: float, tau: float) -> None:
+        self.estimator, self.alpha, self.lr, self.rho, self.tau = estimator, alpha, lr, rho, tau
+        self.threshold = {"image": [1.0] * num_samples, "text": [1.0] * num_samples}
+        self.u = {"image": [0.0] * num_samples, "text": [0.0] * num_samples}
+
+    def loss(
+        self, images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, indices: list[int], epoch: int
+    ):
+        size = images.shape[0]
+        gamma = cosine_gamma(epoch)
+        inverse_tau = logit_scale if self.estimator == "fastclip" else torch.tensor(1 / self.tau)
+        ratios, logs = torch.zeros(()), torch.zeros(())
+        updates: dict[str, dict[int, tuple[float, float]]] = {"image": {}, "text": {}}
+        for modality, anchors, candidates in (("image", images, texts), ("text", texts, images)):
+            for i in range(size):
+                item = indices[i]
+                scores = torch.stack([anchors[i] @ candidates[j] for j in range(size)])
+                plain = scores.detach().tolist()
+                negatives = [j for j in range(size) if j != i]
+                above = sum(plain[j] > self.threshold[modality][item] for j in negatives)
+                lam = self.threshold[modality][item] - self.lr * (self.alpha - above / (size - 1))
+                lam = min(1.0, max(-1.0, lam))
+                kept = [j for j in negatives if plain[j] <= lam] or negatives
+                estimate = torch.stack([torch.exp((scores[j] - scores[i]) * inverse_tau) for j in kept]).mean()
+                old = self.u[modality][item]
+                fresh = float(estimate.detach())
+                u_new = fresh if old < 1e-35 else (1 - gamma) * old + gamma * fresh
+                ratios = ratios + estimate / (u_new + 1e-14)
+                logs = logs + math.log(u_new + 1e-14)
+                updates[modality][item] = (lam, u_new)
+        for modality, rows in updates.items():
+            for item, (lam, u_new) in rows.items():
+                self.threshold[modality][item], self.u[modality][item] = lam, u_new
+        total = ratios / size
+        if self.estimator == "sogclr":
+            return total
+        tau = 1 / logit_scale
+        return tau.detach() * total + self.rho * tau + tau * 0.5 * logs / size
+
+
+@pytest.mark.parametrize("estimator", ["sogclr", "fastclip"])
+def test_global_estimators_match_reference_over_several_steps(estimator: str) -> None:
+    num_samples, size = 24, 8
+    loss_fn = GloFNDClipLoss(
+        num_samples, estimator=estimator, alpha=0.15, temperature=0.1,
+        threshold_optimizer=ThresholdOptimizer(rule="sgd", lr=0.8),
+    )  # fmt: skip
+    reference = ReferenceClip(num_samples, estimator, alpha=0.15, lr=0.8, rho=6.5, tau=0.1)
+    for epoch, (images, texts, indices, _) in enumerate(make_pairs(4, size, num_samples)):
+        loss_fn.set_epoch(epoch)
+        ours = [
+            images.clone().requires_grad_(True),
+            texts.clone().requires_grad_(True),
+            torch.tensor(5.0, requires_grad=True),
+        ]
+        theirs = [tensor.detach().clone().requires_grad_(True) for tensor in ours]
+        loss = loss_fn(*ours, indices=indices)
+        expected = reference.loss(*theirs, indices.tolist(), epoch)
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        for mine, ref in zip(ours, theirs):
+            expected_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad  # sogclr: scale unused
+            torch.testing.assert_close(mine.grad, expected_grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss_fn.image_thresholds, torch.tensor(reference.threshold["image"]))
+        torch.testing.assert_close(loss_fn.text_thresholds, torch.tensor(reference.threshold["text"]))
+        torch.testing.assert_close(
+            loss_fn.state.buffer("u_image"), torch.tensor(reference.u["image"]), rtol=1e-5, atol=0
+        )
+        torch.testing.assert_close(loss_fn.state.buffer("u_text"), torch.tensor(reference.u["text"]), rtol=1e-5, atol=0)
+    assert loss_fn.last_stats["image_filtered_fraction"] > 0
+    assert (loss_fn.text_thresholds < 1).sum() > 10
+
+
+def test_minibatch_equals_open_clip_on_one_rank() -> None:
+    images, texts, _, _ = make_pairs(1, 10, 10)[0]
+    results = []
+    for label in ("open_clip", "glofnd"):
+        image_part, text_part = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+        logit_scale = torch.tensor(12.0, requires_grad=True)
+        if label == "open_clip":
+            loss = ClipLoss()(image_part, text_part, logit_scale, output_dict=True)["contrastive_loss"]
+        else:
+            loss_fn = GloFNDClipLoss(10, estimator="minibatch", detector=None)
+            loss = loss_fn(image_part, text_part, logit_scale, output_dict=True, indices=torch.arange(10))[
+                "contrastive_loss"
+            ]
+        loss.backward()
+        results.append((loss.detach(), image_part.grad, text_part.grad, logit_scale.grad))
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("local_loss", "gather_with_grad"), [(True, True), (False, False)])
+def test_minibatch_matches_open_clip_on_two_ranks(local_loss: bool, gather_with_grad: bool) -> None:
+    images, texts, _, _ = make_pairs(1, 12, 12, seed=5)[0]
+    results = run_ranks(dist_cases.open_clip_parity_case, WORLD, images, texts, local_loss, gather_with_grad)
+    mean_value = sum(result["glofnd"][0] for result in results) / WORLD
+    for result in results:
+        (value, image_grad, text_grad, _), mine = result["open_clip"], result["glofnd"]
+        if local_loss:  # the same local-anchors x global-candidates loss
+            for expected, actual in zip(result["open_clip"], mine):
+                torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        else:
+            # open_clip computes the global loss on every rank, with gradient through the local features only;
+            # ours is the local anchors' share, with gradients summed over ranks by the gather.
+            torch.testing.assert_close(mean_value, value, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine[1] / WORLD, image_grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine[2] / WORLD, text_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["minibatch", "sogclr", "fastclip"])
+def test_two_ranks_equal_one_rank(estimator: str) -> None:
+    kwargs = {"num_samples": 40, "estimator": estimator, "alpha": 0.1}
+    batches = make_pairs(3, 12, 40, seed=2)
+    single = dist_cases.run_clip_steps(GloFNDClipLoss(**kwargs), batches, rank=0, world_size=1)
+    ranks = run_ranks(dist_cases.clip_equivalence_case, WORLD, kwargs, batches)
+    local = 12 // WORLD
+    for step, (image_grad, text_grad, scale_grad) in enumerate(single["grads"]):
+        for rank, result in enumerate(ranks):
+            part = slice(rank * local, (rank + 1) * local)
+            torch.testing.assert_close(result["grads"][step][0] / WORLD, image_grad[part], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(result["grads"][step][1] / WORLD, text_grad[part], rtol=1e-5, atol=1e-6)
+        mean_scale_grad = sum(result["grads"][step][2] for result in ranks) / WORLD
+        torch.testing.assert_close(mean_scale_grad, scale_grad, rtol=1e-5, atol=1e-6)
+        mean_value = sum(result["values"][step] for result in ranks) / WORLD
+        torch.testing.assert_close(mean_value, single["values"][step], rtol=1e-5, atol=1e-6)
+    for name, value in single["state"].items():
+        torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6)
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+    assert (single["state"]["state.image_threshold"] < 1).any()
+
+
+def test_sogclr_keeps_logit_scale_in_the_graph_and_rejects_siglip() -> None:
+    images, texts, indices, _ = make_pairs(1, 6, 6)[0]
+    logit_scale = torch.tensor(10.0, requires_grad=True)
+    loss_fn = GloFNDClipLoss(6, estimator="sogclr")
+    loss_fn(images, texts, logit_scale, indices=indices).backward()
+    assert logit_scale.grad is not None and logit_scale.grad == 0
+    with pytest.raises(ValueError, match="logit_bias"):
+        loss_fn(images, texts, logit_scale, torch.tensor(-10.0), indices=indices)
+    with pytest.raises(ValueError, match="estimator"):
+        GloFNDClipLoss(6, estimator="siglip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, num_samples=6\)"):
+        loss_fn(images, texts, logit_scale, indices=indices + 6)
