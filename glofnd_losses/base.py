@@ -226,14 +226,15 @@ class GloFNDLossBase(nn.Module):
             all_a, all_b, offset = view_a, view_b, 0
         scores = functional.two_view_scores(view_a, view_b, all_a, all_b)
         global_size = all_a.shape[0]
-        negatives = functional.two_view_negatives(local_size, global_size, offset, view_a.device)
+        excluded = functional.two_view_excluded(local_size, global_size, offset, view_a.device)
+        negatives = functional.negative_mask(excluded, 2 * global_size)
         column_labels = None
         if labels is not None:
             validation.check_index_shape(labels, local_size, name="labels")
             labels = labels.to(view_a.device)
             batch_labels = distributed.gather_rows(labels) if use_gather else labels
             column_labels = torch.cat([batch_labels, batch_labels])
-        rows = BatchRows(scores.detach(), negatives, 2 * (global_size - 1), labels, column_labels)
+        rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
         positive_index = functional.two_view_positives(local_size, global_size, offset, view_a.device)
         return TwoViewBatch(scores, rows, positive_index, safe_indices, valid)
 

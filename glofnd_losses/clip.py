@@ -191,7 +191,8 @@ class GloFNDClipLoss(GloFNDLossBase):
             else:
                 all_images, all_texts, offset = images, texts, 0
             global_size = all_images.shape[0]
-            negatives = functional.cross_modal_negatives(local_size, global_size, offset, images.device)
+            excluded = functional.cross_modal_excluded(local_size, offset, images.device)
+            negatives = functional.negative_mask(excluded, global_size)
             positive_index = torch.arange(local_size, device=images.device) + offset
             column_labels = None
             if labels is not None:
@@ -204,7 +205,7 @@ class GloFNDClipLoss(GloFNDLossBase):
             terms = []
             for prefix, anchors, candidates in (("image_", images, all_texts), ("text_", texts, all_images)):
                 scores = (anchors @ candidates.T)[None]
-                rows = BatchRows(scores.detach(), negatives, global_size - 1, labels, column_labels)
+                rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
                 keep, detection, unflagged = self._detect(rows, state_rows, prefix)
                 new_rows.update(detection.new_rows)
                 stats.update(self._stats(prefix, rows, keep, unflagged, detection))

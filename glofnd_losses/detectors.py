@@ -32,17 +32,22 @@ class BatchRows:
 
     Attributes:
         scores: ``(V, b, C)`` float32 cosine scores.
+        excluded: ``(b, E)`` columns of each anchor that are not negatives (its positive, itself).
         negatives: ``(b, C)`` bool negative mask, the same for all ``V`` rows.
-        num_negatives: Negatives per row.
         anchor_labels: ``(b,)`` labels of the anchors, or None.
         column_labels: ``(C,)`` labels of the columns, or None.
     """
 
     scores: torch.Tensor
+    excluded: torch.Tensor
     negatives: torch.Tensor
-    num_negatives: int
     anchor_labels: torch.Tensor | None = None
     column_labels: torch.Tensor | None = None
+
+    @property
+    def num_negatives(self) -> int:
+        """Negatives per row."""
+        return self.scores.shape[-1] - self.excluded.shape[-1]
 
 
 @dataclass
@@ -66,7 +71,7 @@ class Detection:
         """``(V, b, C)`` bool negatives that are not flagged."""
         negatives = rows.negatives.expand_as(rows.scores)
         if self.thresholds is not None:
-            return functional.keep_at_or_below(rows.scores, rows.negatives, self.thresholds)
+            return functional.keep_at_or_below(rows.scores, rows.excluded, self.thresholds)
         if self.flagged is not None:
             return negatives & ~self.flagged
         return negatives
@@ -114,7 +119,7 @@ class FNCDetector(Detector):
     def detect(
         self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
     ) -> Detection:
-        return Detection(functional.minibatch_quantile(rows.scores, rows.negatives, self.alpha, rows.num_negatives))
+        return Detection(functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives))
 
 
 class OracleDetector(Detector):
@@ -159,11 +164,11 @@ class GloFNDDetector(Detector):
         threshold = current.threshold
         if learn:
             subgradient = functional.threshold_subgradient(
-                rows.scores, rows.negatives, current.threshold, self.alpha, rows.num_negatives
+                rows.scores, rows.excluded, current.threshold, self.alpha, rows.num_negatives
             )
             seed = None
             if self.optimizer.init == "minibatch_quantile":
-                per_row = functional.minibatch_quantile(rows.scores, rows.negatives, self.alpha, rows.num_negatives)
+                per_row = functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
                 seed = per_row.mean(dim=0)
             updated = thresholds.step(current, subgradient, seed, epoch, self.optimizer)
             threshold = updated.threshold

@@ -41,41 +41,49 @@ def two_view_positives(local_size: int, global_size: int, offset: int, device: t
     return torch.stack([positions + global_size, positions])
 
 
-def two_view_negatives(local_size: int, global_size: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Negative-column mask ``(b, 2B)`` of :func:`two_view_scores`: all but the columns of the anchor's item."""
+def two_view_excluded(local_size: int, global_size: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Columns ``(b, 2)`` of :func:`two_view_scores` that are not negatives: the anchor's own item."""
     positions = torch.arange(local_size, device=device) + offset
-    negatives = torch.ones(local_size, 2 * global_size, dtype=torch.bool, device=device)
-    rows = torch.arange(local_size, device=device)
-    negatives[rows, positions] = False
-    negatives[rows, positions + global_size] = False
-    return negatives
+    return torch.stack([positions, positions + global_size], dim=1)
 
 
-def cross_modal_negatives(local_size: int, global_size: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Negative-column mask ``(b, B)`` of image-vs-text rows: all but the paired column."""
-    positions = torch.arange(local_size, device=device) + offset
-    negatives = torch.ones(local_size, global_size, dtype=torch.bool, device=device)
-    negatives[torch.arange(local_size, device=device), positions] = False
-    return negatives
+def cross_modal_excluded(local_size: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Column ``(b, 1)`` of image-vs-text rows that is not a negative: the paired item."""
+    return (torch.arange(local_size, device=device) + offset)[:, None]
 
 
-def count_above(scores: torch.Tensor, negatives: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def negative_mask(excluded: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """Bool mask ``(b, C)``: True on every column except the ``excluded`` ones."""
+    mask = torch.ones(excluded.shape[0], num_columns, dtype=torch.bool, device=excluded.device)
+    return mask.scatter_(1, excluded, False)
+
+
+def _excluded_scores(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    return scores.gather(-1, excluded.expand(scores.shape[0], -1, -1))
+
+
+def count_above(scores: torch.Tensor, excluded: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Number of negatives scoring strictly above each anchor's threshold, pooled over rows.
+
+    Counts over whole rows, then subtracts the excluded columns (one pass over the scores, no
+    negative mask).
 
     Args:
         scores: ``(V, b, C)`` float32 scores.
-        negatives: ``(b, C)`` bool negative mask shared by the ``V`` rows.
+        excluded: ``(b, E)`` columns of each anchor that are not negatives (positive, self).
         thresholds: ``(b,)`` float32 thresholds, one per anchor.
 
     Returns:
         ``(b,)`` counts as float32.
     """
-    above = (scores > thresholds[None, :, None]) & negatives
-    return above.sum(dim=(0, 2)).to(torch.float32)
+    bound = thresholds[None, :, None]
+    everything = torch.sum(scores > bound, dim=-1, dtype=torch.int32).sum(dim=0)
+    not_negatives = torch.sum(_excluded_scores(scores, excluded) > bound, dim=(0, 2), dtype=torch.int32)
+    return (everything - not_negatives).to(torch.float32)
 
 
 def threshold_subgradient(
-    scores: torch.Tensor, negatives: torch.Tensor, thresholds: torch.Tensor, alpha: float, num_negatives: int
+    scores: torch.Tensor, excluded: torch.Tensor, thresholds: torch.Tensor, alpha: float, num_negatives: int
 ) -> torch.Tensor:
     """Stochastic subgradient of the quantile objective ``alpha*lam + mean((s - lam)_+)``.
 
@@ -84,29 +92,31 @@ def threshold_subgradient(
 
     Args:
         scores: ``(V, b, C)`` float32 scores.
-        negatives: ``(b, C)`` bool negative mask.
+        excluded: ``(b, E)`` non-negative columns.
         thresholds: ``(b,)`` thresholds before the update.
         alpha: Target fraction of negatives above the threshold.
-        num_negatives: Negatives per row (``negatives.sum(-1)``, equal for every row).
+        num_negatives: Negatives per row (``C - E``).
 
     Returns:
         ``(b,)`` subgradients in ``[alpha - 1, alpha]``.
     """
-    fraction_above = count_above(scores, negatives, thresholds) / (scores.shape[0] * num_negatives)
+    fraction_above = count_above(scores, excluded, thresholds) / (scores.shape[0] * num_negatives)
     return alpha - fraction_above
 
 
-def minibatch_quantile(scores: torch.Tensor, negatives: torch.Tensor, alpha: float, num_negatives: int) -> torch.Tensor:
+def minibatch_quantile(scores: torch.Tensor, excluded: torch.Tensor, alpha: float, num_negatives: int) -> torch.Tensor:
     """Per-row ``(1 - alpha)``-quantile of the negatives (FNC's threshold), via ``topk``.
 
     Equal to ``torch.quantile(row[negatives], 1 - alpha)`` (linear interpolation) without sorting
-    the whole row and without ``torch.quantile``'s 16M-element limit.
+    the whole row, without masking a copy of it, and without ``torch.quantile``'s 16M-element
+    limit: the top values of the raw row are taken with ``E`` spare ones, and the excluded
+    columns are dropped from that short list.
 
     Args:
         scores: ``(V, b, C)`` float32 scores.
-        negatives: ``(b, C)`` bool negative mask with exactly ``num_negatives`` True per row.
+        excluded: ``(b, E)`` non-negative columns (distinct within a row).
         alpha: Upper tail fraction.
-        num_negatives: Negatives per row.
+        num_negatives: Negatives per row (``C - E``).
 
     Returns:
         ``(V, b)`` float32 quantiles.
@@ -115,8 +125,10 @@ def minibatch_quantile(scores: torch.Tensor, negatives: torch.Tensor, alpha: flo
     lower_rank = math.floor(position)  # ascending rank r is descending rank num_negatives - 1 - r
     fraction = position - lower_rank
     top_count = num_negatives - lower_rank
-    masked = scores.masked_fill(~negatives, float("-inf"))
-    top = masked.topk(top_count, dim=-1).values
+    spare = excluded.shape[1]
+    values, columns = scores.topk(min(top_count + spare, scores.shape[-1]), dim=-1)
+    is_excluded = (columns[..., None] == excluded[None, :, None, :]).any(dim=-1)
+    top = values.masked_fill(is_excluded, float("-inf")).sort(dim=-1, descending=True).values
     lower = top[..., top_count - 1]
     if fraction == 0.0 or top_count < 2:
         return lower
@@ -124,11 +136,12 @@ def minibatch_quantile(scores: torch.Tensor, negatives: torch.Tensor, alpha: flo
     return lower + fraction * (upper - lower)
 
 
-def keep_at_or_below(scores: torch.Tensor, negatives: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Keep-mask ``negatives & (scores <= threshold)``; thresholds ``(b,)`` or ``(V, b)``."""
+def keep_at_or_below(scores: torch.Tensor, excluded: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Keep-mask: negatives with ``score <= threshold``; thresholds ``(b,)`` or ``(V, b)``."""
     if thresholds.dim() == 1:
         thresholds = thresholds.expand(scores.shape[0], -1)
-    return negatives & (scores <= thresholds[..., None])
+    keep = scores <= thresholds[..., None]
+    return keep.scatter_(-1, excluded.expand(scores.shape[0], -1, -1), False)
 
 
 def keep_nonempty(keep: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:

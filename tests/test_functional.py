@@ -13,13 +13,20 @@ from hypothesis import strategies as st
 from glofnd_losses import functional
 
 
-def random_rows(views: int, anchors: int, columns: int, negatives: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_rows(
+    views: int, anchors: int, columns: int, negatives: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores, the excluded columns (b, E) and the matching negative mask."""
     generator = torch.Generator().manual_seed(seed)
     scores = torch.rand(views, anchors, columns, generator=generator) * 2 - 1
-    mask = torch.zeros(anchors, columns, dtype=torch.bool)
+    excluded = torch.stack(
+        [torch.randperm(columns, generator=generator)[: columns - negatives] for _ in range(anchors)]
+    )
+    mask = torch.ones(anchors, columns, dtype=torch.bool)
     for row in range(anchors):
-        mask[row, torch.randperm(columns, generator=generator)[:negatives]] = True
-    return scores, mask
+        mask[row, excluded[row]] = False
+    scores[0, 0, excluded[0, :1]] = 5.0  # an excluded column above every negative must not count
+    return scores, excluded, mask
 
 
 @settings(max_examples=40, deadline=None)
@@ -29,23 +36,35 @@ def random_rows(views: int, anchors: int, columns: int, negatives: int, seed: in
     seed=st.integers(0, 10_000),
 )
 def test_minibatch_quantile_equals_torch_quantile(alpha: float, negatives: int, seed: int) -> None:
-    scores, mask = random_rows(2, 3, 50, negatives, seed)
+    scores, excluded, mask = random_rows(2, 3, 50, negatives, seed)
     expected = torch.stack(
         [torch.stack([torch.quantile(scores[v, i][mask[i]], 1 - alpha) for i in range(3)]) for v in range(2)]
     )
-    torch.testing.assert_close(functional.minibatch_quantile(scores, mask, alpha, negatives), expected)
+    torch.testing.assert_close(functional.minibatch_quantile(scores, excluded, alpha, negatives), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(negatives=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_counts_and_keep_mask_skip_excluded_columns(negatives: int, seed: int) -> None:
+    scores, excluded, mask = random_rows(2, 4, 45, negatives, seed)
+    thresholds = torch.rand(4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    expected_count = ((scores > thresholds[None, :, None]) & mask).sum(dim=(0, 2)).float()
+    torch.testing.assert_close(functional.count_above(scores, excluded, thresholds), expected_count)
+    expected_keep = (scores <= thresholds[None, :, None]) & mask
+    assert torch.equal(functional.keep_at_or_below(scores, excluded, thresholds), expected_keep)
+    assert torch.equal(functional.negative_mask(excluded, 45), mask)
 
 
 def test_threshold_subgradient_by_hand() -> None:
     # One anchor, two rows of 4 columns; column 0 is the positive (not a negative).
     scores = torch.tensor([[[0.9, 0.5, 0.2, 0.7]], [[0.9, 0.1, 0.6, 0.4]]])
-    negatives = torch.tensor([[False, True, True, True]])
+    excluded = torch.tensor([[0]])
     threshold = torch.tensor([0.45])
     # Negatives above 0.45: row 0 -> 0.5, 0.7; row 1 -> 0.6. Three of six.
-    got = functional.threshold_subgradient(scores, negatives, threshold, alpha=0.1, num_negatives=3)
+    got = functional.threshold_subgradient(scores, excluded, threshold, alpha=0.1, num_negatives=3)
     torch.testing.assert_close(got, torch.tensor([0.1 - 3 / 6]))
     # Ties are kept (strict >): a threshold equal to a score does not count it.
-    tie = functional.threshold_subgradient(scores, negatives, torch.tensor([0.6]), alpha=0.0, num_negatives=3)
+    tie = functional.threshold_subgradient(scores, excluded, torch.tensor([0.6]), alpha=0.0, num_negatives=3)
     torch.testing.assert_close(tie, torch.tensor([-1 / 6]))
 
 
@@ -82,7 +101,7 @@ def test_two_view_rows_put_positive_and_self_where_the_mask_says() -> None:
     view_b = F.normalize(torch.randn(6, 4, generator=generator), dim=1)
     local = slice(2, 4)  # rank 1 of 3 with 2 samples each
     scores = functional.two_view_scores(view_a[local], view_b[local], view_a, view_b)
-    negatives = functional.two_view_negatives(2, 6, offset=2, device=torch.device("cpu"))
+    negatives = functional.negative_mask(functional.two_view_excluded(2, 6, offset=2, device=torch.device("cpu")), 12)
     positives = functional.two_view_positives(2, 6, offset=2, device=torch.device("cpu"))
     for row, anchor in enumerate(range(2, 4)):
         pair = float(view_a[anchor] @ view_b[anchor])
