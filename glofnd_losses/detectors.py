@@ -166,6 +166,8 @@ class GloFNDDetector(Detector):
             subgradient = functional.threshold_subgradient(
                 rows.scores, rows.excluded, current.threshold, self.alpha, rows.num_negatives
             )
+            if self.optimizer.normalize_grad and self.alpha > 0:
+                subgradient = subgradient / self.alpha
             seed = None
             if self.optimizer.init == "minibatch_quantile":
                 per_row = functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)

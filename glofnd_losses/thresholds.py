@@ -12,9 +12,11 @@ Two presets:
   (betas 0.9/0.98, eps 1e-8, lr 0.05) whose bias correction uses the global epoch number, from
   ``lam = 1``.
 * :meth:`ThresholdOptimizer.default` is chosen by ``benchmarks/threshold_quality.py``: the
-  threshold starts at the mini-batch quantile on a sample's first visit, then takes Adam steps
-  with per-sample bias correction and a step size decaying with the sample's visit count down to a
-  floor (so it keeps tracking a drifting encoder). See BENCHMARKS.md for the measurements.
+  threshold starts at the mini-batch quantile on a sample's first visit, then takes projected
+  subgradient steps on ``G / alpha`` (so the step is in units of the target fraction, whatever
+  ``alpha``) whose size decays with the sample's visit count down to a floor (so it keeps tracking
+  a drifting encoder). Unlike Adam's roughly constant ``lr`` per visit, the step shrinks as the
+  estimate approaches the quantile. See BENCHMARKS.md for the measurements.
 """
 
 from __future__ import annotations
@@ -48,12 +50,15 @@ class ThresholdOptimizer:
             threshold to the mini-batch ``(1 - alpha)``-quantile at the sample's first visit).
         lr_decay: ``"constant"`` or ``"inverse_sqrt"`` (``lr / sqrt(steps)`` per sample).
         min_lr: Floor of the decayed step size.
+        normalize_grad: Divide the subgradient by ``alpha`` (its magnitude when no negative is
+            above the threshold), making ``lr`` independent of ``alpha``. No effect on Adam's
+            direction beyond ``eps``.
 
     Examples:
         >>> ThresholdOptimizer.paper().rule
         'adam'
-        >>> ThresholdOptimizer(rule="sgd", lr=0.5).lr_decay
-        'constant'
+        >>> ThresholdOptimizer.default().rule, ThresholdOptimizer.default().normalize_grad
+        ('sgd', True)
     """
 
     rule: Rule = "adam"
@@ -64,6 +69,7 @@ class ThresholdOptimizer:
     init: Init = "one"
     lr_decay: Decay = "constant"
     min_lr: float = 0.0
+    normalize_grad: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in ("adam", "sgd"):
@@ -90,13 +96,12 @@ class ThresholdOptimizer:
     def default(cls) -> ThresholdOptimizer:
         """The package default, chosen on ``benchmarks/threshold_quality.py``."""
         return cls(
-            rule="adam",
+            rule="sgd",
             lr=0.05,
-            betas=(0.9, 0.98),
-            bias_correction="per_sample",
             init="minibatch_quantile",
             lr_decay="inverse_sqrt",
-            min_lr=0.01,
+            min_lr=0.025,
+            normalize_grad=True,
         )
 
 
