@@ -1,0 +1,7 @@
+"""Adapters that plug the GloFND losses into other projects' training code.
+
+Each adapter is a module of its own and imports its host project only when imported itself:
+
+* :mod:`glofnd_losses.integrations.open_clip`: open_clip's training script (``open_clip_train``);
+  needs ``pip install glofnd-losses[open_clip]``.
+"""

