@@ -36,5 +36,5 @@ def ignore_loss_buffers_in_ddp(model: nn.Module) -> list[str]:
         for buffer_name, _ in module.named_buffers()
     ]
     existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, existing + names)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(dict.fromkeys(existing + names)))
     return names

@@ -169,7 +169,7 @@ class GloFNDDetector(Detector):
             if self.optimizer.normalize_grad and self.alpha > 0:
                 subgradient = subgradient / self.alpha
             seed = None
-            if self.optimizer.init == "minibatch_quantile":
+            if self.optimizer.init == "minibatch_quantile" or self.optimizer.stop_at_batch_quantile:
                 per_row = functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
                 seed = per_row.mean(dim=0)
             updated = thresholds.step(current, subgradient, seed, epoch, self.optimizer)

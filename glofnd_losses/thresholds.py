@@ -53,6 +53,12 @@ class ThresholdOptimizer:
         normalize_grad: Divide the subgradient by ``alpha`` (its magnitude when no negative is
             above the threshold), making ``lr`` independent of ``alpha``. No effect on Adam's
             direction beyond ``eps``.
+        stop_at_batch_quantile: The new threshold stays between the old one and the visit's
+            mini-batch ``(1 - alpha)``-quantile, so a step never carries it past that quantile
+            (the subgradient's sign agrees with the quantile's side up to sampling). With
+            ``normalize_grad`` an upward step can be ``lr / alpha`` long when the scores jump (a
+            fast-changing encoder): this keeps it from overshooting to 1 and then recovering only
+            at the downward rate.
 
     Examples:
         >>> ThresholdOptimizer.paper().rule
@@ -70,6 +76,7 @@ class ThresholdOptimizer:
     lr_decay: Decay = "constant"
     min_lr: float = 0.0
     normalize_grad: bool = False
+    stop_at_batch_quantile: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in ("adam", "sgd"):
@@ -102,6 +109,7 @@ class ThresholdOptimizer:
             lr_decay="inverse_sqrt",
             min_lr=0.025,
             normalize_grad=True,
+            stop_at_batch_quantile=True,
         )
 
 
@@ -155,7 +163,7 @@ def step(
         rows: Current rows (threshold, moments, per-sample visit count).
         subgradient: ``(b,)`` subgradients computed with ``rows.threshold``.
         batch_quantile: ``(b,)`` mini-batch ``(1 - alpha)``-quantiles, required when
-            ``optimizer.init == "minibatch_quantile"``.
+            ``optimizer.init == "minibatch_quantile"`` or ``optimizer.stop_at_batch_quantile``.
         epoch: Current 0-based epoch (used by ``bias_correction="epoch"``).
         optimizer: The rule.
 
@@ -187,6 +195,13 @@ def step(
     else:
         exp_avg, exp_avg_sq, direction = rows.exp_avg, rows.exp_avg_sq, grad
     threshold = (rows.threshold - lr * direction).clamp(-1.0, 1.0)
+    if optimizer.stop_at_batch_quantile:
+        if batch_quantile is None:
+            raise ValueError("stop_at_batch_quantile needs the mini-batch quantile")
+        # Stay between the old threshold and the batch quantile: never step past the quantile.
+        upper = torch.maximum(rows.threshold, batch_quantile)
+        lower = torch.minimum(rows.threshold, batch_quantile)
+        threshold = torch.minimum(torch.maximum(threshold, lower), upper)
     visits = visits.to(rows.visits.dtype)
     if not seeding:
         return ThresholdRows(threshold, exp_avg, exp_avg_sq, visits)

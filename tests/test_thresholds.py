@@ -54,7 +54,7 @@ def test_minibatch_quantile_seeds_the_first_visit_only() -> None:
     rows = ThresholdRows(
         torch.tensor([1.0, 0.3]), torch.zeros(2), torch.zeros(2), torch.tensor([0, 4], dtype=torch.int32)
     )
-    new = thresholds.step(rows, torch.tensor([0.01, 0.01]), torch.tensor([0.42, 0.9]), 0, optimizer)
+    new = thresholds.step(rows, torch.tensor([0.01, 0.01]), torch.tensor([0.42, 0.1]), 0, optimizer)
     assert new.threshold[0].item() == pytest.approx(0.42)  # seeded, no step
     assert new.exp_avg[0].item() == 0.0
     assert new.threshold[1].item() < 0.3  # a positive gradient moves an already seeded threshold down
@@ -91,3 +91,15 @@ def test_normalize_grad_divides_the_subgradient_by_alpha() -> None:
     # One of three negatives (0.7) is above 0.6: G = 0.25 - 1/3, normalised by alpha = 0.25.
     assert detection.thresholds is not None
     assert detection.thresholds.item() == pytest.approx(0.6 - 0.01 * (0.25 - 1 / 3) / 0.25)
+
+
+def test_stop_at_batch_quantile_keeps_a_step_from_overshooting() -> None:
+    optimizer = ThresholdOptimizer(rule="sgd", lr=1.0, stop_at_batch_quantile=True)
+    rows = ThresholdRows(
+        torch.tensor([0.1, 0.8, 0.5]), torch.zeros(3), torch.zeros(3), torch.ones(3, dtype=torch.int32)
+    )
+    # Anchor 0: a huge upward step stops at its batch quantile 0.4; anchor 1: a downward step stops at 0.7;
+    # anchor 2: a small step that does not reach its quantile is taken unchanged.
+    grad = torch.tensor([-2.0, 2.0, -0.05])
+    new = thresholds.step(rows, grad, torch.tensor([0.4, 0.7, 0.9]), 0, optimizer)
+    torch.testing.assert_close(new.threshold, torch.tensor([0.4, 0.7, 0.55]))
