@@ -1,0 +1,237 @@
+"""GloFND with lightly and PyTorch Lightning (lightly 1.6, pytorch-lightning 2.x).
+
+Three pieces; the loss itself is :class:`~glofnd_losses.GloFNDNTXent`, a drop-in for lightly's
+``NTXentLoss`` that also takes the data set indices of the batch:
+
+* :class:`WithIndex`: wraps any map-style data set so that its items end with their index,
+  ``(*item, index)`` (lightly's and torchvision's data sets return none).
+* :func:`build_simclr_model`: a timm backbone (no download) with lightly's
+  ``SimCLRProjectionHead``, optionally with a stem for 28-32 px images.
+* :class:`GloFNDCallback`: the Lightning wiring. In ``setup`` (which Lightning runs after the
+  process group exists and *before* the strategy wraps the module in DDP) it excludes the loss
+  buffers from DDP's buffer broadcast; at every train epoch start it calls ``set_epoch``. The
+  loss state is made of buffers of a submodule, so Lightning checkpoints carry it without help.
+
+Needs ``pip install glofnd-losses[lightly,timm]``.
+
+Examples:
+    >>> import pytorch_lightning as pl
+    >>> from glofnd_losses import GloFNDNTXent
+    >>> from glofnd_losses.integrations.lightly import GloFNDCallback, build_simclr_model
+    >>> class SimCLR(pl.LightningModule):
+    ...     def __init__(self, num_samples: int) -> None:
+    ...         super().__init__()
+    ...         self.model = build_simclr_model("resnet10t", in_chans=1, small_images=True)
+    ...         self.criterion = GloFNDNTXent(num_samples, gather_distributed=True)
+    ...     def configure_callbacks(self):
+    ...         return [GloFNDCallback()]
+    >>> SimCLR(num_samples=100).criterion.thresholds.shape
+    torch.Size([100])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence, Sized
+from typing import Any
+
+import pytorch_lightning as pl
+import timm
+import torch
+from lightly.models.modules import SimCLRProjectionHead
+from torch import nn
+from torch.utils.data import Dataset
+
+from glofnd_losses.base import GloFNDLossBase
+from glofnd_losses.ddp import ignore_loss_buffers_in_ddp
+
+__all__ = ["GloFNDCallback", "SimCLRModel", "WithIndex", "build_simclr_model", "glofnd_losses_in"]
+
+
+class WithIndex(Dataset[tuple[Any, ...]]):
+    """A map-style data set whose items end with their own index.
+
+    ``dataset[i]`` becomes ``(*dataset[i], i)`` when the item is a tuple (lightly's
+    ``LightlyDataset`` returns ``(views, target, filename)``, torchvision's data sets
+    ``(sample, target)``), and ``(dataset[i], i)`` otherwise. The index is the one the sampler
+    asked for, so it is right under shuffling, ``DistributedSampler`` and any number of workers.
+
+    Args:
+        dataset: A map-style data set with ``__len__``.
+
+    Examples:
+        >>> from glofnd_losses.integrations.lightly import WithIndex
+        >>> pairs = WithIndex([("a", 0), ("b", 1)])
+        >>> pairs[1]
+        ('b', 1, 1)
+        >>> WithIndex(["x", "y"])[0]
+        ('x', 0)
+        >>> len(pairs)
+        2
+    """
+
+    def __init__(self, dataset: Dataset[Any] | Sequence[Any]) -> None:
+        if not isinstance(dataset, Sized):
+            raise TypeError(f"dataset must be a map-style data set with __len__, got {type(dataset).__name__}")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.dataset[index]
+        if isinstance(item, tuple):
+            return (*item, index)
+        return (item, index)
+
+
+class SimCLRModel(nn.Module):
+    """Backbone and projection head of SimCLR.
+
+    Args:
+        backbone: Maps images to ``(b, feature_dim)`` features (a timm model with
+            ``num_classes=0``).
+        projection_head: Maps features to the projections the contrastive loss sees.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from glofnd_losses.integrations.lightly import SimCLRModel
+        >>> model = SimCLRModel(nn.Flatten(), nn.Linear(4, 2))
+        >>> model(torch.ones(3, 1, 2, 2)).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(self, backbone: nn.Module, projection_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = projection_head
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features (for linear probes and retrieval), ``(b, feature_dim)``."""
+        features: torch.Tensor = self.backbone(images)
+        return features.flatten(start_dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Projections of ``images``, ``(b, output_dim)``."""
+        projections: torch.Tensor = self.projection_head(self.embed(images))
+        return projections
+
+
+def small_image_stem(backbone: nn.Module, in_chans: int) -> None:
+    """Adapt a timm ResNet to 28-32 px images in place: 3x3 stride-1 ``conv1``, no max-pool.
+
+    The ImageNet stem (7x7 stride-2 convolution or resnet10t's three-convolution stem, then a
+    stride-2 max-pool) shrinks a 28 px image to 7 px before the first block; CIFAR-style ResNets
+    keep full resolution there instead.
+
+    Args:
+        backbone: A timm ResNet (``conv1``, ``bn1`` and ``maxpool`` attributes).
+        in_chans: Input channels of the new ``conv1``.
+
+    Raises:
+        ValueError: If ``backbone`` has no ResNet stem.
+    """
+    bn1 = getattr(backbone, "bn1", None)
+    if not all(hasattr(backbone, name) for name in ("conv1", "maxpool")) or not isinstance(bn1, nn.BatchNorm2d):
+        raise ValueError(
+            f"small_images=True needs a timm ResNet stem (conv1, bn1, maxpool), "
+            f"but {type(backbone).__name__} has none; use small_images=False"
+        )
+    backbone.conv1 = nn.Conv2d(in_chans, bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
+    backbone.maxpool = nn.Identity()
+
+
+def build_simclr_model(
+    backbone_name: str,
+    *,
+    in_chans: int = 3,
+    small_images: bool = False,
+    hidden_dim: int | None = None,
+    output_dim: int = 128,
+    **timm_kwargs: Any,
+) -> SimCLRModel:
+    """A SimCLR model: a randomly initialised timm backbone and lightly's ``SimCLRProjectionHead``.
+
+    Args:
+        backbone_name: A timm model name, created with ``pretrained=False, num_classes=0`` (no
+            download), e.g. ``"resnet18"`` or ``"resnet10t"``.
+        in_chans: Image channels (1 for MNIST).
+        small_images: Replace the ResNet stem for 28-32 px images (see :func:`small_image_stem`).
+        hidden_dim: Width of the projection head's hidden layer (default: the backbone's
+            feature width).
+        output_dim: Projection size.
+        **timm_kwargs: Further ``timm.create_model`` arguments.
+
+    Returns:
+        The model; ``model(images)`` returns projections, ``model.embed(images)`` features.
+
+    Examples:
+        >>> import torch
+        >>> from glofnd_losses.integrations.lightly import build_simclr_model
+        >>> model = build_simclr_model("resnet10t", in_chans=1, small_images=True, output_dim=32)
+        >>> model(torch.randn(4, 1, 28, 28)).shape
+        torch.Size([4, 32])
+    """
+    backbone = timm.create_model(backbone_name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
+    if small_images:
+        small_image_stem(backbone, in_chans)
+    feature_dim = backbone.num_features
+    if not isinstance(feature_dim, int):
+        raise ValueError(f"timm model {backbone_name!r} reports no integer num_features, got {feature_dim!r}")
+    head = SimCLRProjectionHead(input_dim=feature_dim, hidden_dim=hidden_dim or feature_dim, output_dim=output_dim)
+    return SimCLRModel(backbone, head)
+
+
+def glofnd_losses_in(module: nn.Module) -> list[GloFNDLossBase]:
+    """Every GloFND loss among ``module`` and its submodules, in registration order."""
+    return [child for child in module.modules() if isinstance(child, GloFNDLossBase)]
+
+
+class GloFNDCallback(pl.Callback):
+    """Lightning wiring of the GloFND losses held by a ``LightningModule``.
+
+    * ``setup``: calls :func:`~glofnd_losses.ignore_loss_buffers_in_ddp` on the module. Lightning
+      runs ``setup`` after the process group is initialised and before ``strategy.setup``
+      wraps the module in ``DistributedDataParallel``, so DDP neither broadcasts the loss state
+      at wrapping nor before every forward (the state is already identical on every rank; the
+      broadcast would only cost time and bandwidth).
+    * ``on_train_epoch_start``: ``loss.set_epoch(trainer.current_epoch)`` for every loss, so
+      ``start_epoch`` and ``filter_start_epoch`` work (also after resuming mid-epoch).
+
+    The loss state needs nothing here: it is made of buffers of the module, so it is in every
+    Lightning checkpoint and restored with it.
+
+    Return it from ``LightningModule.configure_callbacks`` to keep module and wiring together,
+    or pass it to ``Trainer(callbacks=[...])``.
+
+    Attributes:
+        ignored_buffers: Names of the buffers excluded from DDP's broadcast (relative to the
+            module), after ``setup``.
+
+    Examples:
+        >>> import pytorch_lightning as pl
+        >>> from glofnd_losses import GloFNDNTXent
+        >>> from glofnd_losses.integrations.lightly import GloFNDCallback
+        >>> module = pl.LightningModule()
+        >>> module.criterion = GloFNDNTXent(num_samples=10)
+        >>> callback = GloFNDCallback()
+        >>> callback.setup(pl.Trainer(logger=False, enable_progress_bar=False), module, stage="fit")
+        >>> callback.ignored_buffers[:2]
+        ['criterion.state.threshold', 'criterion.state.threshold_exp_avg']
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ignored_buffers: list[str] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not glofnd_losses_in(pl_module):
+            raise ValueError(
+                f"GloFNDCallback found no GloFND loss in {type(pl_module).__name__}: assign the loss as an "
+                "attribute of the LightningModule (e.g. self.criterion = GloFNDNTXent(...))"
+            )
+        self.ignored_buffers = ignore_loss_buffers_in_ddp(pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for loss in glofnd_losses_in(pl_module):
+            loss.set_epoch(trainer.current_epoch)
