@@ -57,6 +57,7 @@ Results are deterministic for a seed and thread count (``--threads``, default 1)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -177,7 +178,7 @@ def exact_interval(view_a: torch.Tensor, view_b: torch.Tensor, alpha: float) -> 
     return metrics.exact_quantile_interval([view_a, view_b], [view_a, view_b], alpha)
 
 
-SCENARIOS = ("static", "drift", "narrow")
+SCENARIOS = ("static", "drift", "jump", "narrow")
 NARROW_RHO = 0.75  # narrow scenario: every cosine becomes (1 - rho) * s + rho
 
 
@@ -231,6 +232,23 @@ def build_scenarios(cfg: Config, names: Sequence[str] = ("static", "drift")) -> 
                     "(last epoch)",
                     drift_views,
                     drift_intervals,
+                )
+            )
+        elif name == "jump":
+            # An abrupt change (a learning-rate spike, a resumed run with another encoder): the first half
+            # of the run sees encoder A, the second half encoder B, with nothing in between.
+            before = [PCAEncoder(images, dims=64, whiten=True)(view) for view in views]
+            after = [PCAEncoder(images, dims=16, feature=lambda x: gaussian_blur(x, 2.0))(view) for view in views]
+            switch = cfg.epochs // 2
+            phases = [(before, exact_interval(before[0], before[1], cfg.alpha))]
+            phases.append((after, exact_interval(after[0], after[1], cfg.alpha)))
+            scenarios.append(
+                Scenario(
+                    "jump",
+                    f"encoder switches abruptly after epoch {switch} from whitened top-64 PCA to top-16 PCA of "
+                    "blurred pixels",
+                    [(phases[epoch >= switch][0][0], phases[epoch >= switch][0][1]) for epoch in range(cfg.epochs)],
+                    [phases[epoch >= switch][1] for epoch in range(cfg.epochs)],
                 )
             )
         else:
@@ -305,7 +323,8 @@ def candidate_rules(alpha: float, quick: bool) -> dict[str, ThresholdOptimizer]:
     rules = {
         "paper (adam 0.05, epoch bc, init 1)": ThresholdOptimizer.paper(),
         "adam 0.05 const, per-sample bc, init 1": ThresholdOptimizer(lr=0.05, bias_correction="per_sample"),
-        "default (sgd G/alpha q-init 0.05 isqrt>=0.025)": ThresholdOptimizer.default(),
+        "default (sgd G/alpha q-init 0.05 isqrt>=0.025, stop at q)": ThresholdOptimizer.default(),
+        "default without stop at q": dataclasses.replace(ThresholdOptimizer.default(), stop_at_batch_quantile=False),
     }
     for lr in (0.02, 0.05, 0.1):
         for min_lr in (0.005, 0.01, 0.02):
@@ -391,8 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke mode: 1,000 digits, 4 epochs, 4 rules")
     parser.add_argument(
         "--scenarios",
-        default="static,drift",
-        help=f"comma-separated scenarios from {','.join(SCENARIOS)} (default static,drift)",
+        default="static,drift,jump",
+        help=f"comma-separated scenarios from {','.join(SCENARIOS)} (default static,drift,jump)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write every per-epoch curve as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown")
