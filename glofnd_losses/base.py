@@ -21,6 +21,25 @@ from glofnd_losses.thresholds import ThresholdOptimizer
 
 
 @dataclass
+class KeptNegatives:
+    """The negatives a loss keeps for one bank of rows, and what the detector flagged.
+
+    Attributes:
+        mask: ``(V, b, C)`` bool negatives kept in the loss (at least one per row).
+        count: ``(V, b)`` float32 kept negatives per row.
+        unflagged: ``(V, b, C)`` bool negatives the detector did not flag.
+        unflagged_count: ``(V, b)`` int32 counts of ``unflagged``.
+        detection: The detector's output (thresholds, updated state rows).
+    """
+
+    mask: torch.Tensor
+    count: torch.Tensor
+    unflagged: torch.Tensor
+    unflagged_count: torch.Tensor
+    detection: Detection
+
+
+@dataclass
 class TwoViewBatch:
     """The normalised, gathered inputs of a two-view (unimodal) loss.
 
@@ -159,37 +178,40 @@ class GloFNDLossBase(nn.Module):
         self._deferred.raise_if_any(wait=True)
 
     # ------------------------------------------------------------------ detection
-    def _detect(
-        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str
-    ) -> tuple[torch.Tensor, Detection, torch.Tensor]:
-        """Keep-mask of the loss, the detection (with updated rows) and the unflagged negatives."""
+    def _detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str) -> KeptNegatives:
+        """Run the detector (learning from the batch if training) and build the loss's keep-mask."""
         detection = self.detector.detect(
             rows, state_rows, prefix, learn=self.training and self.learning, epoch=self.epoch
         )
-        unflagged = detection.kept(rows)
+        shape = rows.scores.shape[:2]
         negatives = rows.negatives.expand_as(rows.scores)
-        if not self.filtering:
-            return negatives, detection, unflagged
-        return functional.keep_nonempty(unflagged, negatives), detection, unflagged
+        full_count = torch.full(shape, rows.num_negatives, dtype=torch.int32, device=rows.scores.device)
+        unflagged = detection.kept(rows)
+        flags_something = detection.thresholds is not None or detection.flagged is not None
+        unflagged_count = unflagged.sum(dim=-1, dtype=torch.int32) if flags_something else full_count
+        if self.filtering and flags_something:
+            keep, kept_count = functional.keep_nonempty(unflagged, unflagged_count, rows.negatives, rows.num_negatives)
+        else:
+            keep, kept_count = negatives, full_count.to(torch.float32)
+        return KeptNegatives(keep, kept_count, unflagged, unflagged_count, detection)
 
-    def _stats(
-        self, prefix: str, rows: BatchRows, keep: torch.Tensor, unflagged: torch.Tensor, detection: Detection
-    ) -> dict[str, torch.Tensor]:
+    def _stats(self, prefix: str, rows: BatchRows, kept: KeptNegatives) -> dict[str, torch.Tensor]:
         """Per-step diagnostics as detached 0-d tensors (no host sync)."""
-        total = float(rows.scores.shape[0] * rows.scores.shape[1] * rows.num_negatives)
-        kept_count = keep.sum()
+        num_rows = float(rows.scores.shape[0] * rows.scores.shape[1])
+        total = num_rows * rows.num_negatives
+        kept_sum = kept.count.sum()
         stats = {
-            f"{prefix}flagged_fraction": 1.0 - unflagged.sum() / total,
-            f"{prefix}filtered_fraction": 1.0 - kept_count / total,
-            f"{prefix}kept_negatives": kept_count / float(rows.scores.shape[0] * rows.scores.shape[1]),
+            f"{prefix}flagged_fraction": 1.0 - kept.unflagged_count.sum() / total,
+            f"{prefix}filtered_fraction": 1.0 - kept_sum / total,
+            f"{prefix}kept_negatives": kept_sum / num_rows,
         }
-        if detection.thresholds is not None:
-            stats[f"{prefix}mean_threshold"] = detection.thresholds.mean()
+        if kept.detection.thresholds is not None:
+            stats[f"{prefix}mean_threshold"] = kept.detection.thresholds.mean()
         if rows.anchor_labels is not None and rows.column_labels is not None:
             from glofnd_losses.metrics import batch_precision_recall
 
             same = rows.anchor_labels[:, None] == rows.column_labels[None, :]
-            flagged = rows.negatives & ~unflagged
+            flagged = rows.negatives & ~kept.unflagged
             precision, recall = batch_precision_recall(flagged, rows.negatives & same)
             stats[f"{prefix}fn_precision"] = precision
             stats[f"{prefix}fn_recall"] = recall

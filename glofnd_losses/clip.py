@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 
 from glofnd_losses import distributed, functional, validation
-from glofnd_losses.base import GloFNDLossBase, autocast_disabled
+from glofnd_losses.base import GloFNDLossBase, KeptNegatives, autocast_disabled
 from glofnd_losses.detectors import BatchRows
 from glofnd_losses.schedules import cosine_gamma
 from glofnd_losses.state import Field
@@ -17,20 +17,23 @@ Estimator = Literal["minibatch", "sogclr", "fastclip"]
 _U_EPS = 1e-14
 
 
+_MAX_EXPONENT = 80.0  # exp(80) ~ 5.5e34: finite in float32 even summed over a large batch
+
+
 def _global_rows(
-    scores: torch.Tensor, positive_index: torch.Tensor, keep: torch.Tensor, u_previous: torch.Tensor, gamma: float,
-    logit_scale: torch.Tensor,
+    scores: torch.Tensor, positive_index: torch.Tensor, keep: torch.Tensor, kept_count: torch.Tensor,
+    u_previous: torch.Tensor, gamma: float, logit_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """FastCLIP's per-anchor ratio ``g / (u' + eps)`` and the updated ``u'`` for one modality.
 
     ``g_i = mean_kept exp((s_ij - s_ii) * logit_scale)`` (the positive inside the exponential),
     ``u' = (1 - gamma) u + gamma sg[g]``, re-initialised to ``sg[g]`` where the old ``u`` is below
-    1e-35, infinite or NaN.
+    1e-35, infinite or NaN. Exponents are capped at 80 so that a negative scoring far above the
+    positive at a small temperature (``s_ij - s_ii > 0.8`` at ``tau = 0.01``) cannot overflow.
     """
     positive = scores.gather(-1, positive_index[..., None])
-    kept = keep.to(scores.dtype)
-    kept_count = kept.sum(dim=-1).clamp_min(1.0)
-    estimate = (torch.exp((scores - positive) * logit_scale) * kept).sum(dim=-1) / kept_count
+    exponent = ((scores - positive) * logit_scale).clamp_max(_MAX_EXPONENT)
+    estimate = torch.where(keep, torch.exp(exponent), 0.0).sum(dim=-1) / kept_count
     fresh = (u_previous < 1e-35) | ~torch.isfinite(u_previous)
     u_new = torch.where(fresh, estimate.detach(), (1.0 - gamma) * u_previous + gamma * estimate.detach())
     return estimate / (u_new + _U_EPS), u_new
@@ -206,10 +209,10 @@ class GloFNDClipLoss(GloFNDLossBase):
             for prefix, anchors, candidates in (("image_", images, all_texts), ("text_", texts, all_images)):
                 scores = (anchors @ candidates.T)[None]
                 rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
-                keep, detection, unflagged = self._detect(rows, state_rows, prefix)
-                new_rows.update(detection.new_rows)
-                stats.update(self._stats(prefix, rows, keep, unflagged, detection))
-                terms.append(self._modality_term(prefix, scores, positive_index, keep, state_rows, scale, new_rows))
+                kept = self._detect(rows, state_rows, prefix)
+                new_rows.update(kept.detection.new_rows)
+                stats.update(self._stats(prefix, rows, kept))
+                terms.append(self._modality_term(prefix, scores, positive_index, kept, state_rows, scale, new_rows))
             loss = self._combine(terms, scale, new_rows)
             self._commit(safe_indices, new_rows, valid)
             self.last_stats = stats
@@ -221,18 +224,21 @@ class GloFNDClipLoss(GloFNDLossBase):
         prefix: str,
         scores: torch.Tensor,
         positive_index: torch.Tensor,
-        keep: torch.Tensor,
+        kept: KeptNegatives,
         state_rows: dict[str, torch.Tensor],
         scale: torch.Tensor,
         new_rows: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """Per-anchor loss term ``(b,)`` of one modality; records the updated ``u`` in ``new_rows``."""
         if self.estimator == "minibatch":
-            return functional.filtered_cross_entropy(scores * scale, positive_index, keep, scores.shape[-1] - 1)[0]
+            logits = scores * scale
+            return functional.filtered_cross_entropy(
+                logits, positive_index, kept.mask, kept.count, scores.shape[-1] - 1
+            )[0]
         u_name = "u_image" if prefix == "image_" else "u_text"
         inverse_temperature = scale if self.estimator == "fastclip" else torch.full_like(scale, 1 / self.temperature)
         ratio, u_new = _global_rows(
-            scores[0], positive_index, keep[0], state_rows[u_name], self.gamma, inverse_temperature
+            scores[0], positive_index, kept.mask[0], kept.count[0], state_rows[u_name], self.gamma, inverse_temperature
         )
         new_rows[u_name] = u_new
         return ratio

@@ -144,13 +144,31 @@ def keep_at_or_below(scores: torch.Tensor, excluded: torch.Tensor, thresholds: t
     return keep.scatter_(-1, excluded.expand(scores.shape[0], -1, -1), False)
 
 
-def keep_nonempty(keep: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """Fall back to all negatives for any row whose keep-mask is empty (never a 0/0)."""
-    return torch.where(keep.any(dim=-1, keepdim=True), keep, negatives)
+def keep_nonempty(
+    unflagged: torch.Tensor, unflagged_count: torch.Tensor, negatives: torch.Tensor, num_negatives: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep-mask and per-row kept counts; a row whose negatives are all flagged keeps them all.
+
+    Args:
+        unflagged: ``(V, b, C)`` bool negatives not flagged.
+        unflagged_count: ``(V, b)`` their per-row counts.
+        negatives: ``(b, C)`` bool negative mask.
+        num_negatives: Negatives per row.
+
+    Returns:
+        ``(V, b, C)`` keep-mask and ``(V, b)`` float32 kept counts (never 0).
+    """
+    nonempty = unflagged_count > 0
+    keep = torch.where(nonempty[..., None], unflagged, negatives)
+    return keep, torch.where(nonempty, unflagged_count, num_negatives).to(torch.float32)
 
 
 def filtered_cross_entropy(
-    logits: torch.Tensor, positive_index: torch.Tensor, keep: torch.Tensor, num_negatives: int
+    logits: torch.Tensor,
+    positive_index: torch.Tensor,
+    keep: torch.Tensor,
+    kept_count: torch.Tensor,
+    num_negatives: int,
 ) -> torch.Tensor:
     """NT-Xent / InfoNCE per row over the positive and the kept negatives.
 
@@ -163,17 +181,16 @@ def filtered_cross_entropy(
         logits: ``(V, b, C)`` scores divided by the temperature.
         positive_index: ``(b,)`` or ``(V, b)`` column of each row's positive.
         keep: ``(V, b, C)`` bool kept negatives (at least one per row).
+        kept_count: ``(V, b)`` float32 number of kept negatives per row.
         num_negatives: Negatives per row before filtering.
 
     Returns:
         ``(V, b)`` per-row losses.
     """
-    kept_count = keep.sum(dim=-1).clamp_min(1).to(logits.dtype)
-    rescale = math.log(num_negatives) - torch.log(kept_count)
-    negative_logits = logits.masked_fill(~keep, float("-inf")) + rescale[..., None]
-    positive_logits = logits.gather(-1, positive_index.expand(logits.shape[0], -1)[..., None])
-    all_logits = torch.cat([positive_logits, negative_logits], dim=-1)
-    return torch.logsumexp(all_logits, dim=-1) - positive_logits.squeeze(-1)
+    negative_lse = torch.logsumexp(torch.where(keep, logits, float("-inf")), dim=-1)
+    negative_lse = negative_lse + (math.log(num_negatives) - torch.log(kept_count))
+    positive = logits.gather(-1, positive_index.expand(logits.shape[0], -1)[..., None]).squeeze(-1)
+    return torch.logaddexp(positive, negative_lse) - positive
 
 
 def moving_average(
@@ -187,6 +204,7 @@ def sogclr_rows(
     scores: torch.Tensor,
     positive_index: torch.Tensor,
     keep: torch.Tensor,
+    kept_count: torch.Tensor,
     u_previous: torch.Tensor,
     u_initialized: torch.Tensor,
     gamma: float,
@@ -206,6 +224,7 @@ def sogclr_rows(
         scores: ``(V, b, C)`` float32 cosine scores, with gradient.
         positive_index: ``(b,)`` or ``(V, b)`` positive column of each row.
         keep: ``(V, b, C)`` bool kept negatives (at least one per row).
+        kept_count: ``(V, b)`` float32 number of kept negatives per row.
         u_previous: ``(b,)`` stored ``u`` of each anchor's item.
         u_initialized: ``(b,)`` bool, whether ``u_previous`` has been set before.
         gamma: Weight of the new estimate.
@@ -214,9 +233,7 @@ def sogclr_rows(
     Returns:
         ``(V, b)`` per-row losses and ``(V, b)`` updated ``u'`` (detached).
     """
-    kept = keep.to(scores.dtype)
-    kept_count = kept.sum(dim=-1).clamp_min(1.0)
-    exp_scores = torch.exp(scores.detach() * (1.0 / temperature)) * kept
+    exp_scores = torch.where(keep, torch.exp(scores.detach() * (1.0 / temperature)), 0.0)
     estimate = exp_scores.sum(dim=-1) / kept_count
     u_new = moving_average(u_previous.expand_as(estimate), estimate, gamma, u_initialized.expand_as(estimate))
     u_safe = u_new.clamp_min(torch.finfo(u_new.dtype).tiny)

@@ -91,11 +91,15 @@ class GloFNDNTXent(GloFNDLossBase):
         with autocast_disabled(out0.device.type):
             batch = self._two_view_batch(out0, out1, indices, labels, ("out0", "out1"), self.gather_distributed)
             state_rows = self.state.read(batch.indices)
-            keep, detection, unflagged = self._detect(batch.rows, state_rows, "")
+            kept = self._detect(batch.rows, state_rows, "")
             per_row = functional.filtered_cross_entropy(
-                batch.scores / self.temperature, batch.positive_index, keep, batch.rows.num_negatives
+                batch.scores * (1.0 / self.temperature),
+                batch.positive_index,
+                kept.mask,
+                kept.count,
+                batch.rows.num_negatives,
             )
-            self._commit(batch.indices, detection.new_rows, batch.valid)
-            self.last_stats = self._stats("", batch.rows, keep, unflagged, detection)
+            self._commit(batch.indices, kept.detection.new_rows, batch.valid)
+            self.last_stats = self._stats("", batch.rows, kept)
             self._finish_step()
             return per_row.mean()

@@ -113,20 +113,21 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         with autocast_disabled(z1.device.type):
             batch = self._two_view_batch(z1, z2, indices, labels, ("z1", "z2"), gather=True)
             state_rows = self.state.read(batch.indices)
-            keep, detection, unflagged = self._detect(batch.rows, state_rows, "")
+            kept = self._detect(batch.rows, state_rows, "")
             per_row, u_new = functional.sogclr_rows(
                 batch.scores,
                 batch.positive_index,
-                keep,
+                kept.mask,
+                kept.count,
                 state_rows["u"],
                 state_rows["u_initialized"],
                 self.gamma,
                 self.temperature,
             )
-            new_rows = dict(detection.new_rows)
+            new_rows = dict(kept.detection.new_rows)
             new_rows["u"] = u_new.mean(dim=0)
             new_rows["u_initialized"] = torch.ones_like(state_rows["u_initialized"])
             self._commit(batch.indices, new_rows, batch.valid)
-            self.last_stats = self._stats("", batch.rows, keep, unflagged, detection)
+            self.last_stats = self._stats("", batch.rows, kept)
             self._finish_step()
             return per_row.sum(dim=0).mean()

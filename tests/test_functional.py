@@ -74,7 +74,7 @@ def test_filtered_cross_entropy_without_filtering_is_cross_entropy() -> None:
     positive = torch.tensor([0, 3, 1, 8, 4])
     keep = torch.ones(2, 5, 9, dtype=torch.bool)
     keep[:, torch.arange(5), positive] = False
-    got = functional.filtered_cross_entropy(logits, positive, keep, num_negatives=8)
+    got = functional.filtered_cross_entropy(logits, positive, keep, keep.sum(-1).float(), num_negatives=8)
     expected = F.cross_entropy(logits.reshape(10, 9), positive.repeat(2), reduction="none").reshape(2, 5)
     torch.testing.assert_close(got, expected)
 
@@ -84,15 +84,16 @@ def test_filtered_cross_entropy_rescales_kept_negatives_to_the_full_count() -> N
     positive = torch.tensor([0])
     keep = torch.tensor([[[False, False, True, True, False]]])  # keep 2 of the 4 negatives
     expected = -2.0 + math.log(math.exp(2.0) + (4 / 2) * (math.exp(0.5) + math.exp(-1.0)))
-    got = functional.filtered_cross_entropy(logits, positive, keep, num_negatives=4)
+    got = functional.filtered_cross_entropy(logits, positive, keep, torch.tensor([[2.0]]), num_negatives=4)
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_keep_nonempty_falls_back_to_all_negatives() -> None:
     negatives = torch.tensor([[False, True, True], [True, False, True]])
     keep = torch.tensor([[[False, False, False], [True, False, False]]])
-    got = functional.keep_nonempty(keep, negatives)
+    got, count = functional.keep_nonempty(keep, keep.sum(-1), negatives, num_negatives=2)
     assert torch.equal(got, torch.tensor([[[False, True, True], [True, False, False]]]))
+    assert count.tolist() == [[2.0, 1.0]]
 
 
 def test_two_view_rows_put_positive_and_self_where_the_mask_says() -> None:
@@ -126,7 +127,7 @@ def test_sogclr_rows_gradient_matches_the_global_objective_at_first_visit() -> N
     keep[0, 0, 4] = False
     tau = 0.2
     per_row, _ = functional.sogclr_rows(
-        scores, positive, keep, torch.zeros(3), torch.zeros(3, dtype=torch.bool), gamma=0.9, temperature=tau
+        scores, positive, keep, keep.sum(-1).float(), torch.zeros(3), torch.zeros(3, dtype=torch.bool), 0.9, tau
     )
     per_row.sum().backward()
     reference_scores = scores.detach().clone().requires_grad_(True)
