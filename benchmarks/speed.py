@@ -9,6 +9,8 @@ Comparisons (dim 128):
 
 * ``GloFNDNTXent`` (GloFND, filtering active) vs lightly's ``NTXentLoss``;
 * ``GloFNDSogCLRLoss`` with GloFND vs without a detector (SogCLR alone);
+* ``GloFNDClipLoss("minibatch")`` (GloFND, filtering active) vs open_clip's ``ClipLoss``;
+* ``GloFNDClipLoss("fastclip")`` with GloFND vs without a detector;
 * ``GloFNDSogCLRLoss`` per-step time with ``num_samples`` 10^3 vs 10^7 (cost independent of N).
 
 Run: ``python benchmarks/speed.py --batch-sizes 256 1024 4096`` (add ``--device cuda`` on a GPU).
@@ -32,12 +34,27 @@ CASES = {
     "glofnd_ntxent": "GloFNDNTXent (GloFND filtering)",
     "sogclr_plain": "GloFNDSogCLRLoss (no detector)",
     "sogclr_glofnd": "GloFNDSogCLRLoss (GloFND filtering)",
+    "open_clip": "open_clip ClipLoss",
+    "clip_minibatch": "GloFNDClipLoss minibatch (GloFND)",
+    "fastclip_plain": "GloFNDClipLoss fastclip (no detector)",
+    "fastclip_glofnd": "GloFNDClipLoss fastclip (GloFND)",
 }
+CLIP_CASES = {"open_clip", "clip_minibatch", "fastclip_plain", "fastclip_glofnd"}
 
 
 def build(case: str, num_samples: int) -> Any:
-    from glofnd_losses import GloFNDNTXent, GloFNDSogCLRLoss
+    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss
 
+    if case == "open_clip":
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss()
+    if case == "clip_minibatch":
+        return GloFNDClipLoss(num_samples, estimator="minibatch", alpha=1e-3)
+    if case.startswith("fastclip"):
+        return GloFNDClipLoss(
+            num_samples, estimator="fastclip", alpha=1e-3, detector=None if "plain" in case else "glofnd"
+        )
     if case == "lightly_ntxent":
         from lightly.loss import NTXentLoss
 
@@ -58,9 +75,17 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
     out0 = torch.randn(batch, dim, device=device, requires_grad=True)
     out1 = torch.randn(batch, dim, device=device, requires_grad=True)
     indices = torch.randperm(num_samples, device=device)[:batch]
+    logit_scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
 
     def step() -> None:
-        loss = loss_fn(out0, out1) if case == "lightly_ntxent" else loss_fn(out0, out1, indices)
+        if case in CLIP_CASES:  # open_clip's models hand the loss normalised features
+            images, texts = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
+            extra = {} if case == "open_clip" else {"indices": indices}
+            loss = loss_fn(images, texts, logit_scale, **extra)
+        elif case == "lightly_ntxent":
+            loss = loss_fn(out0, out1)
+        else:
+            loss = loss_fn(out0, out1, indices)
         loss.backward()
 
     cuda = device.startswith("cuda")
@@ -90,6 +115,7 @@ def run_isolated(case: str, batch: int, dim: int, num_samples: int, device: str,
     command = [
         sys.executable, __file__, "--child", case, "--batch-sizes", str(batch), "--dim", str(dim),
         "--num-samples", str(num_samples), "--device", device, "--repeats", str(repeats),
+        "--threads", str(torch.get_num_threads()),
     ]  # fmt: skip
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
@@ -103,10 +129,13 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=100_000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--scaling-batch", type=int, default=1024)
+    parser.add_argument("--scaling-batch", type=int, default=512, help="batch of the data set size sweep (<= 1000)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="write all measurements as JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(
             json.dumps(measure(args.child, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.repeats))
@@ -127,19 +156,25 @@ def main() -> None:
         results["batches"][batch] = rows
         for case, row in rows.items():
             print(f"{batch:>6} | {CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f}")
-    print("\nratios (same run)")
-    print(f"{'batch':>6} | {'GloFNDNTXent / lightly':>24} | {'SogCLR GloFND on / off':>24}")
+    pairs = [
+        ("GloFNDNTXent / lightly", "glofnd_ntxent", "lightly_ntxent"),
+        ("SogCLR GloFND on / off", "sogclr_glofnd", "sogclr_plain"),
+        ("Clip minibatch / open_clip", "clip_minibatch", "open_clip"),
+        ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
+    ]
+    print("\nratios (same run): time, peak memory")
+    print(f"{'batch':>6} | " + " | ".join(f"{title:>27}" for title, _, _ in pairs))
     for batch, rows in results["batches"].items():
-        ntxent = rows["glofnd_ntxent"]["seconds"] / rows["lightly_ntxent"]["seconds"]
-        onoff = rows["sogclr_glofnd"]["seconds"] / rows["sogclr_plain"]["seconds"]
-        ntxent_mem = rows["glofnd_ntxent"]["peak_mib"] / max(rows["lightly_ntxent"]["peak_mib"], 1e-9)
-        onoff_mem = rows["sogclr_glofnd"]["peak_mib"] / max(rows["sogclr_plain"]["peak_mib"], 1e-9)
-        print(f"{batch:>6} | time {ntxent:5.2f}x  mem {ntxent_mem:5.2f}x | time {onoff:5.2f}x  mem {onoff_mem:5.2f}x")
+        cells = []
+        for _, mine, peer in pairs:
+            time_ratio = rows[mine]["seconds"] / rows[peer]["seconds"]
+            memory_ratio = rows[mine]["peak_mib"] / max(rows[peer]["peak_mib"], 1e-9)
+            cells.append(f"{time_ratio:12.2f}x {memory_ratio:12.2f}x")
+        print(f"{batch:>6} | " + " | ".join(cells))
 
     print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
     for num_samples in (10**3, 10**7):
-        batch = min(args.scaling_batch, num_samples)
-        row = run_isolated("sogclr_glofnd", batch, args.dim, num_samples, args.device, args.repeats)
+        row = run_isolated("sogclr_glofnd", args.scaling_batch, args.dim, num_samples, args.device, args.repeats)
         results["scaling"][num_samples] = row
         print(f"  num_samples {num_samples:>10,}: {1e3 * row['seconds']:8.1f} ms")
     small, large = results["scaling"][10**3]["seconds"], results["scaling"][10**7]["seconds"]
