@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -106,7 +107,11 @@ def ddp_broadcast_case(rank: int, world_size: int, use_helper: bool) -> torch.Te
     ddp_model = nn.parallel.DistributedDataParallel(model)
     model.criterion.state.threshold.fill_(0.5 if rank == 1 else 1.0)
     ddp_model(torch.randn(2, 4)).sum().backward()
-    return model.criterion.thresholds.clone()
+    result = model.criterion.thresholds.clone()
+    # Tear DDP down (its reducer holds the process group) before the group is destroyed.
+    del ddp_model
+    gc.collect()
+    return result
 
 
 def run_clip_steps(
