@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from offline_data import DATA_SOURCES, ImageSplit, load_data
+from offline_data import DATA_SOURCES, ImageSplit
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -102,20 +102,6 @@ def detector_name(args: argparse.Namespace) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def load_train_split(args: argparse.Namespace) -> tuple[ImageSplit, tuple[str, ...]]:
-    """The training split and class names of ``--data`` (at most ``--limit`` items)."""
-    data = load_data(
-        args.data,
-        data_dir=args.data_dir,
-        test_size=args.holdout,
-        max_train=args.limit,
-        image_size=args.image_size,
-        grayscale=args.grayscale,
-        seed=args.seed,
-    )
-    return data.train, data.class_names
-
-
 def view_transform(images: torch.Tensor, scale: tuple[float, float] = (0.5, 1.0)) -> v2.Compose:
     """A random view of a uint8 ``(C, H, W)`` image: resized crop, brightness/contrast, normalised.
 

@@ -30,7 +30,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightly.transforms import SimCLRTransform
-from offline_data import DATA_SOURCES, ImageSplit, load_data
+from offline_data import DATA_SOURCES, ImageSplit, load_train_split
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -265,15 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train; return the final step, the last logged metrics and the checkpoint directory."""
     args = parse_args(argv)
     pl.seed_everything(args.seed, verbose=False)
-    split = load_data(
-        args.data,
-        data_dir=args.data_dir,
-        test_size=args.holdout,
-        max_train=args.limit,
-        image_size=args.image_size,
-        grayscale=args.grayscale,
-        seed=args.seed,
-    ).train
+    split, _ = load_train_split(args)
     dataset = WithIndex(PILImages(split, simclr_transform(split)))
     loader = DataLoader(
         dataset,

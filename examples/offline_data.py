@@ -15,6 +15,7 @@ of this size sits on the training device and batches are plain index lookups.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import gzip
 import shutil
@@ -107,6 +108,24 @@ def load_data(
     if max_train is not None:
         train = random_subset(train, max_train, generator)
     return LabelledImages(source, train, test, names)
+
+
+def load_train_split(args: argparse.Namespace) -> tuple[ImageSplit, tuple[str, ...]]:
+    """The training split and class names chosen by the examples' common data flags.
+
+    Reads ``--data``, ``--data-dir``, ``--holdout``, ``--limit``, ``--image-size``,
+    ``--grayscale`` and ``--seed`` from ``args``.
+    """
+    data = load_data(
+        args.data,
+        data_dir=args.data_dir,
+        test_size=args.holdout,
+        max_train=args.limit,
+        image_size=args.image_size,
+        grayscale=args.grayscale,
+        seed=args.seed,
+    )
+    return data.train, data.class_names
 
 
 def holdout_split(data: ImageSplit, test_size: int, generator: torch.Generator) -> tuple[ImageSplit, ImageSplit]:

@@ -35,11 +35,10 @@ from accelerate_common import (
     describe_run,
     detector_name,
     fit,
-    load_train_split,
     make_accelerator,
     view_transform,
 )
-from offline_data import ImageSplit
+from offline_data import ImageSplit, load_train_split
 from torch import nn
 from torch.utils.data import DataLoader
 

@@ -33,10 +33,10 @@ from accelerate_common import (
     describe_run,
     detector_name,
     fit,
-    load_train_split,
     make_accelerator,
     view_transform,
 )
+from offline_data import load_train_split
 from torch.utils.data import DataLoader
 
 from glofnd_losses import GloFNDSogCLRLoss
@@ -48,7 +48,7 @@ class TwoViewImages(EpochDataset):
 
     Examples:
         >>> import torch
-        >>> from offline_data import ImageSplit
+        >>> from offline_data import load_train_split, ImageSplit
         >>> split = ImageSplit(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.arange(4))
         >>> view_0, view_1, label, index = TwoViewImages(split, lambda image: image.float())[3]
         >>> view_0.shape, int(label), index
