@@ -12,8 +12,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+Key = str | tuple[str, str]  # a summary field, or (field, sub-field)
+
 BRANCHES = {"sogclr": "SogCLR", "fnc": "SogCLR + FNC", "glofnd": "SogCLR + GloFND"}
-COLUMNS = [
+COLUMNS: list[tuple[str, Key, float, int]] = [
     ("FN P", "fn_precision", 1.0, 3),
     ("FN R", "fn_recall", 1.0, 3),
     ("FN F1", "fn_f1", 1.0, 3),
@@ -26,12 +28,12 @@ COLUMNS = [
 ]
 
 
-def value(branch: dict[str, Any], key: str | tuple[str, str]) -> float | None:
+def value(branch: dict[str, Any], key: Key) -> float | None:
     found = branch[key[0]][key[1]] if isinstance(key, tuple) else branch[key]
     return None if found is None or math.isnan(found) else float(found)
 
 
-def required(branch: dict[str, Any], key: str | tuple[str, str]) -> float:
+def required(branch: dict[str, Any], key: Key) -> float:
     found = value(branch, key)
     if found is None:
         raise ValueError(f"{key} missing in the summary of {branch['title']}")
@@ -75,7 +77,7 @@ def per_seed(summaries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-PAIRED = [
+PAIRED: list[tuple[str, str, str, Key, float]] = [
     ("FN P, GloFND - FNC", "glofnd", "fnc", "fn_precision", 1.0),
     ("FN R, GloFND - FNC", "glofnd", "fnc", "fn_recall", 1.0),
     ("FN F1, GloFND - FNC", "glofnd", "fnc", "fn_f1", 1.0),

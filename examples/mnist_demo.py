@@ -195,6 +195,9 @@ class ContrastiveModel(nn.Module):
         std: Per-channel standard deviation of the training images.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self, in_channels: int, width: int, projection_dim: int, mean: torch.Tensor, std: torch.Tensor
     ) -> None:
@@ -233,7 +236,7 @@ def build_model(config: DemoConfig, train_images: torch.Tensor) -> ContrastiveMo
     model = ContrastiveModel(
         train_images.shape[1], config.width, config.projection_dim, pixels.mean(1), pixels.std(1).clamp_min(1e-3)
     )
-    return model.to(config.device, memory_format=torch.channels_last)
+    return model.to(config.device).to(memory_format=torch.channels_last)
 
 
 # ============================================================================================ augmentation

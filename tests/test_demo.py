@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -20,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
-def demo() -> ModuleType:
+def demo() -> Iterator[ModuleType]:
     sys.path.insert(0, str(EXAMPLES))
     try:
         yield importlib.import_module("mnist_demo")
