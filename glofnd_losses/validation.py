@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from glofnd_losses.host import PendingHostValue
+
 _INDEX_BIT = 1
 
 
@@ -83,24 +85,15 @@ def check_values_eagerly(
             raise ValueError(f"{name} contains NaN or infinite values (the state was left unchanged)")
 
 
-_Pending = tuple[torch.Tensor, "torch.cuda.Event | None", str, int]
-
-
 class DeferredErrors:
     """Carries device-side check results to the host without blocking the step."""
 
     def __init__(self) -> None:
-        self._pending: list[_Pending] = []
+        self._pending: list[tuple[PendingHostValue, str, int]] = []
 
     def record(self, bits: torch.Tensor, num_samples: int, names: Sequence[str]) -> None:
         """Start a non-blocking copy of ``bits`` to the host."""
-        host = torch.empty((), dtype=bits.dtype, pin_memory=bits.is_cuda)
-        host.copy_(bits, non_blocking=True)
-        event = None
-        if bits.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self._pending.append((host, event, ",".join(names), num_samples))
+        self._pending.append((PendingHostValue(bits), ",".join(names), num_samples))
 
     def raise_if_any(self, wait: bool = False) -> None:
         """Raise ``ValueError`` for any recorded bad batch whose result has reached the host.
@@ -108,14 +101,12 @@ class DeferredErrors:
         Args:
             wait: Block until every pending result is available (for the end of training).
         """
-        still_pending: list[_Pending] = []
-        for host, event, names, num_samples in self._pending:
-            if event is not None and not event.query():
-                if not wait:
-                    still_pending.append((host, event, names, num_samples))
-                    continue
-                event.synchronize()
-            if int(host):
+        still_pending: list[tuple[PendingHostValue, str, int]] = []
+        for pending, names, num_samples in self._pending:
+            bits = pending.get(wait=wait)
+            if bits is None:
+                still_pending.append((pending, names, num_samples))
+            elif bits:
                 self._pending = []
-                raise ValueError(_message(int(host), num_samples, names.split(",")))
+                raise ValueError(_message(bits, num_samples, names.split(",")))
         self._pending = still_pending

@@ -1,0 +1,88 @@
+"""Reading small device results on the host without blocking the training step.
+
+A 0-d tensor computed on an accelerator is copied to pinned host memory with ``non_blocking=True``
+and a CUDA event marks when the copy has landed; the host polls the event instead of waiting.
+CPU tensors are available at once (reading them is no device sync). Other accelerators copy
+synchronously, which is correct but blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PendingHostValue:
+    """A 0-d device tensor on its way to the host.
+
+    Args:
+        value: 0-d tensor on any device.
+
+    Examples:
+        >>> import torch
+        >>> pending = PendingHostValue(torch.tensor(3))
+        >>> pending.ready(), pending.get()
+        (True, 3)
+    """
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if value.is_cuda:
+            self._host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = value.detach().to("cpu")
+
+    def ready(self) -> bool:
+        """Whether the value has reached the host (never blocks)."""
+        return self._event is None or bool(self._event.query())
+
+    def get(self, wait: bool = False) -> int | None:
+        """The value as an int, or None if it has not landed and ``wait`` is False."""
+        if not self.ready():
+            if not wait:
+                return None
+            assert self._event is not None
+            self._event.synchronize()
+        return int(self._host)
+
+
+class LatchedHostFlag:
+    """Host-side knowledge of a device condition that, once true, stays true until :meth:`reset`.
+
+    :meth:`check` starts a non-blocking read of the condition; :attr:`known_true` turns True once
+    a read that found it true has landed. Until then the caller must act as if it were False, so
+    a late read only costs speed, never correctness.
+
+    Examples:
+        >>> import torch
+        >>> flag = LatchedHostFlag()
+        >>> flag.known_true
+        False
+        >>> flag.check(torch.tensor(True))
+        >>> flag.known_true
+        True
+    """
+
+    def __init__(self) -> None:
+        self._known_true = False
+        self._pending: PendingHostValue | None = None
+
+    @property
+    def known_true(self) -> bool:
+        """Whether a landed read found the condition true (never blocks)."""
+        if not self._known_true and self._pending is not None:
+            value = self._pending.get()
+            if value is not None:
+                self._known_true, self._pending = bool(value), None
+        return self._known_true
+
+    def check(self, condition: torch.Tensor) -> None:
+        """Start reading the 0-d bool ``condition``, unless it is known true or a read is in flight."""
+        if not self.known_true and self._pending is None:
+            self._pending = PendingHostValue(condition)
+
+    def reset(self) -> None:
+        """Forget what was learned (the condition may have become false, e.g. after loading state)."""
+        self._known_true, self._pending = False, None
