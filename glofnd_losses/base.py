@@ -16,8 +16,12 @@ from torch import nn
 
 from glofnd_losses import distributed, functional, validation
 from glofnd_losses.detectors import BatchRows, Detection, Detector, make_detector
+from glofnd_losses.host import LatchedHostFlag
 from glofnd_losses.state import Field, PerSampleState
 from glofnd_losses.thresholds import ThresholdOptimizer
+
+SEEDING_CHECK_INTERVAL = 256
+"""Training steps between two non-blocking checks of whether every sample has been visited."""
 
 
 @dataclass
@@ -27,14 +31,12 @@ class KeptNegatives:
     Attributes:
         mask: ``(V, b, C)`` bool negatives kept in the loss (at least one per row).
         count: ``(V, b)`` float32 kept negatives per row.
-        unflagged: ``(V, b, C)`` bool negatives the detector did not flag.
-        unflagged_count: ``(V, b)`` int32 counts of ``unflagged``.
+        unflagged_count: ``(V, b)`` int32 negatives per row the detector did not flag.
         detection: The detector's output (thresholds, updated state rows).
     """
 
     mask: torch.Tensor
     count: torch.Tensor
-    unflagged: torch.Tensor
     unflagged_count: torch.Tensor
     detection: Detection
 
@@ -123,6 +125,10 @@ class GloFNDLossBase(nn.Module):
         self.step = 0
         self.last_stats: dict[str, torch.Tensor] = {}
         self._deferred = validation.DeferredErrors()
+        # Once every sample has been visited, first-visit work (the mini-batch quantile that seeds
+        # a threshold) is skipped. Learned without blocking; forgotten when a state is loaded.
+        self._all_seeded = LatchedHostFlag()
+        self.register_load_state_dict_post_hook(_forget_seeding)
 
     # ------------------------------------------------------------------ schedule
     def set_epoch(self, epoch: int) -> None:
@@ -130,6 +136,13 @@ class GloFNDLossBase(nn.Module):
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
+        self._check_seeding()
+
+    def _check_seeding(self) -> None:
+        """Start a non-blocking check of whether every sample's threshold has been visited."""
+        visits = [self.state.buffer(name) for name in self.state.fields if name.endswith("threshold_visits")]
+        if visits:
+            self._all_seeded.check(torch.stack([(count > 0).all() for count in visits]).all())
 
     @property
     def learning(self) -> bool:
@@ -181,19 +194,25 @@ class GloFNDLossBase(nn.Module):
     def _detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str) -> KeptNegatives:
         """Run the detector (learning from the batch if training) and build the loss's keep-mask."""
         detection = self.detector.detect(
-            rows, state_rows, prefix, learn=self.training and self.learning, epoch=self.epoch
+            rows,
+            state_rows,
+            prefix,
+            learn=self.training and self.learning,
+            epoch=self.epoch,
+            all_seeded=self._all_seeded.known_true,
         )
-        shape = rows.scores.shape[:2]
-        negatives = rows.negatives.expand_as(rows.scores)
-        full_count = torch.full(shape, rows.num_negatives, dtype=torch.int32, device=rows.scores.device)
+        if detection.thresholds is None and detection.flagged is None:
+            full_count = torch.full(
+                rows.scores.shape[:2], rows.num_negatives, dtype=torch.int32, device=rows.scores.device
+            )
+            return KeptNegatives(rows.negatives.expand_as(rows.scores), full_count.float(), full_count, detection)
         unflagged = detection.kept(rows)
-        flags_something = detection.thresholds is not None or detection.flagged is not None
-        unflagged_count = unflagged.sum(dim=-1, dtype=torch.int32) if flags_something else full_count
-        if self.filtering and flags_something:
-            keep, kept_count = functional.keep_nonempty(unflagged, unflagged_count, rows.negatives, rows.num_negatives)
-        else:
-            keep, kept_count = negatives, full_count.to(torch.float32)
-        return KeptNegatives(keep, kept_count, unflagged, unflagged_count, detection)
+        unflagged_count = functional.count_true(unflagged)
+        if not self.filtering:
+            full_count = torch.full_like(unflagged_count, rows.num_negatives)
+            return KeptNegatives(rows.negatives.expand_as(rows.scores), full_count.float(), unflagged_count, detection)
+        kept_count = functional.keep_nonempty_(unflagged, unflagged_count, rows.excluded, rows.num_negatives)
+        return KeptNegatives(unflagged, kept_count, unflagged_count, detection)
 
     def _stats(self, prefix: str, rows: BatchRows, kept: KeptNegatives) -> dict[str, torch.Tensor]:
         """Per-step diagnostics as detached 0-d tensors (no host sync)."""
@@ -211,7 +230,7 @@ class GloFNDLossBase(nn.Module):
             from glofnd_losses.metrics import batch_precision_recall
 
             same = rows.anchor_labels[:, None] == rows.column_labels[None, :]
-            flagged = rows.negatives & ~kept.unflagged
+            flagged = rows.negatives & ~kept.detection.kept(rows)
             precision, recall = batch_precision_recall(flagged, rows.negatives & same)
             stats[f"{prefix}fn_precision"] = precision
             stats[f"{prefix}fn_recall"] = recall
@@ -224,6 +243,8 @@ class GloFNDLossBase(nn.Module):
     def _finish_step(self) -> None:
         if self.training:
             self.step += 1
+            if self.step % SEEDING_CHECK_INTERVAL == 0:
+                self._check_seeding()
 
     # ------------------------------------------------------------------ two-view inputs
     def _two_view_batch(
@@ -266,6 +287,12 @@ class GloFNDLossBase(nn.Module):
             f"start_epoch={self.start_epoch}, start_step={self.start_step}, "
             f"filter_start_epoch={self.filter_start_epoch}"
         )
+
+
+def _forget_seeding(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: a loaded state may hold unvisited samples."""
+    assert isinstance(module, GloFNDLossBase)
+    module._all_seeded.reset()
 
 
 def autocast_disabled(device_type: str) -> Any:

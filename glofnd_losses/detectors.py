@@ -87,9 +87,20 @@ class Detector:
         return {}
 
     def detect(
-        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+        self,
+        rows: BatchRows,
+        state_rows: dict[str, torch.Tensor],
+        prefix: str,
+        *,
+        learn: bool,
+        epoch: int,
+        all_seeded: bool = False,
     ) -> Detection:
-        """Flag the false negatives of ``rows``; learn from them if ``learn``."""
+        """Flag the false negatives of ``rows``; learn from them if ``learn``.
+
+        ``all_seeded`` tells that every sample of the data set has been visited before (so no
+        first-visit work is needed); False is always safe.
+        """
         raise NotImplementedError
 
 
@@ -99,7 +110,14 @@ class NoDetector(Detector):
     name = "none"
 
     def detect(
-        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+        self,
+        rows: BatchRows,
+        state_rows: dict[str, torch.Tensor],
+        prefix: str,
+        *,
+        learn: bool,
+        epoch: int,
+        all_seeded: bool = False,
     ) -> Detection:
         return Detection()
 
@@ -117,7 +135,14 @@ class FNCDetector(Detector):
         self.alpha = alpha
 
     def detect(
-        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+        self,
+        rows: BatchRows,
+        state_rows: dict[str, torch.Tensor],
+        prefix: str,
+        *,
+        learn: bool,
+        epoch: int,
+        all_seeded: bool = False,
     ) -> Detection:
         return Detection(functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives))
 
@@ -128,7 +153,14 @@ class OracleDetector(Detector):
     name = "oracle"
 
     def detect(
-        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+        self,
+        rows: BatchRows,
+        state_rows: dict[str, torch.Tensor],
+        prefix: str,
+        *,
+        learn: bool,
+        epoch: int,
+        all_seeded: bool = False,
     ) -> Detection:
         if rows.anchor_labels is None or rows.column_labels is None:
             raise ValueError("detector='oracle' needs labels: pass labels=... to the loss's forward")
@@ -157,7 +189,14 @@ class GloFNDDetector(Detector):
         return thresholds.threshold_fields(prefix)
 
     def detect(
-        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, *, learn: bool, epoch: int
+        self,
+        rows: BatchRows,
+        state_rows: dict[str, torch.Tensor],
+        prefix: str,
+        *,
+        learn: bool,
+        epoch: int,
+        all_seeded: bool = False,
     ) -> Detection:
         current = ThresholdRows.from_state(state_rows, prefix)
         new_rows: dict[str, torch.Tensor] = {}
@@ -169,10 +208,14 @@ class GloFNDDetector(Detector):
             if self.optimizer.normalize_grad and self.alpha > 0:
                 subgradient = subgradient / self.alpha
             seed = None
-            if self.optimizer.init == "minibatch_quantile" or self.optimizer.stop_at_batch_quantile:
+            seeding = self.optimizer.init == "minibatch_quantile" and not all_seeded
+            if seeding or self.optimizer.stop_at_batch_quantile:
                 per_row = functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
                 seed = per_row.mean(dim=0)
-            updated = thresholds.step(current, subgradient, seed, epoch, self.optimizer)
+            score_std = None
+            if self.optimizer.step_unit == "score_std":
+                score_std = functional.row_std(rows.scores).mean(dim=0)
+            updated = thresholds.step(current, subgradient, seed, epoch, self.optimizer, score_std)
             threshold = updated.threshold
             new_rows = updated.to_state(prefix)
         return Detection(threshold, new_rows=new_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -161,3 +162,48 @@ def test_anchor_with_every_negative_flagged_stays_finite(name: str) -> None:
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
     assert loss_fn.last_stats["flagged_fraction"] == 1.0
+
+
+def test_first_visit_quantile_stops_once_every_sample_was_visited(monkeypatch: pytest.MonkeyPatch) -> None:
+    from glofnd_losses import functional
+
+    calls = []
+    original = functional.minibatch_quantile
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(functional, "minibatch_quantile", counting)
+    view_a, view_b = clustered_views(40, dim=8, seed=5)
+    loss_fn = GloFNDSogCLRLoss(40, alpha=0.1)
+    fresh_state = copy.deepcopy(loss_fn.state_dict())
+
+    def epoch(number: int) -> int:
+        calls.clear()
+        loss_fn.set_epoch(number)
+        for indices in torch.arange(40).split(10):
+            loss_fn(view_a[indices], view_b[indices], indices)
+        return len(calls)
+
+    assert epoch(0) == 4  # every batch seeds thresholds
+    assert epoch(1) == 0  # set_epoch found every sample visited: no quantile is computed
+    loss_fn.load_state_dict(fresh_state)  # a state with unvisited samples: seeding is back on
+    assert epoch(2) == 4
+
+
+def test_skipping_the_first_visit_quantile_changes_nothing() -> None:
+    view_a, view_b = clustered_views(40, dim=8, seed=6)
+    skipping, computing = GloFNDSogCLRLoss(40, alpha=0.1), GloFNDSogCLRLoss(40, alpha=0.1)
+    generator = torch.Generator().manual_seed(0)
+    for number in range(3):
+        skipping.set_epoch(number)
+        computing.set_epoch(number)
+        for indices in torch.randperm(40, generator=generator).split(10):
+            computing._all_seeded.reset()  # never learns that every sample was visited
+            expected = computing(view_a[indices], view_b[indices], indices)
+            assert torch.equal(skipping(view_a[indices], view_b[indices], indices), expected)
+    assert skipping._all_seeded.known_true and not computing._all_seeded.known_true
+    for name, value in computing.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(skipping.state_dict()[name], value), name

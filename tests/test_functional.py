@@ -88,11 +88,23 @@ def test_filtered_cross_entropy_rescales_kept_negatives_to_the_full_count() -> N
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_keep_nonempty_falls_back_to_all_negatives() -> None:
-    negatives = torch.tensor([[False, True, True], [True, False, True]])
+@pytest.mark.parametrize("columns", [1, 127, 128, 300, 2048])
+def test_count_true_equals_a_plain_sum(columns: int) -> None:
+    mask = torch.rand(2, 3, columns, generator=torch.Generator().manual_seed(columns)) < 0.9
+    assert torch.equal(functional.count_true(mask), mask.sum(dim=-1, dtype=torch.int32))
+    assert torch.equal(functional.count_true(mask[:, 1]), mask[:, 1].sum(dim=-1, dtype=torch.int32))
+
+
+def test_row_std_equals_torch_std() -> None:
+    scores = 0.25 * torch.rand(2, 5, 300, generator=torch.Generator().manual_seed(0)) + 0.7  # compressed cosines
+    torch.testing.assert_close(functional.row_std(scores), scores.std(dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_keep_nonempty_falls_back_to_all_negatives_in_place() -> None:
+    excluded = torch.tensor([[0], [1]])  # row 0's negatives are columns 1, 2; row 1's are 0, 2
     keep = torch.tensor([[[False, False, False], [True, False, False]]])
-    got, count = functional.keep_nonempty(keep, keep.sum(-1), negatives, num_negatives=2)
-    assert torch.equal(got, torch.tensor([[[False, True, True], [True, False, False]]]))
+    count = functional.keep_nonempty_(keep, keep.sum(-1), excluded, num_negatives=2)
+    assert torch.equal(keep, torch.tensor([[[False, True, True], [True, False, False]]]))
     assert count.tolist() == [[2.0, 1.0]]
 
 
