@@ -14,9 +14,11 @@ Two presets:
 * :meth:`ThresholdOptimizer.default` is chosen by ``benchmarks/threshold_quality.py``: the
   threshold starts at the mini-batch quantile on a sample's first visit, then takes projected
   subgradient steps on ``G / alpha`` (so the step is in units of the target fraction, whatever
-  ``alpha``) whose size decays with the sample's visit count down to a floor (so it keeps tracking
-  a drifting encoder). Unlike Adam's roughly constant ``lr`` per visit, the step shrinks as the
-  estimate approaches the quantile. See BENCHMARKS.md for the measurements.
+  ``alpha``), clipped to ``[-3, 3]``, with a step size in units of the anchor's score standard
+  deviation in the batch (so it is invariant to how spread the cosines are) that decays with
+  the sample's visit count down to a floor (so it keeps tracking a drifting encoder). After the
+  first visit of every sample it needs no sort or ``topk``: two comparison passes and two
+  reductions over the batch's scores. See BENCHMARKS.md for the measurements.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ Rule = Literal["adam", "sgd"]
 BiasCorrection = Literal["per_sample", "epoch"]
 Init = Literal["one", "minibatch_quantile"]
 Decay = Literal["constant", "inverse_sqrt"]
+StepUnit = Literal["similarity", "score_std"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,15 @@ class ThresholdOptimizer:
             (the subgradient's sign agrees with the quantile's side up to sampling). With
             ``normalize_grad`` an upward step can be ``lr / alpha`` long when the scores jump (a
             fast-changing encoder): this keeps it from overshooting to 1 and then recovering only
-            at the downward rate.
+            at the downward rate. Costs a per-row ``topk`` on every step.
+        grad_clip: Clip the (normalised) subgradient to ``[-grad_clip, grad_clip]`` before the
+            step, bounding a step at ``lr * grad_clip``. With ``normalize_grad`` the downward
+            subgradient is at most 1, so ``grad_clip >= 1`` only shortens upward steps (scores
+            that jumped above the threshold): a cheap alternative to ``stop_at_batch_quantile``.
+            None: no clipping.
+        step_unit: ``"similarity"`` (``lr`` in cosine units) or ``"score_std"`` (``lr`` in units
+            of the standard deviation of the anchor's scores in the batch, so the rule is
+            invariant to an affine compression of the score range, as in an untrained encoder).
 
     Examples:
         >>> ThresholdOptimizer.paper().rule
@@ -77,6 +88,8 @@ class ThresholdOptimizer:
     min_lr: float = 0.0
     normalize_grad: bool = False
     stop_at_batch_quantile: bool = False
+    grad_clip: float | None = None
+    step_unit: StepUnit = "similarity"
 
     def __post_init__(self) -> None:
         if self.rule not in ("adam", "sgd"):
@@ -93,6 +106,10 @@ class ThresholdOptimizer:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.step_unit not in ("similarity", "score_std"):
+            raise ValueError(f"step_unit must be 'similarity' or 'score_std', got {self.step_unit!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
     @classmethod
     def paper(cls) -> ThresholdOptimizer:
@@ -101,15 +118,16 @@ class ThresholdOptimizer:
 
     @classmethod
     def default(cls) -> ThresholdOptimizer:
-        """The package default, chosen on ``benchmarks/threshold_quality.py``."""
+        """The package default, chosen on ``benchmarks/threshold_quality.py`` (BENCHMARKS.md)."""
         return cls(
             rule="sgd",
-            lr=0.05,
+            lr=0.2,
             init="minibatch_quantile",
             lr_decay="inverse_sqrt",
-            min_lr=0.025,
+            min_lr=0.1,
             normalize_grad=True,
-            stop_at_batch_quantile=True,
+            grad_clip=3.0,
+            step_unit="score_std",
         )
 
 
@@ -156,16 +174,21 @@ def step(
     batch_quantile: torch.Tensor | None,
     epoch: int,
     optimizer: ThresholdOptimizer,
+    score_std: torch.Tensor | None = None,
 ) -> ThresholdRows:
     """One update of the thresholds of a batch's anchors.
 
     Args:
         rows: Current rows (threshold, moments, per-sample visit count).
         subgradient: ``(b,)`` subgradients computed with ``rows.threshold``.
-        batch_quantile: ``(b,)`` mini-batch ``(1 - alpha)``-quantiles, required when
-            ``optimizer.init == "minibatch_quantile"`` or ``optimizer.stop_at_batch_quantile``.
+        batch_quantile: ``(b,)`` mini-batch ``(1 - alpha)``-quantiles, required by
+            ``optimizer.stop_at_batch_quantile`` and by ``init="minibatch_quantile"`` while some
+            row is on its first visit; with that init, None means the caller knows every row has
+            been visited before.
         epoch: Current 0-based epoch (used by ``bias_correction="epoch"``).
         optimizer: The rule.
+        score_std: ``(b,)`` standard deviation of each anchor's scores in the batch, required by
+            ``optimizer.step_unit == "score_std"``.
 
     Returns:
         The new rows. With ``init="minibatch_quantile"`` a sample's first visit sets its threshold
@@ -173,6 +196,8 @@ def step(
         decay count the visits after it.
     """
     grad = subgradient.to(torch.float32)
+    if optimizer.grad_clip is not None:
+        grad = grad.clamp(-optimizer.grad_clip, optimizer.grad_clip)
     visits = rows.visits + 1
     seeding = optimizer.init == "minibatch_quantile"
     # With a seeded start the first visit sets the threshold; Adam's own count starts after it.
@@ -180,6 +205,10 @@ def step(
     lr: torch.Tensor | float = optimizer.lr
     if optimizer.lr_decay == "inverse_sqrt":
         lr = (optimizer.lr / optimizer_steps.sqrt()).clamp_min(optimizer.min_lr)
+    if optimizer.step_unit == "score_std":
+        if score_std is None:
+            raise ValueError("step_unit='score_std' needs the anchors' score standard deviations")
+        lr = lr * score_std
 
     if optimizer.rule == "adam":
         beta1, beta2 = optimizer.betas
@@ -203,10 +232,8 @@ def step(
         lower = torch.minimum(rows.threshold, batch_quantile)
         threshold = torch.minimum(torch.maximum(threshold, lower), upper)
     visits = visits.to(rows.visits.dtype)
-    if not seeding:
+    if not seeding or batch_quantile is None:
         return ThresholdRows(threshold, exp_avg, exp_avg_sq, visits)
-    if batch_quantile is None:
-        raise ValueError("init='minibatch_quantile' needs the mini-batch quantile")
     first_visit = rows.visits == 0
     return ThresholdRows(
         torch.where(first_visit, batch_quantile.to(torch.float32).clamp(-1.0, 1.0), threshold),

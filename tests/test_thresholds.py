@@ -54,11 +54,39 @@ def test_minibatch_quantile_seeds_the_first_visit_only() -> None:
     rows = ThresholdRows(
         torch.tensor([1.0, 0.3]), torch.zeros(2), torch.zeros(2), torch.tensor([0, 4], dtype=torch.int32)
     )
-    new = thresholds.step(rows, torch.tensor([0.01, 0.01]), torch.tensor([0.42, 0.1]), 0, optimizer)
+    score_std = torch.tensor([0.2, 0.2])
+    new = thresholds.step(rows, torch.tensor([0.01, 0.01]), torch.tensor([0.42, 0.1]), 0, optimizer, score_std)
     assert new.threshold[0].item() == pytest.approx(0.42)  # seeded, no step
     assert new.exp_avg[0].item() == 0.0
     assert new.threshold[1].item() < 0.3  # a positive gradient moves an already seeded threshold down
     assert new.visits.tolist() == [1, 5]
+
+
+def test_without_a_batch_quantile_a_seeded_rule_steps_every_row() -> None:
+    # None tells the rule that no row is on its first visit (the loss knows every sample was seen).
+    optimizer = ThresholdOptimizer(rule="sgd", lr=0.5, init="minibatch_quantile")
+    rows = ThresholdRows(torch.tensor([0.4]), torch.zeros(1), torch.zeros(1), torch.tensor([2], dtype=torch.int32))
+    new = thresholds.step(rows, torch.tensor([0.1]), None, 0, optimizer)
+    assert new.threshold.item() == pytest.approx(0.4 - 0.5 * 0.1)
+    assert new.visits.tolist() == [3]
+
+
+def test_grad_clip_bounds_the_step_both_ways() -> None:
+    optimizer = ThresholdOptimizer(rule="sgd", lr=0.1, grad_clip=3.0)
+    rows = ThresholdRows(
+        torch.tensor([0.0, 0.0, 0.0]), torch.zeros(3), torch.zeros(3), torch.zeros(3, dtype=torch.int32)
+    )
+    new = thresholds.step(rows, torch.tensor([-50.0, 0.5, 7.0]), None, 0, optimizer)
+    torch.testing.assert_close(new.threshold, torch.tensor([0.3, -0.05, -0.3]))
+
+
+def test_score_std_unit_scales_each_step_by_the_anchor_spread() -> None:
+    optimizer = ThresholdOptimizer(rule="sgd", lr=0.2, step_unit="score_std")
+    rows = ThresholdRows(torch.tensor([0.5, 0.5]), torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.int32))
+    new = thresholds.step(rows, torch.tensor([1.0, 1.0]), None, 0, optimizer, score_std=torch.tensor([0.1, 0.5]))
+    torch.testing.assert_close(new.threshold, torch.tensor([0.5 - 0.02, 0.5 - 0.1]))
+    with pytest.raises(ValueError, match="score standard deviations"):
+        thresholds.step(rows, torch.tensor([1.0, 1.0]), None, 0, optimizer)
 
 
 def test_thresholds_stay_in_minus_one_one() -> None:
@@ -70,7 +98,13 @@ def test_thresholds_stay_in_minus_one_one() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"rule": "rmsprop"}, "rule"), ({"lr": 0.0}, "lr"), ({"bias_correction": "step"}, "bias_correction")],
+    [
+        ({"rule": "rmsprop"}, "rule"),
+        ({"lr": 0.0}, "lr"),
+        ({"bias_correction": "step"}, "bias_correction"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"step_unit": "cosine"}, "step_unit"),
+    ],
 )
 def test_bad_optimizer_settings_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -84,6 +84,9 @@ _THRESHOLD_OVERRIDES = {  # flag dest -> ThresholdOptimizer field
     "glofnd_threshold_init": "init",
     "glofnd_threshold_decay": "lr_decay",
     "glofnd_threshold_normalize_grad": "normalize_grad",
+    "glofnd_threshold_grad_clip": "grad_clip",
+    "glofnd_threshold_step_unit": "step_unit",
+    "glofnd_threshold_stop_at_batch_quantile": "stop_at_batch_quantile",
 }
 
 
@@ -172,6 +175,25 @@ def add_glofnd_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="Override whether the preset divides the threshold subgradient by alpha.",
+    )
+    add(
+        "--glofnd-threshold-grad-clip",
+        type=float,
+        default=None,
+        help="Override the preset's clip of the (normalised) threshold subgradient.",
+    )
+    add(
+        "--glofnd-threshold-step-unit",
+        choices=("similarity", "score_std"),
+        default=None,
+        help="Override the unit of the threshold step size: cosine units, or the anchor's score standard deviation.",
+    )
+    add(
+        "--glofnd-threshold-stop-at-batch-quantile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Override whether a threshold step stops at the mini-batch quantile (robust to abrupt score "
+        "changes; costs a per-row topk every step).",
     )
     add("--glofnd-temperature", type=float, default=0.03, help="Fixed temperature of --glofnd-estimator sogclr.")
     add("--glofnd-rho", type=float, default=6.5, help="FastCLIP-v3's temperature penalty (fastclip).")
