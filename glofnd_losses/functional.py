@@ -8,6 +8,7 @@ Scores are raw cosine similarities (not divided by the temperature), in float32.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -207,34 +208,86 @@ def keep_nonempty_(
     return torch.where(empty, num_negatives, kept_count).to(torch.float32)
 
 
+class _FilteredCrossEntropy(torch.autograd.Function):
+    """Forward and hand-written backward of :func:`filtered_cross_entropy` on one full-size buffer.
+
+    The forward turns one ``(V, b, C)`` temporary into the kept negatives' softmax in place; the
+    backward turns the same buffer into the gradient in place. Autograd through ``where``,
+    ``logsumexp`` and the logit scaling would allocate five or six such tensors.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        scores: torch.Tensor,
+        scale: torch.Tensor,
+        positive_index: torch.Tensor,
+        keep: torch.Tensor,
+        log_rescale: torch.Tensor,
+    ) -> torch.Tensor:
+        probabilities = scores.detach() * scale.detach()
+        positive = probabilities.gather(-1, positive_index[..., None]).squeeze(-1)
+        probabilities.masked_fill_(keep.logical_not(), float("-inf"))
+        row_max = probabilities.amax(dim=-1, keepdim=True)  # finite: every row keeps a negative
+        probabilities.sub_(row_max).exp_()
+        total = probabilities.sum(dim=-1, keepdim=True)
+        probabilities.div_(total)
+        negative_lse = (row_max + total.log()).squeeze(-1) + log_rescale
+        # Share of the rescaled negatives in the row's softmax over {positive, negatives}.
+        negative_share = torch.sigmoid(negative_lse - positive)
+        ctx.save_for_backward(scores, scale, positive_index, probabilities, negative_share)
+        return torch.logaddexp(positive, negative_lse) - positive
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        scores, scale, positive_index, probabilities, negative_share = ctx.saved_tensors
+        row_grad = grad_loss * negative_share
+        # d loss / d logit: row_grad * p for a kept negative, -row_grad for the positive.
+        grad_logits = probabilities.mul_(row_grad[..., None])
+        grad_logits.scatter_add_(-1, positive_index[..., None], -row_grad[..., None])
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = torch.dot(grad_logits.reshape(-1), scores.detach().reshape(-1)).to(scale.dtype)
+        grad_scores = grad_logits.mul_(scale.detach()) if ctx.needs_input_grad[0] else None
+        return grad_scores, grad_scale, None, None, None
+
+
 def filtered_cross_entropy(
-    logits: torch.Tensor,
+    scores: torch.Tensor,
+    scale: torch.Tensor | float,
     positive_index: torch.Tensor,
     keep: torch.Tensor,
     kept_count: torch.Tensor,
     num_negatives: int,
 ) -> torch.Tensor:
-    """NT-Xent / InfoNCE per row over the positive and the kept negatives.
+    """NT-Xent / InfoNCE per row over the positive and the kept negatives, on logits ``scale * scores``.
 
     The kept negatives' sum of exponentials is rescaled to the full negative count, so the
     positive/negative balance is unchanged by filtering:
     ``-l_pos + log(exp(l_pos) + (num_negatives / n_kept) * sum_kept exp(l))``.
-    With every negative kept this is the usual cross-entropy.
+    With every negative kept this is the usual cross-entropy. Gradients flow to ``scores`` and,
+    when it is a tensor that requires them, to ``scale`` (CLIP's ``logit_scale``); the backward is
+    written by hand (see :class:`_FilteredCrossEntropy`) and supports one backward pass.
 
     Args:
-        logits: ``(V, b, C)`` scores divided by the temperature.
+        scores: ``(V, b, C)`` float32 cosine scores.
+        scale: Inverse temperature, a float or a 0-d float32 tensor.
         positive_index: ``(b,)`` or ``(V, b)`` column of each row's positive.
-        keep: ``(V, b, C)`` bool kept negatives (at least one per row).
+        keep: ``(V, b, C)`` bool kept negatives (at least one per row; the positive is not kept).
         kept_count: ``(V, b)`` float32 number of kept negatives per row.
         num_negatives: Negatives per row before filtering.
 
     Returns:
         ``(V, b)`` per-row losses.
     """
-    negative_lse = torch.logsumexp(torch.where(keep, logits, float("-inf")), dim=-1)
-    negative_lse = negative_lse + (math.log(num_negatives) - torch.log(kept_count))
-    positive = logits.gather(-1, positive_index.expand(logits.shape[0], -1)[..., None]).squeeze(-1)
-    return torch.logaddexp(positive, negative_lse) - positive
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=scores.dtype, device=scores.device)
+    positive_index = positive_index.expand(scores.shape[0], -1).contiguous()
+    keep = keep.expand_as(scores)
+    log_rescale = math.log(num_negatives) - torch.log(kept_count)
+    loss: torch.Tensor = _FilteredCrossEntropy.apply(scores, scale, positive_index, keep, log_rescale)
+    return loss
 
 
 def moving_average(

@@ -93,7 +93,8 @@ class GloFNDNTXent(GloFNDLossBase):
             state_rows = self.state.read(batch.indices)
             kept = self._detect(batch.rows, state_rows, "")
             per_row = functional.filtered_cross_entropy(
-                batch.scores * (1.0 / self.temperature),
+                batch.scores,
+                1.0 / self.temperature,
                 batch.positive_index,
                 kept.mask,
                 kept.count,

@@ -74,7 +74,7 @@ def test_filtered_cross_entropy_without_filtering_is_cross_entropy() -> None:
     positive = torch.tensor([0, 3, 1, 8, 4])
     keep = torch.ones(2, 5, 9, dtype=torch.bool)
     keep[:, torch.arange(5), positive] = False
-    got = functional.filtered_cross_entropy(logits, positive, keep, keep.sum(-1).float(), num_negatives=8)
+    got = functional.filtered_cross_entropy(logits, 1.0, positive, keep, keep.sum(-1).float(), num_negatives=8)
     expected = F.cross_entropy(logits.reshape(10, 9), positive.repeat(2), reduction="none").reshape(2, 5)
     torch.testing.assert_close(got, expected)
 
@@ -84,7 +84,7 @@ def test_filtered_cross_entropy_rescales_kept_negatives_to_the_full_count() -> N
     positive = torch.tensor([0])
     keep = torch.tensor([[[False, False, True, True, False]]])  # keep 2 of the 4 negatives
     expected = -2.0 + math.log(math.exp(2.0) + (4 / 2) * (math.exp(0.5) + math.exp(-1.0)))
-    got = functional.filtered_cross_entropy(logits, positive, keep, torch.tensor([[2.0]]), num_negatives=4)
+    got = functional.filtered_cross_entropy(logits, 1.0, positive, keep, torch.tensor([[2.0]]), num_negatives=4)
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -93,6 +93,40 @@ def test_count_true_equals_a_plain_sum(columns: int) -> None:
     mask = torch.rand(2, 3, columns, generator=torch.Generator().manual_seed(columns)) < 0.9
     assert torch.equal(functional.count_true(mask), mask.sum(dim=-1, dtype=torch.int32))
     assert torch.equal(functional.count_true(mask[:, 1]), mask[:, 1].sum(dim=-1, dtype=torch.int32))
+
+
+def autograd_filtered_cross_entropy(
+    scores: torch.Tensor, scale: torch.Tensor, positive: torch.Tensor, keep: torch.Tensor, num_negatives: int
+) -> torch.Tensor:
+    """The same loss written with plain autograd ops (where, logsumexp), as an independent reference."""
+    logits = scores * scale
+    kept_count = keep.sum(-1).to(scores.dtype)
+    negative = torch.logsumexp(torch.where(keep, logits, float("-inf")), dim=-1) + torch.log(num_negatives / kept_count)
+    positive_logit = logits.gather(-1, positive.expand(scores.shape[0], -1)[..., None]).squeeze(-1)
+    return torch.logaddexp(positive_logit, negative) - positive_logit
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_filtered_cross_entropy_gradients_match_autograd(rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    scores = torch.rand(rows, 6, 11, generator=generator, dtype=torch.float64) * 2 - 1
+    positive = torch.tensor([0, 3, 1, 10, 4, 7])
+    keep = torch.rand(rows, 6, 11, generator=generator) < 0.7
+    keep[..., 2] = True  # every row keeps a negative
+    keep[:, torch.arange(6), positive] = False
+    weights = torch.rand(rows, 6, generator=generator, dtype=torch.float64)  # a non-uniform upstream gradient
+    results = []
+    for implementation in ("fused", "autograd"):
+        leaf_scores = scores.clone().requires_grad_()
+        scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+        if implementation == "fused":
+            loss = functional.filtered_cross_entropy(leaf_scores, scale, positive, keep, keep.sum(-1).double(), 10)
+        else:
+            loss = autograd_filtered_cross_entropy(leaf_scores, scale, positive, keep, 10)
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), leaf_scores.grad, scale.grad))
+    for fused, reference in zip(*results):
+        torch.testing.assert_close(fused, reference)
 
 
 def test_row_std_equals_torch_std() -> None:
