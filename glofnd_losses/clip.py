@@ -20,6 +20,29 @@ _U_EPS = 1e-14
 _MAX_EXPONENT = 80.0  # exp(80) ~ 5.5e34: finite in float32 even summed over a large batch
 
 
+class _TransposedCopy(torch.autograd.Function):
+    """``matrix.T.contiguous()`` whose backward also returns a contiguous transpose.
+
+    Plain autograd would add the incoming gradient to the other branch's through a transposed
+    view (a strided elementwise add); a blocked transposing copy followed by a contiguous add is
+    several times faster on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.t().contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.t().contiguous()
+
+
+def transposed_copy(matrix: torch.Tensor) -> torch.Tensor:
+    """Contiguous transpose of a 2-D tensor, differentiable (see :class:`_TransposedCopy`)."""
+    result: torch.Tensor = _TransposedCopy.apply(matrix)
+    return result
+
+
 def _global_rows(
     scores: torch.Tensor, positive_index: torch.Tensor, keep: torch.Tensor, kept_count: torch.Tensor,
     u_previous: torch.Tensor, gamma: float, logit_scale: torch.Tensor,
@@ -206,8 +229,13 @@ class GloFNDClipLoss(GloFNDLossBase):
             new_rows: dict[str, torch.Tensor] = {}
             stats: dict[str, torch.Tensor] = {}
             terms = []
-            for prefix, anchors, candidates in (("image_", images, all_texts), ("text_", texts, all_images)):
-                scores = (anchors @ candidates.T)[None]
+            image_scores = images @ all_texts.T
+            if distributed.is_distributed():  # the local texts against every image: rows of their own
+                text_scores = texts @ all_images.T
+            else:  # one process: the text rows are the image rows' transpose (one GEMM fewer each way)
+                text_scores = transposed_copy(image_scores)
+            for prefix, all_scores in (("image_", image_scores), ("text_", text_scores)):
+                scores = all_scores[None]
                 rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
                 kept = self._detect(rows, state_rows, prefix)
                 new_rows.update(kept.detection.new_rows)
@@ -231,9 +259,8 @@ class GloFNDClipLoss(GloFNDLossBase):
     ) -> torch.Tensor:
         """Per-anchor loss term ``(b,)`` of one modality; records the updated ``u`` in ``new_rows``."""
         if self.estimator == "minibatch":
-            logits = scores * scale
             return functional.filtered_cross_entropy(
-                logits, positive_index, kept.mask, kept.count, scores.shape[-1] - 1
+                scores, scale, positive_index, kept.mask, kept.count, scores.shape[-1] - 1
             )[0]
         u_name = "u_image" if prefix == "image_" else "u_text"
         inverse_temperature = scale if self.estimator == "fastclip" else torch.full_like(scale, 1 / self.temperature)
