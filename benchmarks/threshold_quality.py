@@ -317,14 +317,35 @@ def candidate_rules(alpha: float, quick: bool) -> dict[str, ThresholdOptimizer]:
     ``min_lr=m``, ``bc`` = Adam's bias correction, ``G/alpha`` = ``normalize_grad=True``: an SGD step is
     ``lr * G / alpha`` with ``G`` in ``[alpha - 1, alpha]`` and a tail density near the quantile roughly
     proportional to alpha, so without it a fixed SGD ``lr`` is too small at smaller alphas (the
-    unnormalised ``sgd q-init`` rows show it).
+    unnormalised ``sgd q-init`` rows show it); ``clip c`` = ``grad_clip=c``; ``std units`` =
+    ``step_unit="score_std"``; ``stop at q`` = ``stop_at_batch_quantile=True``; ``v0 default`` = the
+    default of the first release (similarity units, stop at q).
     """
     seeded: dict[str, Any] = {"init": "minibatch_quantile", "lr_decay": "inverse_sqrt"}
+    previous_default = ThresholdOptimizer(
+        rule="sgd",
+        lr=0.05,
+        init="minibatch_quantile",
+        lr_decay="inverse_sqrt",
+        min_lr=0.025,
+        normalize_grad=True,
+        stop_at_batch_quantile=True,
+    )
+    default = ThresholdOptimizer.default()
     rules = {
         "paper (adam 0.05, epoch bc, init 1)": ThresholdOptimizer.paper(),
         "adam 0.05 const, per-sample bc, init 1": ThresholdOptimizer(lr=0.05, bias_correction="per_sample"),
-        "default (sgd G/alpha q-init 0.05 isqrt>=0.025, stop at q)": ThresholdOptimizer.default(),
-        "default without stop at q": dataclasses.replace(ThresholdOptimizer.default(), stop_at_batch_quantile=False),
+        "default (sgd G/alpha clip 3, std units 0.2 isqrt>=0.1, q-init)": default,
+        "default, lr 0.3": dataclasses.replace(default, lr=0.3),
+        "default, floor 0.15": dataclasses.replace(default, min_lr=0.15),
+        "default, clip 2": dataclasses.replace(default, grad_clip=2.0),
+        "default, no clip": dataclasses.replace(default, grad_clip=None),
+        "default + stop at q": dataclasses.replace(default, stop_at_batch_quantile=True),
+        "v0 default (sgd G/alpha 0.05 isqrt>=0.025, stop at q)": previous_default,
+        "v0 default without stop at q": dataclasses.replace(previous_default, stop_at_batch_quantile=False),
+        "v0 default, clip 5 instead of stop": dataclasses.replace(
+            previous_default, stop_at_batch_quantile=False, grad_clip=5.0
+        ),
     }
     for lr in (0.02, 0.05, 0.1):
         for min_lr in (0.005, 0.01, 0.02):
