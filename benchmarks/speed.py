@@ -13,6 +13,19 @@ Comparisons (dim 128):
 * ``GloFNDClipLoss("fastclip")`` with GloFND vs without a detector;
 * ``GloFNDSogCLRLoss`` per-step time with ``num_samples`` 10^3 vs 10^7 (cost independent of N).
 
+GloFND cases are timed in the steady state, after the first epoch: the warm-up step seeds the
+thresholds of the timed batch, then every sample is marked visited and ``set_epoch`` lets the loss
+find out, so the first-visit mini-batch quantile (a per-row ``topk``) is no longer computed. The
+``(first epoch)`` case times a step that still computes it.
+
+On CPU, every new large temporary tensor is fresh memory from the operating system (glibc maps
+blocks of this size anew for every allocation) and its first touch costs page faults; on some
+virtual machines that costs more than the arithmetic on it, and it varies from run to run.
+``--keep-freed-memory`` tells glibc's allocator (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``) in every measured process to keep freed memory for reuse, as the CUDA
+caching allocator does on a GPU, so that the ratios measure the computation. Both settings apply
+to every case alike.
+
 Run: ``python benchmarks/speed.py --batch-sizes 256 1024 4096`` (add ``--device cuda`` on a GPU).
 """
 
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -34,6 +48,7 @@ CASES = {
     "glofnd_ntxent": "GloFNDNTXent (GloFND filtering)",
     "sogclr_plain": "GloFNDSogCLRLoss (no detector)",
     "sogclr_glofnd": "GloFNDSogCLRLoss (GloFND filtering)",
+    "sogclr_glofnd_first_epoch": "GloFNDSogCLRLoss (GloFND, first epoch)",
     "open_clip": "open_clip ClipLoss",
     "clip_minibatch": "GloFNDClipLoss minibatch (GloFND)",
     "fastclip_plain": "GloFNDClipLoss fastclip (no detector)",
@@ -66,6 +81,14 @@ def build(case: str, num_samples: int) -> Any:
     return GloFNDSogCLRLoss(num_samples, alpha=0.01)
 
 
+def settle(loss_fn: Any) -> None:
+    """Put a GloFND loss in its steady state: every sample counts as visited (see the module doc)."""
+    for name in loss_fn.state.fields:
+        if name.endswith("threshold_visits"):
+            loss_fn.state.buffer(name).clamp_(min=1)
+    loss_fn.set_epoch(loss_fn.epoch)  # starts the loss's own check of the visit counts
+
+
 def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int) -> dict[str, float]:
     """Run in a fresh process: median forward+backward seconds and peak extra memory in MiB."""
     torch.manual_seed(0)
@@ -95,6 +118,9 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
     step()  # warm-up; it also reaches the peak
+    if hasattr(loss_fn, "state") and not case.endswith("first_epoch"):
+        settle(loss_fn)
+        step()
     times = []
     for _ in range(repeats):
         if cuda:
@@ -111,15 +137,28 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
     return {"seconds": statistics.median(times), "peak_mib": peak_mib}
 
 
-def run_isolated(case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int) -> dict[str, float]:
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
+def run_isolated(
+    case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int, env: dict[str, str] | None
+) -> dict[str, float]:
     command = [
         sys.executable, __file__, "--child", case, "--batch-sizes", str(batch), "--dim", str(dim),
         "--num-samples", str(num_samples), "--device", device, "--repeats", str(repeats),
         "--threads", str(torch.get_num_threads()),
     ]  # fmt: skip
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
     return result
+
+
+def combine_rounds(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Median time and largest peak memory over the rounds of one case."""
+    return {
+        "seconds": statistics.median(run["seconds"] for run in runs),
+        "peak_mib": max(run["peak_mib"] for run in runs),
+    }
 
 
 def main() -> None:
@@ -128,14 +167,21 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--num-samples", type=int, default=100_000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process (median taken)")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per case, interleaved (median taken)")
     parser.add_argument("--scaling-batch", type=int, default=512, help="batch of the data set size sweep (<= 1000)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="measured processes keep freed memory for reuse (glibc settings; see the module docstring)",
+    )
     parser.add_argument("--out", default=None, help="write all measurements as JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    child_env = {**os.environ, **KEEP_FREED_MEMORY} if args.keep_freed_memory else None
     if args.child:
         print(
             json.dumps(measure(args.child, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.repeats))
@@ -145,20 +191,30 @@ def main() -> None:
     device_name = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     )
-    print(f"device: {device_name}, torch {torch.__version__}, dim {args.dim}, median of {args.repeats} steps\n")
-    results: dict[str, Any] = {"device": device_name, "batches": {}, "scaling": {}}
+    allocator = "glibc keeps freed memory" if args.keep_freed_memory else "default allocator settings"
+    print(
+        f"device: {device_name}, torch {torch.__version__}, dim {args.dim}, median of {args.repeats} steps "
+        f"x {args.rounds} rounds, "
+        f"{allocator}\n"
+    )
+    results: dict[str, Any] = {"device": device_name, "allocator": allocator, "batches": {}, "scaling": {}}
     header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9}"
     print(header + "\n" + "-" * len(header))
     for batch in args.batch_sizes:
-        rows = {
-            case: run_isolated(case, batch, args.dim, args.num_samples, args.device, args.repeats) for case in CASES
-        }
+        runs: dict[str, list[dict[str, float]]] = {case: [] for case in CASES}
+        for _ in range(args.rounds):  # rounds interleave the cases, so slow phases of the machine hit all
+            for case in CASES:
+                runs[case].append(
+                    run_isolated(case, batch, args.dim, args.num_samples, args.device, args.repeats, child_env)
+                )
+        rows = {case: combine_rounds(case_runs) for case, case_runs in runs.items()}
         results["batches"][batch] = rows
         for case, row in rows.items():
             print(f"{batch:>6} | {CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f}")
     pairs = [
         ("GloFNDNTXent / lightly", "glofnd_ntxent", "lightly_ntxent"),
         ("SogCLR GloFND on / off", "sogclr_glofnd", "sogclr_plain"),
+        ("SogCLR 1st epoch on / off", "sogclr_glofnd_first_epoch", "sogclr_plain"),
         ("Clip minibatch / open_clip", "clip_minibatch", "open_clip"),
         ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
     ]
@@ -174,7 +230,14 @@ def main() -> None:
 
     print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
     for num_samples in (10**3, 10**7):
-        row = run_isolated("sogclr_glofnd", args.scaling_batch, args.dim, num_samples, args.device, args.repeats)
+        row = combine_rounds(
+            [
+                run_isolated(
+                    "sogclr_glofnd", args.scaling_batch, args.dim, num_samples, args.device, args.repeats, child_env
+                )
+                for _ in range(args.rounds)
+            ]
+        )
         results["scaling"][num_samples] = row
         print(f"  num_samples {num_samples:>10,}: {1e3 * row['seconds']:8.1f} ms")
     small, large = results["scaling"][10**3]["seconds"], results["scaling"][10**7]["seconds"]
