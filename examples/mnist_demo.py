@@ -608,7 +608,7 @@ def study_thresholds(state: RunState, data: TrainData, augment: AugmentConfig, c
     if state.loss_fn.detector.name != "glofnd":
         return ThresholdStudy(lower, upper, minibatch, minibatch_error)
     learned = state.loss_fn.thresholds
-    visited = state.loss_fn.state.buffer("threshold_visits") > 0
+    visited = state.loss_fn.threshold_visits > 0
     learned_error = metrics.threshold_error(learned[visited], lower[visited], upper[visited])
     unvisited = int((~visited).sum())
     return ThresholdStudy(lower, upper, minibatch, minibatch_error, learned, learned_error, unvisited)

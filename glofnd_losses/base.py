@@ -162,11 +162,23 @@ class GloFNDLossBase(nn.Module):
         self.step = int(state["step"])
 
     # ------------------------------------------------------------------ state access
-    def _threshold_buffer(self, prefix: str) -> torch.Tensor:
-        name = f"{prefix}threshold"
+    def _threshold_buffer(self, prefix: str, field: str = "threshold") -> torch.Tensor:
+        name = f"{prefix}{field}"
         if name not in self.state.fields:
-            raise AttributeError(f"detector {self.detector.name!r} keeps no per-sample thresholds")
+            # Not AttributeError: nn.Module.__getattr__ would replace this message with its own.
+            raise RuntimeError(
+                f"detector {self.detector.name!r} keeps no per-sample thresholds (only detector='glofnd' does)"
+            )
         return self.state.buffer(name)
+
+    @property
+    def threshold_visits(self) -> torch.Tensor:
+        """Training steps that updated each sample's thresholds, ``(num_samples,)`` int32 (read-only view).
+
+        0 marks a sample whose threshold was never learned (still at its initial value). With two
+        threshold banks (CLIP) both are updated by the same steps.
+        """
+        return self._threshold_buffer(self.banks[0], "threshold_visits").detach()
 
     # ------------------------------------------------------------------ validation
     def _validate(

@@ -207,3 +207,33 @@ def test_skipping_the_first_visit_quantile_changes_nothing() -> None:
     for name, value in computing.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(skipping.state_dict()[name], value), name
+
+
+def test_threshold_visits_count_the_steps_that_learned() -> None:
+    from glofnd_losses import GloFNDClipLoss
+
+    view_a, view_b = clustered_views(20, dim=8, seed=7)
+    indices = torch.tensor([3, 5, 5, 9])  # a duplicate counts once: the last occurrence wins
+    for loss_fn in (GloFNDSogCLRLoss(20, alpha=0.1), GloFNDClipLoss(20, estimator="minibatch", alpha=0.1)):
+        for _ in range(2):
+            if isinstance(loss_fn, GloFNDClipLoss):
+                loss_fn(view_a[indices], view_b[indices], torch.tensor(10.0), indices=indices)
+            else:
+                loss_fn(view_a[indices], view_b[indices], indices)
+        expected = torch.zeros(20, dtype=torch.int32)
+        expected[[3, 5, 9]] = 2
+        assert torch.equal(loss_fn.threshold_visits, expected)
+    with pytest.raises(RuntimeError, match="detector 'fnc' keeps no per-sample thresholds"):
+        _ = GloFNDSogCLRLoss(20, detector="fnc").threshold_visits
+
+
+def test_glofnd_starts_from_a_checkpoint_without_a_detector() -> None:
+    view_a, view_b = clustered_views(30, dim=8, seed=8)
+    warm_up = GloFNDSogCLRLoss(30, detector=None)
+    warm_up(view_a[:10], view_b[:10], torch.arange(10))
+    branch = GloFNDSogCLRLoss(30, alpha=0.1)
+    result = branch.load_state_dict(warm_up.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == sorted(f"state.{name}" for name in branch.state.fields if "threshold" in name)
+    assert torch.equal(branch.u, warm_up.u)  # SogCLR's u carries over; thresholds start fresh
+    assert torch.equal(branch.threshold_visits, torch.zeros(30, dtype=torch.int32))
