@@ -335,12 +335,16 @@ def candidate_rules(alpha: float, quick: bool) -> dict[str, ThresholdOptimizer]:
     rules = {
         "paper (adam 0.05, epoch bc, init 1)": ThresholdOptimizer.paper(),
         "adam 0.05 const, per-sample bc, init 1": ThresholdOptimizer(lr=0.05, bias_correction="per_sample"),
-        "default (sgd G/alpha clip 3, std units 0.2 isqrt>=0.1, q-init)": default,
+        "default (sgd G/alpha, std units 0.2 isqrt>=0.1, stop at q, q-init)": default,
         "default, lr 0.3": dataclasses.replace(default, lr=0.3),
         "default, floor 0.15": dataclasses.replace(default, min_lr=0.15),
-        "default, clip 2": dataclasses.replace(default, grad_clip=2.0),
-        "default, no clip": dataclasses.replace(default, grad_clip=None),
-        "default + stop at q": dataclasses.replace(default, stop_at_batch_quantile=True),
+        "default without stop at q": dataclasses.replace(default, stop_at_batch_quantile=False),
+        "default without stop at q, clip 3 (no topk)": dataclasses.replace(
+            default, stop_at_batch_quantile=False, grad_clip=3.0
+        ),
+        "default without stop at q, clip 2 (no topk)": dataclasses.replace(
+            default, stop_at_batch_quantile=False, grad_clip=2.0
+        ),
         "v0 default (sgd G/alpha 0.05 isqrt>=0.025, stop at q)": previous_default,
         "v0 default without stop at q": dataclasses.replace(previous_default, stop_at_batch_quantile=False),
         "v0 default, clip 5 instead of stop": dataclasses.replace(

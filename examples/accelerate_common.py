@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import math
 import shutil
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from glofnd_losses import ThresholdOptimizer
 from glofnd_losses.base import GloFNDLossBase
 
 CHECKPOINT_PREFIX = "step_"
@@ -85,6 +87,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_
     glofnd.add_argument("--detector", choices=("glofnd", "fnc", "none"), default="glofnd")
     glofnd.add_argument("--alpha", type=float, default=0.02, help="target fraction of negatives flagged")
     glofnd.add_argument("--start-epoch", type=int, default=1, help="first 0-based epoch that learns and filters")
+    glofnd.add_argument(
+        "--threshold-rule",
+        choices=sorted(THRESHOLD_RULES),
+        default="default",
+        help="GloFND threshold update: the package default, the paper's Adam, or the default without its "
+        "stop at the mini-batch quantile (gradient clipped at 3 instead; no per-step topk)",
+    )
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--out", type=Path, default=Path("outputs") / parser.prog.removesuffix(".py"))
@@ -94,6 +103,18 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_
     out.add_argument("--resume", help="checkpoint directory to resume from, or 'latest' (under --out)")
     out.add_argument("--dump-state", type=Path, help="write each rank's loss state at start and end (for tests)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+THRESHOLD_RULES: dict[str, Callable[[], ThresholdOptimizer]] = {
+    "default": ThresholdOptimizer.default,
+    "paper": ThresholdOptimizer.paper,
+    "no-stop": lambda: dataclasses.replace(ThresholdOptimizer.default(), stop_at_batch_quantile=False, grad_clip=3.0),
+}
+
+
+def threshold_optimizer(args: argparse.Namespace) -> ThresholdOptimizer:
+    """The threshold update rule ``--threshold-rule`` names."""
+    return THRESHOLD_RULES[args.threshold_rule]()
 
 
 def detector_name(args: argparse.Namespace) -> str | None:

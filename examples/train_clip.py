@@ -36,6 +36,7 @@ from accelerate_common import (
     detector_name,
     fit,
     make_accelerator,
+    threshold_optimizer,
     view_transform,
 )
 from offline_data import ImageSplit, load_train_split
@@ -232,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         start_epoch=args.start_epoch,
         detector=detector_name(args),
         temperature=args.temperature,
+        threshold_optimizer=threshold_optimizer(args),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     describe_run(

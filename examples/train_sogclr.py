@@ -34,6 +34,7 @@ from accelerate_common import (
     detector_name,
     fit,
     make_accelerator,
+    threshold_optimizer,
     view_transform,
 )
 from offline_data import load_train_split
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         alpha=args.alpha,
         start_epoch=args.start_epoch,
         detector=detector_name(args),
+        threshold_optimizer=threshold_optimizer(args),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     describe_run(accelerator, args, f"{len(dataset)} {args.data} items, {side} px, backbone {args.backbone}.")

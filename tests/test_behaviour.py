@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -164,6 +165,11 @@ def test_anchor_with_every_negative_flagged_stays_finite(name: str) -> None:
     assert loss_fn.last_stats["flagged_fraction"] == 1.0
 
 
+# The default's stop at the batch quantile needs the quantile at every step; without it, only the
+# first visit of a sample does.
+WITHOUT_STOP = dataclasses.replace(ThresholdOptimizer.default(), stop_at_batch_quantile=False, grad_clip=3.0)
+
+
 def test_first_visit_quantile_stops_once_every_sample_was_visited(monkeypatch: pytest.MonkeyPatch) -> None:
     from glofnd_losses import functional
 
@@ -176,7 +182,7 @@ def test_first_visit_quantile_stops_once_every_sample_was_visited(monkeypatch: p
 
     monkeypatch.setattr(functional, "minibatch_quantile", counting)
     view_a, view_b = clustered_views(40, dim=8, seed=5)
-    loss_fn = GloFNDSogCLRLoss(40, alpha=0.1)
+    loss_fn = GloFNDSogCLRLoss(40, alpha=0.1, threshold_optimizer=WITHOUT_STOP)
     fresh_state = copy.deepcopy(loss_fn.state_dict())
 
     def epoch(number: int) -> int:
@@ -194,7 +200,8 @@ def test_first_visit_quantile_stops_once_every_sample_was_visited(monkeypatch: p
 
 def test_skipping_the_first_visit_quantile_changes_nothing() -> None:
     view_a, view_b = clustered_views(40, dim=8, seed=6)
-    skipping, computing = GloFNDSogCLRLoss(40, alpha=0.1), GloFNDSogCLRLoss(40, alpha=0.1)
+    skipping = GloFNDSogCLRLoss(40, alpha=0.1, threshold_optimizer=WITHOUT_STOP)
+    computing = GloFNDSogCLRLoss(40, alpha=0.1, threshold_optimizer=WITHOUT_STOP)
     generator = torch.Generator().manual_seed(0)
     for number in range(3):
         skipping.set_epoch(number)
