@@ -15,8 +15,10 @@ Comparisons (dim 128):
 
 GloFND cases are timed in the steady state, after the first epoch: the warm-up step seeds the
 thresholds of the timed batch, then every sample is marked visited and ``set_epoch`` lets the loss
-find out, so the first-visit mini-batch quantile (a per-row ``topk``) is no longer computed. The
-``(first epoch)`` case times a step that still computes it.
+find out, so the first-visit mini-batch quantile (a per-row ``topk``) is no longer computed (the
+default rule still computes the quantile at every step for its stop; the ``rule w/o stop`` case,
+``stop_at_batch_quantile=False, grad_clip=3``, does not). The ``(first epoch)`` case times a
+default step before every sample has been visited.
 
 On CPU, every new large temporary tensor is fresh memory from the operating system (glibc maps
 blocks of this size anew for every allocation) and its first touch costs page faults; on some
@@ -32,6 +34,7 @@ Run: ``python benchmarks/speed.py --batch-sizes 256 1024 4096`` (add ``--device 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -49,6 +52,7 @@ CASES = {
     "sogclr_plain": "GloFNDSogCLRLoss (no detector)",
     "sogclr_glofnd": "GloFNDSogCLRLoss (GloFND filtering)",
     "sogclr_glofnd_first_epoch": "GloFNDSogCLRLoss (GloFND, first epoch)",
+    "sogclr_glofnd_no_stop": "GloFNDSogCLRLoss (GloFND, rule w/o stop)",
     "open_clip": "open_clip ClipLoss",
     "clip_minibatch": "GloFNDClipLoss minibatch (GloFND)",
     "fastclip_plain": "GloFNDClipLoss fastclip (no detector)",
@@ -58,7 +62,7 @@ CLIP_CASES = {"open_clip", "clip_minibatch", "fastclip_plain", "fastclip_glofnd"
 
 
 def build(case: str, num_samples: int) -> Any:
-    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss
+    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
 
     if case == "open_clip":
         from open_clip.loss import ClipLoss
@@ -78,6 +82,9 @@ def build(case: str, num_samples: int) -> Any:
         return GloFNDNTXent(num_samples, temperature=0.5, alpha=0.01)
     if case == "sogclr_plain":
         return GloFNDSogCLRLoss(num_samples, detector=None)
+    if case == "sogclr_glofnd_no_stop":
+        rule = dataclasses.replace(ThresholdOptimizer.default(), stop_at_batch_quantile=False, grad_clip=3.0)
+        return GloFNDSogCLRLoss(num_samples, alpha=0.01, threshold_optimizer=rule)
     return GloFNDSogCLRLoss(num_samples, alpha=0.01)
 
 
@@ -215,6 +222,7 @@ def main() -> None:
         ("GloFNDNTXent / lightly", "glofnd_ntxent", "lightly_ntxent"),
         ("SogCLR GloFND on / off", "sogclr_glofnd", "sogclr_plain"),
         ("SogCLR 1st epoch on / off", "sogclr_glofnd_first_epoch", "sogclr_plain"),
+        ("SogCLR no-stop rule on / off", "sogclr_glofnd_no_stop", "sogclr_plain"),
         ("Clip minibatch / open_clip", "clip_minibatch", "open_clip"),
         ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
     ]
