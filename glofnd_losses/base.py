@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from glofnd_losses import distributed, functional, validation
-from glofnd_losses.detectors import BatchRows, Detection, Detector, make_detector
+from glofnd_losses.detectors import BatchRows, Detection, Detector, Step, make_detector
 from glofnd_losses.host import LatchedHostFlag
 from glofnd_losses.state import Field, PerSampleState
 from glofnd_losses.thresholds import ThresholdOptimizer
@@ -205,14 +205,8 @@ class GloFNDLossBase(nn.Module):
     # ------------------------------------------------------------------ detection
     def _detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str) -> KeptNegatives:
         """Run the detector (learning from the batch if training) and build the loss's keep-mask."""
-        detection = self.detector.detect(
-            rows,
-            state_rows,
-            prefix,
-            learn=self.training and self.learning,
-            epoch=self.epoch,
-            all_seeded=self._all_seeded.known_true,
-        )
+        step = Step(learn=self.training and self.learning, epoch=self.epoch, all_seeded=self._all_seeded.known_true)
+        detection = self.detector.detect(rows, state_rows, prefix, step)
         if detection.thresholds is None and detection.flagged is None:
             full_count = torch.full(
                 rows.scores.shape[:2], rows.num_negatives, dtype=torch.int32, device=rows.scores.device

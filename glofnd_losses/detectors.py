@@ -50,6 +50,22 @@ class BatchRows:
         return self.scores.shape[-1] - self.excluded.shape[-1]
 
 
+@dataclass(frozen=True)
+class Step:
+    """What a detector knows about the training step.
+
+    Attributes:
+        learn: Whether thresholds learn from this batch (training mode, past the start).
+        epoch: Current 0-based epoch.
+        all_seeded: Every sample of the data set has been visited before, so no first-visit
+            work is needed. False is always safe.
+    """
+
+    learn: bool
+    epoch: int
+    all_seeded: bool = False
+
+
 @dataclass
 class Detection:
     """What a detector returns for one bank of rows.
@@ -86,21 +102,8 @@ class Detector:
         """Per-sample fields this detector needs, named with ``prefix``."""
         return {}
 
-    def detect(
-        self,
-        rows: BatchRows,
-        state_rows: dict[str, torch.Tensor],
-        prefix: str,
-        *,
-        learn: bool,
-        epoch: int,
-        all_seeded: bool = False,
-    ) -> Detection:
-        """Flag the false negatives of ``rows``; learn from them if ``learn``.
-
-        ``all_seeded`` tells that every sample of the data set has been visited before (so no
-        first-visit work is needed); False is always safe.
-        """
+    def detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
+        """Flag the false negatives of ``rows``; learn from them if ``step.learn``."""
         raise NotImplementedError
 
 
@@ -109,16 +112,7 @@ class NoDetector(Detector):
 
     name = "none"
 
-    def detect(
-        self,
-        rows: BatchRows,
-        state_rows: dict[str, torch.Tensor],
-        prefix: str,
-        *,
-        learn: bool,
-        epoch: int,
-        all_seeded: bool = False,
-    ) -> Detection:
+    def detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
         return Detection()
 
 
@@ -134,16 +128,7 @@ class FNCDetector(Detector):
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
 
-    def detect(
-        self,
-        rows: BatchRows,
-        state_rows: dict[str, torch.Tensor],
-        prefix: str,
-        *,
-        learn: bool,
-        epoch: int,
-        all_seeded: bool = False,
-    ) -> Detection:
+    def detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
         return Detection(functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives))
 
 
@@ -152,16 +137,7 @@ class OracleDetector(Detector):
 
     name = "oracle"
 
-    def detect(
-        self,
-        rows: BatchRows,
-        state_rows: dict[str, torch.Tensor],
-        prefix: str,
-        *,
-        learn: bool,
-        epoch: int,
-        all_seeded: bool = False,
-    ) -> Detection:
+    def detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
         if rows.anchor_labels is None or rows.column_labels is None:
             raise ValueError("detector='oracle' needs labels: pass labels=... to the loss's forward")
         same = rows.anchor_labels[:, None] == rows.column_labels[None, :]
@@ -188,34 +164,25 @@ class GloFNDDetector(Detector):
     def fields(self, prefix: str) -> dict[str, Field]:
         return thresholds.threshold_fields(prefix)
 
-    def detect(
-        self,
-        rows: BatchRows,
-        state_rows: dict[str, torch.Tensor],
-        prefix: str,
-        *,
-        learn: bool,
-        epoch: int,
-        all_seeded: bool = False,
-    ) -> Detection:
+    def detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
         current = ThresholdRows.from_state(state_rows, prefix)
         new_rows: dict[str, torch.Tensor] = {}
         threshold = current.threshold
-        if learn:
+        if step.learn:
             subgradient = functional.threshold_subgradient(
                 rows.scores, rows.excluded, current.threshold, self.alpha, rows.num_negatives
             )
             if self.optimizer.normalize_grad and self.alpha > 0:
                 subgradient = subgradient / self.alpha
             seed = None
-            seeding = self.optimizer.init == "minibatch_quantile" and not all_seeded
+            seeding = self.optimizer.init == "minibatch_quantile" and not step.all_seeded
             if seeding or self.optimizer.stop_at_batch_quantile:
                 per_row = functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
                 seed = per_row.mean(dim=0)
             score_std = None
             if self.optimizer.step_unit == "score_std":
                 score_std = functional.row_std(rows.scores).mean(dim=0)
-            updated = thresholds.step(current, subgradient, seed, epoch, self.optimizer, score_std)
+            updated = thresholds.step(current, subgradient, seed, step.epoch, self.optimizer, score_std)
             threshold = updated.threshold
             new_rows = updated.to_state(prefix)
         return Detection(threshold, new_rows=new_rows)

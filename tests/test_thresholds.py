@@ -112,7 +112,7 @@ def test_bad_optimizer_settings_are_named(kwargs: dict, message: str) -> None:
 
 
 def test_normalize_grad_divides_the_subgradient_by_alpha() -> None:
-    from glofnd_losses.detectors import BatchRows, GloFNDDetector
+    from glofnd_losses.detectors import BatchRows, GloFNDDetector, Step
     from glofnd_losses.functional import negative_mask
 
     scores = torch.tensor([[[0.9, 0.5, 0.2, 0.7]]])
@@ -121,7 +121,7 @@ def test_normalize_grad_divides_the_subgradient_by_alpha() -> None:
     state = {"threshold": torch.tensor([0.6]), "threshold_exp_avg": torch.zeros(1)}
     state |= {"threshold_exp_avg_sq": torch.zeros(1), "threshold_visits": torch.tensor([1], dtype=torch.int32)}
     optimizer = ThresholdOptimizer(rule="sgd", lr=0.01, normalize_grad=True)
-    detection = GloFNDDetector(alpha=0.25, optimizer=optimizer).detect(rows, state, "", learn=True, epoch=0)
+    detection = GloFNDDetector(alpha=0.25, optimizer=optimizer).detect(rows, state, "", Step(learn=True, epoch=0))
     # One of three negatives (0.7) is above 0.6: G = 0.25 - 1/3, normalised by alpha = 0.25.
     assert detection.thresholds is not None
     assert detection.thresholds.item() == pytest.approx(0.6 - 0.01 * (0.25 - 1 / 3) / 0.25)
