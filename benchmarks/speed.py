@@ -17,7 +17,7 @@ GloFND cases are timed in the steady state, after the first epoch: the warm-up s
 thresholds of the timed batch, then every sample is marked visited and ``set_epoch`` lets the loss
 find out, so the first-visit mini-batch quantile (a per-row ``topk``) is no longer computed (the
 default rule still computes the quantile at every step for its stop; the ``rule w/o stop`` case,
-``stop_at_batch_quantile=False, grad_clip=3``, does not). The ``(first epoch)`` case times a
+``ThresholdOptimizer.clipped()``, does not). The ``(first epoch)`` case times a
 default step before every sample has been visited.
 
 On CPU, every new large temporary tensor is fresh memory from the operating system (glibc maps
@@ -34,7 +34,6 @@ Run: ``python benchmarks/speed.py --batch-sizes 256 1024 4096`` (add ``--device 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -83,8 +82,7 @@ def build(case: str, num_samples: int) -> Any:
     if case == "sogclr_plain":
         return GloFNDSogCLRLoss(num_samples, detector=None)
     if case == "sogclr_glofnd_no_stop":
-        rule = dataclasses.replace(ThresholdOptimizer.default(), stop_at_batch_quantile=False, grad_clip=3.0)
-        return GloFNDSogCLRLoss(num_samples, alpha=0.01, threshold_optimizer=rule)
+        return GloFNDSogCLRLoss(num_samples, alpha=0.01, threshold_optimizer=ThresholdOptimizer.clipped())
     return GloFNDSogCLRLoss(num_samples, alpha=0.01)
 
 

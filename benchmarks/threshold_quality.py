@@ -322,16 +322,8 @@ def candidate_rules(alpha: float, quick: bool) -> dict[str, ThresholdOptimizer]:
     default of the first release (similarity units, stop at q).
     """
     seeded: dict[str, Any] = {"init": "minibatch_quantile", "lr_decay": "inverse_sqrt"}
-    previous_default = ThresholdOptimizer(
-        rule="sgd",
-        lr=0.05,
-        init="minibatch_quantile",
-        lr_decay="inverse_sqrt",
-        min_lr=0.025,
-        normalize_grad=True,
-        stop_at_batch_quantile=True,
-    )
     default = ThresholdOptimizer.default()
+    previous_default = dataclasses.replace(default, lr=0.05, min_lr=0.025, step_unit="similarity")
     rules = {
         "paper (adam 0.05, epoch bc, init 1)": ThresholdOptimizer.paper(),
         "adam 0.05 const, per-sample bc, init 1": ThresholdOptimizer(lr=0.05, bias_correction="per_sample"),
@@ -339,9 +331,7 @@ def candidate_rules(alpha: float, quick: bool) -> dict[str, ThresholdOptimizer]:
         "default, lr 0.3": dataclasses.replace(default, lr=0.3),
         "default, floor 0.15": dataclasses.replace(default, min_lr=0.15),
         "default without stop at q": dataclasses.replace(default, stop_at_batch_quantile=False),
-        "default without stop at q, clip 3 (no topk)": dataclasses.replace(
-            default, stop_at_batch_quantile=False, grad_clip=3.0
-        ),
+        "default without stop at q, clip 3 (no topk)": ThresholdOptimizer.clipped(),
         "default without stop at q, clip 2 (no topk)": dataclasses.replace(
             default, stop_at_batch_quantile=False, grad_clip=2.0
         ),

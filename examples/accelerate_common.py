@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import math
 import shutil
 from collections.abc import Callable, Iterator
@@ -108,18 +107,22 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_
 THRESHOLD_RULES: dict[str, Callable[[], ThresholdOptimizer]] = {
     "default": ThresholdOptimizer.default,
     "paper": ThresholdOptimizer.paper,
-    "no-stop": lambda: dataclasses.replace(ThresholdOptimizer.default(), stop_at_batch_quantile=False, grad_clip=3.0),
+    "no-stop": ThresholdOptimizer.clipped,
 }
 
 
-def threshold_optimizer(args: argparse.Namespace) -> ThresholdOptimizer:
-    """The threshold update rule ``--threshold-rule`` names."""
-    return THRESHOLD_RULES[args.threshold_rule]()
+def glofnd_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The GloFND group's flags as keyword arguments of any GloFND loss.
 
-
-def detector_name(args: argparse.Namespace) -> str | None:
-    """``--detector`` as the losses take it (``"none"`` becomes None)."""
-    return None if args.detector == "none" else str(args.detector)
+    ``--alpha``, ``--start-epoch``, ``--detector`` (``"none"`` becomes None) and
+    ``--threshold-rule`` (a :class:`~glofnd_losses.ThresholdOptimizer`).
+    """
+    return {
+        "alpha": args.alpha,
+        "start_epoch": args.start_epoch,
+        "detector": None if args.detector == "none" else str(args.detector),
+        "threshold_optimizer": THRESHOLD_RULES[args.threshold_rule](),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -33,10 +33,9 @@ from accelerate_common import (
     Training,
     add_common_arguments,
     describe_run,
-    detector_name,
     fit,
+    glofnd_arguments,
     make_accelerator,
-    threshold_optimizer,
     view_transform,
 )
 from offline_data import ImageSplit, load_train_split
@@ -229,11 +228,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loss = GloFNDClipLoss(
         num_samples=len(dataset),
         estimator=args.estimator,
-        alpha=args.alpha,
-        start_epoch=args.start_epoch,
-        detector=detector_name(args),
         temperature=args.temperature,
-        threshold_optimizer=threshold_optimizer(args),
+        **glofnd_arguments(args),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     describe_run(

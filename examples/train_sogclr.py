@@ -31,10 +31,9 @@ from accelerate_common import (
     Training,
     add_common_arguments,
     describe_run,
-    detector_name,
     fit,
+    glofnd_arguments,
     make_accelerator,
-    threshold_optimizer,
     view_transform,
 )
 from offline_data import load_train_split
@@ -104,10 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_samples=len(dataset),
         temperature=args.temperature,
         gamma=args.gamma,
-        alpha=args.alpha,
-        start_epoch=args.start_epoch,
-        detector=detector_name(args),
-        threshold_optimizer=threshold_optimizer(args),
+        **glofnd_arguments(args),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     describe_run(accelerator, args, f"{len(dataset)} {args.data} items, {side} px, backbone {args.backbone}.")

@@ -281,8 +281,8 @@ def filtered_cross_entropy(
     Returns:
         ``(V, b)`` per-row losses.
     """
-    if not isinstance(scale, torch.Tensor):
-        scale = torch.tensor(float(scale), dtype=scores.dtype, device=scores.device)
+    if not isinstance(scale, torch.Tensor):  # a fill on the device, not a copy from the host
+        scale = scores.new_full((), float(scale))
     positive_index = positive_index.expand(scores.shape[0], -1).contiguous()
     keep = keep.expand_as(scores)
     log_rescale = math.log(num_negatives) - torch.log(kept_count)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -167,7 +166,7 @@ def test_anchor_with_every_negative_flagged_stays_finite(name: str) -> None:
 
 # The default's stop at the batch quantile needs the quantile at every step; without it, only the
 # first visit of a sample does.
-WITHOUT_STOP = dataclasses.replace(ThresholdOptimizer.default(), stop_at_batch_quantile=False, grad_clip=3.0)
+WITHOUT_STOP = ThresholdOptimizer.clipped()
 
 
 def test_first_visit_quantile_stops_once_every_sample_was_visited(monkeypatch: pytest.MonkeyPatch) -> None:
