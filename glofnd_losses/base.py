@@ -212,8 +212,10 @@ class GloFNDLossBase(nn.Module):
                 rows.scores.shape[:2], rows.num_negatives, dtype=torch.int32, device=rows.scores.device
             )
             return KeptNegatives(rows.negatives.expand_as(rows.scores), full_count.float(), full_count, detection)
-        unflagged = detection.kept(rows)
-        unflagged_count = functional.count_true(unflagged)
+        unflagged, unflagged_count = detection.unflagged, detection.unflagged_count
+        if unflagged is None or unflagged_count is None:
+            unflagged = detection.kept(rows)
+            unflagged_count = functional.count_true(unflagged)
         if not self.filtering:
             full_count = torch.full_like(unflagged_count, rows.num_negatives)
             return KeptNegatives(rows.negatives.expand_as(rows.scores), full_count.float(), unflagged_count, detection)
@@ -283,7 +285,15 @@ class GloFNDLossBase(nn.Module):
             labels = labels.to(view_a.device)
             batch_labels = distributed.gather_rows(labels) if use_gather else labels
             column_labels = torch.cat([batch_labels, batch_labels])
-        rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
+        rows = BatchRows(
+            scores.detach(),
+            excluded,
+            negatives,
+            labels,
+            column_labels,
+            row_embeddings=torch.stack([view_a, view_b]).detach(),
+            column_embeddings=torch.cat([all_a, all_b]).detach(),
+        )
         positive_index = functional.two_view_positives(local_size, global_size, offset, view_a.device)
         return TwoViewBatch(scores, rows, positive_index, safe_indices, valid)
 

@@ -36,6 +36,9 @@ class BatchRows:
         negatives: ``(b, C)`` bool negative mask, the same for all ``V`` rows.
         anchor_labels: ``(b,)`` labels of the anchors, or None.
         column_labels: ``(C,)`` labels of the columns, or None.
+        row_embeddings: ``(V, b, d)`` detached embeddings whose products with
+            ``column_embeddings`` are ``scores``, or None; they make :meth:`score_std` cheap.
+        column_embeddings: ``(C, d)`` detached column embeddings, or None.
     """
 
     scores: torch.Tensor
@@ -43,11 +46,19 @@ class BatchRows:
     negatives: torch.Tensor
     anchor_labels: torch.Tensor | None = None
     column_labels: torch.Tensor | None = None
+    row_embeddings: torch.Tensor | None = None
+    column_embeddings: torch.Tensor | None = None
 
     @property
     def num_negatives(self) -> int:
         """Negatives per row."""
         return self.scores.shape[-1] - self.excluded.shape[-1]
+
+    def score_std(self) -> torch.Tensor:
+        """``(V, b)`` standard deviation of each row's scores over all its columns."""
+        if self.row_embeddings is None or self.column_embeddings is None:
+            return functional.row_std(self.scores)
+        return functional.row_std_from_embeddings(self.row_embeddings, self.column_embeddings)
 
 
 @dataclass(frozen=True)
@@ -77,11 +88,16 @@ class Detection:
         thresholds: ``(b,)`` or ``(V, b)`` float32 thresholds, or None.
         flagged: ``(b, C)`` or ``(V, b, C)`` bool false negatives when there are no thresholds.
         new_rows: Updated per-sample fields of the anchors (empty when nothing is learned).
+        unflagged: ``(V, b, C)`` bool :meth:`kept` mask when the detector built it on the way,
+            else None.
+        unflagged_count: ``(V, b)`` int32 per-row counts of ``unflagged``, or None.
     """
 
     thresholds: torch.Tensor | None = None
     flagged: torch.Tensor | None = None
     new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    unflagged: torch.Tensor | None = None
+    unflagged_count: torch.Tensor | None = None
 
     def kept(self, rows: BatchRows) -> torch.Tensor:
         """``(V, b, C)`` bool negatives that are not flagged."""
@@ -166,26 +182,80 @@ class GloFNDDetector(Detector):
 
     def detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
         current = ThresholdRows.from_state(state_rows, prefix)
-        new_rows: dict[str, torch.Tensor] = {}
-        threshold = current.threshold
-        if step.learn:
-            subgradient = functional.threshold_subgradient(
-                rows.scores, rows.excluded, current.threshold, self.alpha, rows.num_negatives
+        if not step.learn:
+            return Detection(current.threshold)
+        subgradient = functional.threshold_subgradient(
+            rows.scores, rows.excluded, current.threshold, self.alpha, rows.num_negatives
+        )
+        if self.optimizer.normalize_grad and self.alpha > 0:
+            subgradient = subgradient / self.alpha
+        score_std = None
+        if self.optimizer.step_unit == "score_std":
+            score_std = rows.score_std().mean(dim=0)
+        proposed = thresholds.propose(current, subgradient, step.epoch, self.optimizer, score_std)
+        seeding = self.optimizer.init == "minibatch_quantile" and not step.all_seeded
+        if not (seeding or self.optimizer.stop_at_batch_quantile):
+            return Detection(proposed.threshold, new_rows=proposed.to_state(prefix))
+        if rows.scores.device.type != "cpu":
+            # Accelerators: the quantile of every row (selecting rows would need a host sync).
+            quantile = functional.pooled_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
+            updated = thresholds.finish(current, proposed, quantile, self.optimizer)
+            return Detection(updated.threshold, new_rows=updated.to_state(prefix))
+        return self._detect_selecting_rows(rows, current, proposed, prefix, seeding)
+
+    def _detect_selecting_rows(
+        self, rows: BatchRows, current: ThresholdRows, proposed: ThresholdRows, prefix: str, seeding: bool
+    ) -> Detection:
+        """On CPU: the batch quantile only for the anchors that need it, by the cheapest means.
+
+        Those are the first visits (seeding; a ``topk``) and, for the stop, the anchors whose
+        proposed step may pass their batch quantile, found from the keep-mask of the proposed
+        thresholds (:func:`~glofnd_losses.functional.may_pass_quantile`). Most of these only
+        straddle it (:func:`~glofnd_losses.functional.straddled_quantile`, two masked reductions);
+        the others (a ``topk``) are rare once thresholds have converged. The keep-mask is the
+        loss's mask everywhere else and is rebuilt for the selected anchors. Bit-identical to
+        computing every anchor's quantile.
+        """
+        first_visit = current.visits == 0 if seeding else torch.zeros_like(current.visits, dtype=torch.bool)
+        quantile = proposed.threshold.clone()  # stands in where the stop cannot bind (thresholds.finish)
+        unflagged = unflagged_count = straddling = None
+        topk_needed = first_visit
+        if self.optimizer.stop_at_batch_quantile:
+            unflagged = functional.keep_at_or_below(rows.scores, rows.excluded, proposed.threshold)
+            unflagged_count = functional.count_true(unflagged)
+            negatives = rows.scores.shape[0] * rows.num_negatives
+            above = negatives - unflagged_count.sum(dim=0)
+            moved = (proposed.threshold != current.threshold) & ~first_visit
+            upward = proposed.threshold > current.threshold
+            may_pass = moved & functional.may_pass_quantile(above, upward, self.alpha, negatives)
+            straddles = functional.straddles_quantile(above, self.alpha, negatives)
+            straddling = (may_pass & straddles).nonzero().squeeze(1)  # CPU tensors: no device sync
+            topk_needed = first_visit | (may_pass & ~straddles)
+            if len(straddling):
+                quantile[straddling] = functional.straddled_quantile(
+                    rows.scores[:, straddling],
+                    rows.excluded[straddling],
+                    proposed.threshold[straddling],
+                    self.alpha,
+                    rows.num_negatives,
+                )
+        selected = topk_needed.nonzero().squeeze(1)
+        if len(selected):
+            quantile[selected] = functional.pooled_quantile(
+                rows.scores[:, selected], rows.excluded[selected], self.alpha, rows.num_negatives
             )
-            if self.optimizer.normalize_grad and self.alpha > 0:
-                subgradient = subgradient / self.alpha
-            seed = None
-            seeding = self.optimizer.init == "minibatch_quantile" and not step.all_seeded
-            if seeding or self.optimizer.stop_at_batch_quantile:
-                per_row = functional.minibatch_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
-                seed = per_row.mean(dim=0)
-            score_std = None
-            if self.optimizer.step_unit == "score_std":
-                score_std = functional.row_std(rows.scores).mean(dim=0)
-            updated = thresholds.step(current, subgradient, seed, step.epoch, self.optimizer, score_std)
-            threshold = updated.threshold
-            new_rows = updated.to_state(prefix)
-        return Detection(threshold, new_rows=new_rows)
+        updated = thresholds.finish(current, proposed, quantile, self.optimizer)
+        if unflagged is not None and unflagged_count is not None and straddling is not None:
+            rebuilt = torch.cat([selected, straddling])
+            if len(rebuilt):
+                mask = functional.keep_at_or_below(
+                    rows.scores[:, rebuilt], rows.excluded[rebuilt], updated.threshold[rebuilt]
+                )
+                unflagged[:, rebuilt] = mask
+                unflagged_count[:, rebuilt] = functional.count_true(mask)
+        return Detection(
+            updated.threshold, new_rows=updated.to_state(prefix), unflagged=unflagged, unflagged_count=unflagged_count
+        )
 
 
 DETECTOR_NAMES = ("glofnd", "fnc", "oracle", None)

@@ -131,13 +131,51 @@ def threshold_subgradient(
     return alpha - fraction_above
 
 
+def _quantile_rank(alpha: float, num_negatives: int) -> tuple[int, float]:
+    """Where the ``(1 - alpha)``-quantile of ``num_negatives`` values lies in the descending order.
+
+    Returns ``(top_count, fraction)``: the quantile interpolates, by ``fraction``, from the
+    ``top_count``-th largest value towards the ``(top_count - 1)``-th largest.
+    """
+    position = (num_negatives - 1) * (1.0 - alpha)
+    lower_rank = math.floor(position)  # ascending rank r is descending rank num_negatives - 1 - r
+    return num_negatives - lower_rank, position - lower_rank
+
+
+def _top_negatives(scores: torch.Tensor, excluded: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` largest negatives of every row, unsorted; ``-inf`` fills where a row has fewer.
+
+    The top ``count + E`` values of the raw row are taken (no masked copy of it) and the excluded
+    columns among them are set to ``-inf``.
+    """
+    values, columns = scores.topk(min(count + excluded.shape[1], scores.shape[-1]), dim=-1)
+    is_excluded = (columns[..., None] == excluded[None, :, None, :]).any(dim=-1)
+    return values.masked_fill(is_excluded, float("-inf"))
+
+
+def _interpolate(lower: torch.Tensor, upper: torch.Tensor | None, fraction: float) -> torch.Tensor:
+    """``lower + fraction * (upper - lower)``, never above ``upper`` (float32 rounding included).
+
+    :func:`may_pass_quantile` relies on the quantile staying within its two order statistics.
+    """
+    if upper is None or fraction == 0.0:
+        return lower
+    return torch.minimum(lower + fraction * (upper - lower), upper)
+
+
+def _interpolate_top(top: torch.Tensor, top_count: int, fraction: float) -> torch.Tensor:
+    """The quantile from candidates ``(..., m)`` holding the ``top_count`` largest values."""
+    top = top.sort(dim=-1, descending=True).values
+    upper = top[..., top_count - 2] if top_count >= 2 else None
+    return _interpolate(top[..., top_count - 1], upper, fraction)
+
+
 def minibatch_quantile(scores: torch.Tensor, excluded: torch.Tensor, alpha: float, num_negatives: int) -> torch.Tensor:
     """Per-row ``(1 - alpha)``-quantile of the negatives (FNC's threshold), via ``topk``.
 
     Equal to ``torch.quantile(row[negatives], 1 - alpha)`` (linear interpolation) without sorting
     the whole row, without masking a copy of it, and without ``torch.quantile``'s 16M-element
-    limit: the top values of the raw row are taken with ``E`` spare ones, and the excluded
-    columns are dropped from that short list.
+    limit.
 
     Args:
         scores: ``(V, b, C)`` float32 scores.
@@ -148,19 +186,95 @@ def minibatch_quantile(scores: torch.Tensor, excluded: torch.Tensor, alpha: floa
     Returns:
         ``(V, b)`` float32 quantiles.
     """
-    position = (num_negatives - 1) * (1.0 - alpha)
-    lower_rank = math.floor(position)  # ascending rank r is descending rank num_negatives - 1 - r
-    fraction = position - lower_rank
-    top_count = num_negatives - lower_rank
-    spare = excluded.shape[1]
-    values, columns = scores.topk(min(top_count + spare, scores.shape[-1]), dim=-1)
-    is_excluded = (columns[..., None] == excluded[None, :, None, :]).any(dim=-1)
-    top = values.masked_fill(is_excluded, float("-inf")).sort(dim=-1, descending=True).values
-    lower = top[..., top_count - 1]
-    if fraction == 0.0 or top_count < 2:
+    top_count, fraction = _quantile_rank(alpha, num_negatives)
+    return _interpolate_top(_top_negatives(scores, excluded, top_count), top_count, fraction)
+
+
+def pooled_quantile(scores: torch.Tensor, excluded: torch.Tensor, alpha: float, num_negatives: int) -> torch.Tensor:
+    """``(1 - alpha)``-quantile of each anchor's negatives pooled over its ``V`` rows, via ``topk``.
+
+    Equal to ``torch.quantile(torch.cat([row[negatives] for row in anchor_rows]), 1 - alpha)``: the
+    point where the anchor's threshold subgradient (:func:`threshold_subgradient`, which pools the
+    rows the same way) changes sign. Each row contributes its top candidates; the rows are never
+    concatenated whole.
+
+    Args:
+        scores: ``(V, b, C)`` float32 scores.
+        excluded: ``(b, E)`` non-negative columns (distinct within a row).
+        alpha: Upper tail fraction.
+        num_negatives: Negatives per row (``C - E``).
+
+    Returns:
+        ``(b,)`` float32 quantiles.
+    """
+    views, anchors = scores.shape[:2]
+    top_count, fraction = _quantile_rank(alpha, views * num_negatives)
+    top = _top_negatives(scores, excluded, top_count)
+    return _interpolate_top(top.transpose(0, 1).reshape(anchors, -1), top_count, fraction)
+
+
+def may_pass_quantile(above_count: torch.Tensor, upward: torch.Tensor, alpha: float, negatives: int) -> torch.Tensor:
+    """Anchors whose new threshold may lie past their :func:`pooled_quantile`, from a count.
+
+    With ``above_count`` the anchor's negatives (pooled over its rows) strictly above its new
+    threshold, an upward step can have passed the quantile only if fewer than ``top_count``
+    negatives remain above it, and a downward step only if at least ``top_count - 1`` do
+    (``top_count`` from :func:`_quantile_rank`). Every anchor whose step passes its quantile is in
+    the result (with the anchors whose threshold lies between the two order statistics the
+    quantile interpolates, see :func:`straddled_quantile`), so the quantile needs to be computed
+    for these anchors only.
+
+    Args:
+        above_count: ``(b,)`` negatives strictly above each anchor's new threshold.
+        upward: ``(b,)`` bool, whether the anchor's threshold moved up.
+        alpha: Upper tail fraction of the quantile.
+        negatives: Negatives per anchor, pooled over its rows (``V * num_negatives``).
+
+    Returns:
+        ``(b,)`` bool.
+    """
+    top_count, _ = _quantile_rank(alpha, negatives)
+    return torch.where(upward, above_count <= top_count - 1, above_count >= top_count - 1)
+
+
+def straddles_quantile(above_count: torch.Tensor, alpha: float, negatives: int) -> torch.Tensor:
+    """``(b,)`` bool: thresholds with exactly ``top_count - 1`` negatives above them.
+
+    Such a threshold lies between the two order statistics that :func:`pooled_quantile`
+    interpolates, and :func:`straddled_quantile` finds the quantile without a ``topk``.
+    Arguments as in :func:`may_pass_quantile`.
+    """
+    top_count, _ = _quantile_rank(alpha, negatives)
+    return above_count == top_count - 1
+
+
+def straddled_quantile(
+    scores: torch.Tensor, excluded: torch.Tensor, bound: torch.Tensor, alpha: float, num_negatives: int
+) -> torch.Tensor:
+    """:func:`pooled_quantile` of anchors whose ``bound`` straddles it (:func:`straddles_quantile`).
+
+    The two order statistics are then the largest negative at or below ``bound`` and the
+    smallest above it: two masked reductions instead of a ``topk``, with the same result.
+
+    Args:
+        scores: ``(V, b, C)`` float32 scores.
+        excluded: ``(b, E)`` non-negative columns.
+        bound: ``(b,)`` thresholds with exactly ``top_count - 1`` negatives strictly above.
+        alpha: Upper tail fraction.
+        num_negatives: Negatives per row.
+
+    Returns:
+        ``(b,)`` float32 quantiles.
+    """
+    top_count, fraction = _quantile_rank(alpha, scores.shape[0] * num_negatives)
+    at_or_below = scores <= bound[None, :, None]
+    excluded_rows = excluded.expand(scores.shape[0], -1, -1)
+    lower_candidates = torch.where(at_or_below, scores, float("-inf")).scatter_(-1, excluded_rows, float("-inf"))
+    lower = lower_candidates.amax(dim=(0, 2))
+    if top_count < 2 or fraction == 0.0:
         return lower
-    upper = top[..., top_count - 2]
-    return lower + fraction * (upper - lower)
+    upper_candidates = torch.where(at_or_below, float("inf"), scores).scatter_(-1, excluded_rows, float("inf"))
+    return _interpolate(lower, upper_candidates.amin(dim=(0, 2)), fraction)
 
 
 def row_std(scores: torch.Tensor) -> torch.Tensor:
@@ -174,6 +288,27 @@ def row_std(scores: torch.Tensor) -> torch.Tensor:
     mean = scores.sum(dim=-1) / count
     mean_square = torch.linalg.vector_norm(scores, dim=-1).square() / count
     return ((mean_square - mean.square()).clamp_min(0.0) * (count / max(count - 1, 1))).sqrt()
+
+
+def row_std_from_embeddings(row_embeddings: torch.Tensor, column_embeddings: torch.Tensor) -> torch.Tensor:
+    """:func:`row_std` of the scores ``row_embeddings @ column_embeddings.T``, without the scores.
+
+    A row's scores against the columns have variance ``r^T Cov r`` with ``Cov`` the columns'
+    sample covariance, so the cost is ``O((V b + C) d^2)`` instead of two passes over the
+    ``(V, b, C)`` scores, and the centred covariance avoids ``row_std``'s cancellation.
+
+    Args:
+        row_embeddings: ``(V, b, d)`` float32 embeddings of the rows.
+        column_embeddings: ``(C, d)`` float32 embeddings of the columns.
+
+    Returns:
+        ``(V, b)`` float32 standard deviations.
+    """
+    count = column_embeddings.shape[0]
+    centred = column_embeddings - column_embeddings.mean(dim=0)
+    covariance = centred.T @ centred / max(count - 1, 1)
+    variance = ((row_embeddings @ covariance) * row_embeddings).sum(dim=-1)
+    return variance.clamp_min(0.0).sqrt()
 
 
 def keep_at_or_below(scores: torch.Tensor, excluded: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

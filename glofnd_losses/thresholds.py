@@ -13,12 +13,17 @@ Two presets:
   ``lam = 1``.
 * :meth:`ThresholdOptimizer.default` is chosen by ``benchmarks/threshold_quality.py`` and a
   training run whose encoder changes fast (BENCHMARKS.md): the threshold starts at the
-  mini-batch quantile on a sample's first visit, then takes projected subgradient steps on
+  batch quantile on a sample's first visit, then takes projected subgradient steps on
   ``G / alpha`` (so the step is in units of the target fraction, whatever ``alpha``) with a size
   in units of the anchor's score standard deviation in the batch (so it is invariant to how
   spread the cosines are) that decays with the sample's visit count down to a floor (so it keeps
-  tracking a drifting encoder), and a step never carries it past the visit's mini-batch quantile
+  tracking a drifting encoder), and a step never carries it past the visit's batch quantile
   (so a fast-moving encoder is followed within a visit, without overshooting).
+
+The batch quantile of an anchor is the ``(1 - alpha)``-quantile of its negatives in the batch,
+pooled over its rows (both views of a two-view loss;
+:func:`glofnd_losses.functional.pooled_quantile`): the point where its subgradient, which pools
+the rows the same way, changes sign.
 """
 
 from __future__ import annotations
@@ -51,23 +56,25 @@ class ThresholdOptimizer:
         bias_correction: ``"per_sample"`` (by the sample's own number of steps) or ``"epoch"``
             (by the global epoch number + 1, the reference code's quirk).
         init: ``"one"`` (start at 1, nothing flagged) or ``"minibatch_quantile"`` (set the
-            threshold to the mini-batch ``(1 - alpha)``-quantile at the sample's first visit).
+            threshold to the batch quantile at the sample's first visit).
         lr_decay: ``"constant"`` or ``"inverse_sqrt"`` (``lr / sqrt(steps)`` per sample).
         min_lr: Floor of the decayed step size.
         normalize_grad: Divide the subgradient by ``alpha`` (its magnitude when no negative is
             above the threshold), making ``lr`` independent of ``alpha``. No effect on Adam's
             direction beyond ``eps``.
         stop_at_batch_quantile: The new threshold stays between the old one and the visit's
-            mini-batch ``(1 - alpha)``-quantile, so a step never carries it past that quantile
-            (the subgradient's sign agrees with the quantile's side up to sampling). With
-            ``normalize_grad`` an upward step can be ``lr / alpha`` long when the scores jump (a
-            fast-changing encoder): this keeps it from overshooting to 1 and then recovering only
-            at the downward rate. Costs a per-row ``topk`` on every step.
+            batch quantile, so a step never carries it past the point where the batch's
+            subgradient changes sign. With ``normalize_grad`` an upward step can be
+            ``lr / alpha`` long when the scores jump (a fast-changing encoder): this keeps it
+            from overshooting to 1 and then recovering only at the downward rate. On CPU the
+            quantile is computed only for the anchors whose step may pass it (a ``topk`` for
+            those that cross it, two masked reductions for those next to it); on an accelerator,
+            where selecting rows would need a host sync, a per-row ``topk`` at every step.
         grad_clip: Clip the (normalised) subgradient to ``[-grad_clip, grad_clip]`` before the
             step, bounding a step at ``lr * grad_clip``. With ``normalize_grad`` the downward
             subgradient is at most 1, so ``grad_clip >= 1`` only shortens upward steps (scores
             that jumped above the threshold). Cheaper than ``stop_at_batch_quantile`` (no
-            ``topk``) but it lags an encoder whose scores move by several steps between two visits
+            quantile) but it lags an encoder whose scores move by several steps between two visits
             of a sample (BENCHMARKS.md). None: no clipping.
         step_unit: ``"similarity"`` (``lr`` in cosine units) or ``"score_std"`` (``lr`` in units
             of the standard deviation of the anchor's scores in the batch, so the rule is
@@ -138,9 +145,9 @@ class ThresholdOptimizer:
     def clipped(cls) -> ThresholdOptimizer:
         """The default without its stop at the batch quantile: steps clipped at 3 instead.
 
-        It needs no per-row ``topk`` once every sample has been visited (GloFND on vs off about
-        1.0x instead of 1.3x on CPU) and is as accurate on slowly moving embeddings, but it lags
-        an encoder that moves fast (BENCHMARKS.md sections 1 and 2).
+        It needs no batch quantile once every sample has been visited (no per-row ``topk`` on an
+        accelerator) and is as accurate on slowly moving embeddings, but it lags an encoder that
+        moves fast (BENCHMARKS.md sections 1 and 2).
         """
         return dataclasses.replace(cls.default(), stop_at_batch_quantile=False, grad_clip=3.0)
 
@@ -190,7 +197,7 @@ def step(
     optimizer: ThresholdOptimizer,
     score_std: torch.Tensor | None = None,
 ) -> ThresholdRows:
-    """One update of the thresholds of a batch's anchors.
+    """One update of the thresholds of a batch's anchors: :func:`propose`, then :func:`finish`.
 
     Args:
         rows: Current rows (threshold, moments, per-sample visit count).
@@ -206,16 +213,30 @@ def step(
 
     Returns:
         The new rows. With ``init="minibatch_quantile"`` a sample's first visit sets its threshold
-        to the mini-batch quantile and takes no step; Adam's bias correction and the step-size
+        to the batch quantile and takes no step; Adam's bias correction and the step-size
         decay count the visits after it.
+    """
+    return finish(rows, propose(rows, subgradient, epoch, optimizer, score_std), batch_quantile, optimizer)
+
+
+def propose(
+    rows: ThresholdRows,
+    subgradient: torch.Tensor,
+    epoch: int,
+    optimizer: ThresholdOptimizer,
+    score_std: torch.Tensor | None = None,
+) -> ThresholdRows:
+    """The rule's step before the stop at the batch quantile and the first-visit seed.
+
+    Arguments as in :func:`step`. The proposed threshold is clamped to ``[-1, 1]``; the visit
+    count is incremented.
     """
     grad = subgradient.to(torch.float32)
     if optimizer.grad_clip is not None:
         grad = grad.clamp(-optimizer.grad_clip, optimizer.grad_clip)
     visits = rows.visits + 1
-    seeding = optimizer.init == "minibatch_quantile"
     # With a seeded start the first visit sets the threshold; Adam's own count starts after it.
-    optimizer_steps = (visits - 1 if seeding else visits).clamp_min(1).to(torch.float32)
+    optimizer_steps = (rows.visits if optimizer.init == "minibatch_quantile" else visits).clamp_min(1).to(torch.float32)
     lr: torch.Tensor | float = optimizer.lr
     if optimizer.lr_decay == "inverse_sqrt":
         lr = (optimizer.lr / optimizer_steps.sqrt()).clamp_min(optimizer.min_lr)
@@ -238,22 +259,41 @@ def step(
     else:
         exp_avg, exp_avg_sq, direction = rows.exp_avg, rows.exp_avg_sq, grad
     threshold = (rows.threshold - lr * direction).clamp(-1.0, 1.0)
+    return ThresholdRows(threshold, exp_avg, exp_avg_sq, visits.to(rows.visits.dtype))
+
+
+def finish(
+    rows: ThresholdRows, proposed: ThresholdRows, batch_quantile: torch.Tensor | None, optimizer: ThresholdOptimizer
+) -> ThresholdRows:
+    """Apply the stop at the batch quantile and the first-visit seed to a proposed step.
+
+    Args:
+        rows: Rows before the step.
+        proposed: :func:`propose`'s result.
+        batch_quantile: As in :func:`step`. Where the proposed threshold is known not to pass
+            the quantile, ``proposed.threshold`` itself may stand in for it (the stop is then a
+            no-op), except on a first visit with a seeded start.
+        optimizer: The rule.
+
+    Returns:
+        The new rows.
+    """
+    threshold = proposed.threshold
     if optimizer.stop_at_batch_quantile:
         if batch_quantile is None:
-            raise ValueError("stop_at_batch_quantile needs the mini-batch quantile")
+            raise ValueError("stop_at_batch_quantile needs the batch quantile")
         # Stay between the old threshold and the batch quantile: never step past the quantile.
         upper = torch.maximum(rows.threshold, batch_quantile)
         lower = torch.minimum(rows.threshold, batch_quantile)
         threshold = torch.minimum(torch.maximum(threshold, lower), upper)
-    visits = visits.to(rows.visits.dtype)
-    if not seeding or batch_quantile is None:
-        return ThresholdRows(threshold, exp_avg, exp_avg_sq, visits)
+    if optimizer.init != "minibatch_quantile" or batch_quantile is None:
+        return ThresholdRows(threshold, proposed.exp_avg, proposed.exp_avg_sq, proposed.visits)
     first_visit = rows.visits == 0
     return ThresholdRows(
         torch.where(first_visit, batch_quantile.to(torch.float32).clamp(-1.0, 1.0), threshold),
-        torch.where(first_visit, rows.exp_avg, exp_avg),
-        torch.where(first_visit, rows.exp_avg_sq, exp_avg_sq),
-        visits,
+        torch.where(first_visit, rows.exp_avg, proposed.exp_avg),
+        torch.where(first_visit, rows.exp_avg_sq, proposed.exp_avg_sq),
+        proposed.visits,
     )
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from glofnd_losses import GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
 from glofnd_losses.base import GloFNDLossBase
+from glofnd_losses.detectors import Step
 
 LOSSES: dict[str, Callable[..., GloFNDLossBase]] = {"sogclr": GloFNDSogCLRLoss, "ntxent": GloFNDNTXent}
 
@@ -170,31 +171,41 @@ WITHOUT_STOP = ThresholdOptimizer.clipped()
 
 
 def test_first_visit_quantile_stops_once_every_sample_was_visited(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The detector is told when every sample has been visited (on an accelerator that skips the
+    # quantile of every row; on CPU only first visits compute it anyway).
     from glofnd_losses import functional
+    from glofnd_losses.detectors import GloFNDDetector
 
-    calls = []
-    original = functional.minibatch_quantile
+    quantile_calls = []
+    told_all_seeded = []
+    original_quantile, original_detect = functional.pooled_quantile, GloFNDDetector.detect
 
     def counting(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
+        quantile_calls.append(1)
+        return original_quantile(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(functional, "minibatch_quantile", counting)
+    def recording(self: GloFNDDetector, rows: object, state_rows: object, prefix: str, step: Step) -> object:
+        told_all_seeded.append(step.all_seeded)
+        return original_detect(self, rows, state_rows, prefix, step)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(functional, "pooled_quantile", counting)
+    monkeypatch.setattr(GloFNDDetector, "detect", recording)
     view_a, view_b = clustered_views(40, dim=8, seed=5)
     loss_fn = GloFNDSogCLRLoss(40, alpha=0.1, threshold_optimizer=WITHOUT_STOP)
     fresh_state = copy.deepcopy(loss_fn.state_dict())
 
-    def epoch(number: int) -> int:
-        calls.clear()
+    def epoch(number: int) -> tuple[int, list[bool]]:
+        quantile_calls.clear()
+        told_all_seeded.clear()
         loss_fn.set_epoch(number)
         for indices in torch.arange(40).split(10):
             loss_fn(view_a[indices], view_b[indices], indices)
-        return len(calls)
+        return len(quantile_calls), list(told_all_seeded)
 
-    assert epoch(0) == 4  # every batch seeds thresholds
-    assert epoch(1) == 0  # set_epoch found every sample visited: no quantile is computed
+    assert epoch(0) == (4, [False] * 4)  # every batch seeds thresholds
+    assert epoch(1) == (0, [True] * 4)  # set_epoch found every sample visited
     loss_fn.load_state_dict(fresh_state)  # a state with unvisited samples: seeding is back on
-    assert epoch(2) == 4
+    assert epoch(2) == (4, [False] * 4)
 
 
 def test_skipping_the_first_visit_quantile_changes_nothing() -> None:

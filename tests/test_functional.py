@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from glofnd_losses import functional
@@ -41,6 +41,47 @@ def test_minibatch_quantile_equals_torch_quantile(alpha: float, negatives: int, 
         [torch.stack([torch.quantile(scores[v, i][mask[i]], 1 - alpha) for i in range(3)]) for v in range(2)]
     )
     torch.testing.assert_close(functional.minibatch_quantile(scores, excluded, alpha, negatives), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    alpha=st.floats(0.0, 0.9),
+    negatives=st.integers(1, 40),
+    views=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_pooled_quantile_equals_torch_quantile_of_the_concatenated_rows(
+    alpha: float, negatives: int, views: int, seed: int
+) -> None:
+    scores, excluded, mask = random_rows(views, 3, 50, negatives, seed)
+    expected = torch.stack([torch.quantile(scores[:, i][:, mask[i]].reshape(-1), 1 - alpha) for i in range(3)])
+    torch.testing.assert_close(functional.pooled_quantile(scores, excluded, alpha, negatives), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    alpha=st.floats(0.0, 0.9),
+    negatives=st.integers(1, 40),
+    views=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_straddled_quantile_equals_the_topk_quantile(alpha: float, negatives: int, views: int, seed: int) -> None:
+    # Scores on a grid of 1/8 (ties); a bound between the two order statistics of the quantile.
+    scores, excluded, mask = random_rows(views, 5, 50, negatives, seed)
+    scores = (scores * 8).round() / 8
+    scores[0, 0, excluded[0, :1]] = 5.0  # an excluded column must be ignored
+    pooled = torch.stack([scores[:, i][:, mask[i]].reshape(-1).sort(descending=True).values for i in range(5)])
+    position = (views * negatives - 1) * (1 - alpha)
+    top_count = views * negatives - math.floor(position)
+    bound = pooled[:, top_count - 1]  # the lower order statistic: exactly top_count - 1 above it when distinct
+    above = (pooled > bound[:, None]).sum(dim=1)
+    straddles = functional.straddles_quantile(above, alpha, views * negatives)
+    assert torch.equal(straddles, above == top_count - 1)
+    rows = straddles.nonzero().squeeze(1)
+    assume(len(rows) > 0)
+    expected = functional.pooled_quantile(scores, excluded, alpha, negatives)[rows]
+    found = functional.straddled_quantile(scores[:, rows], excluded[rows], bound[rows], alpha, negatives)
+    assert torch.equal(found, expected)
 
 
 @settings(max_examples=30, deadline=None)
@@ -184,3 +225,14 @@ def test_sogclr_rows_gradient_matches_the_global_objective_at_first_visit() -> N
     total.backward()
     torch.testing.assert_close(scores.grad, reference_scores.grad)
     torch.testing.assert_close(per_row.detach().sum(), total.detach())
+
+
+def test_row_std_from_embeddings_equals_the_std_of_the_scores() -> None:
+    generator = torch.Generator().manual_seed(3)
+    # Embeddings sharing a direction: cosines crowd near 0.9, where E[s^2] - E[s]^2 cancels badly.
+    shared = torch.randn(16, generator=generator)
+    rows = torch.nn.functional.normalize(shared + 0.1 * torch.randn(2, 7, 16, generator=generator), dim=-1)
+    columns = torch.nn.functional.normalize(shared + 0.1 * torch.randn(30, 16, generator=generator), dim=-1)
+    expected = (rows.double() @ columns.double().T).std(dim=-1)
+    found = functional.row_std_from_embeddings(rows, columns)
+    torch.testing.assert_close(found.double(), expected, rtol=1e-4, atol=0)
