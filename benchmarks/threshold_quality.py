@@ -40,8 +40,9 @@ Baseline: FNC's threshold, the per-row mini-batch ``(1 - alpha)``-quantile
 :func:`glofnd_losses.functional.two_view_scores`, each anchor's own two columns excluded via
 :func:`~glofnd_losses.functional.two_view_excluded`),
 on the same batches. ``FNC (per row)`` scores each view row's own quantile (what FNC uses);
-``FNC (mean of 2 rows)`` scores the mean of an anchor's two rows (the seed of
-``init="minibatch_quantile"``). FNC errors are pooled over every batch of the epoch.
+``FNC (mean of 2 rows)`` scores the mean of an anchor's two rows (close to the quantile of the
+two rows pooled, which seeds ``init="minibatch_quantile"``). FNC errors are pooled over every
+batch of the epoch.
 
 Rerun::
 
