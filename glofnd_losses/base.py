@@ -285,15 +285,7 @@ class GloFNDLossBase(nn.Module):
             labels = labels.to(view_a.device)
             batch_labels = distributed.gather_rows(labels) if use_gather else labels
             column_labels = torch.cat([batch_labels, batch_labels])
-        rows = BatchRows(
-            scores.detach(),
-            excluded,
-            negatives,
-            labels,
-            column_labels,
-            row_embeddings=torch.stack([view_a, view_b]).detach(),
-            column_embeddings=torch.cat([all_a, all_b]).detach(),
-        )
+        rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
         positive_index = functional.two_view_positives(local_size, global_size, offset, view_a.device)
         return TwoViewBatch(scores, rows, positive_index, safe_indices, valid)
 

@@ -234,18 +234,9 @@ class GloFNDClipLoss(GloFNDLossBase):
                 text_scores = texts @ all_images.T
             else:  # one process: the text rows are the image rows' transpose (one GEMM fewer each way)
                 text_scores = transposed_copy(image_scores)
-            banks = (("image_", image_scores, images, all_texts), ("text_", text_scores, texts, all_images))
-            for prefix, all_scores, anchors, columns in banks:
+            for prefix, all_scores in (("image_", image_scores), ("text_", text_scores)):
                 scores = all_scores[None]
-                rows = BatchRows(
-                    scores.detach(),
-                    excluded,
-                    negatives,
-                    labels,
-                    column_labels,
-                    row_embeddings=anchors.detach()[None],
-                    column_embeddings=columns.detach(),
-                )
+                rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
                 kept = self._detect(rows, state_rows, prefix)
                 new_rows.update(kept.detection.new_rows)
                 stats.update(self._stats(prefix, rows, kept))

@@ -36,9 +36,6 @@ class BatchRows:
         negatives: ``(b, C)`` bool negative mask, the same for all ``V`` rows.
         anchor_labels: ``(b,)`` labels of the anchors, or None.
         column_labels: ``(C,)`` labels of the columns, or None.
-        row_embeddings: ``(V, b, d)`` detached embeddings whose products with
-            ``column_embeddings`` are ``scores``, or None; they make :meth:`score_std` cheap.
-        column_embeddings: ``(C, d)`` detached column embeddings, or None.
     """
 
     scores: torch.Tensor
@@ -46,19 +43,11 @@ class BatchRows:
     negatives: torch.Tensor
     anchor_labels: torch.Tensor | None = None
     column_labels: torch.Tensor | None = None
-    row_embeddings: torch.Tensor | None = None
-    column_embeddings: torch.Tensor | None = None
 
     @property
     def num_negatives(self) -> int:
         """Negatives per row."""
         return self.scores.shape[-1] - self.excluded.shape[-1]
-
-    def score_std(self) -> torch.Tensor:
-        """``(V, b)`` standard deviation of each row's scores over all its columns."""
-        if self.row_embeddings is None or self.column_embeddings is None:
-            return functional.row_std(self.scores)
-        return functional.row_std_from_embeddings(self.row_embeddings, self.column_embeddings)
 
 
 @dataclass(frozen=True)
@@ -191,7 +180,7 @@ class GloFNDDetector(Detector):
             subgradient = subgradient / self.alpha
         score_std = None
         if self.optimizer.step_unit == "score_std":
-            score_std = rows.score_std().mean(dim=0)
+            score_std = functional.row_std(rows.scores).mean(dim=0)
         proposed = thresholds.propose(current, subgradient, step.epoch, self.optimizer, score_std)
         seeding = self.optimizer.init == "minibatch_quantile" and not step.all_seeded
         if not (seeding or self.optimizer.stop_at_batch_quantile):

@@ -290,27 +290,6 @@ def row_std(scores: torch.Tensor) -> torch.Tensor:
     return ((mean_square - mean.square()).clamp_min(0.0) * (count / max(count - 1, 1))).sqrt()
 
 
-def row_std_from_embeddings(row_embeddings: torch.Tensor, column_embeddings: torch.Tensor) -> torch.Tensor:
-    """:func:`row_std` of the scores ``row_embeddings @ column_embeddings.T``, without the scores.
-
-    A row's scores against the columns have variance ``r^T Cov r`` with ``Cov`` the columns'
-    sample covariance, so the cost is ``O((V b + C) d^2)`` instead of two passes over the
-    ``(V, b, C)`` scores, and the centred covariance avoids ``row_std``'s cancellation.
-
-    Args:
-        row_embeddings: ``(V, b, d)`` float32 embeddings of the rows.
-        column_embeddings: ``(C, d)`` float32 embeddings of the columns.
-
-    Returns:
-        ``(V, b)`` float32 standard deviations.
-    """
-    count = column_embeddings.shape[0]
-    centred = column_embeddings - column_embeddings.mean(dim=0)
-    covariance = centred.T @ centred / max(count - 1, 1)
-    variance = ((row_embeddings @ covariance) * row_embeddings).sum(dim=-1)
-    return variance.clamp_min(0.0).sqrt()
-
-
 def keep_at_or_below(scores: torch.Tensor, excluded: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Keep-mask: negatives with ``score <= threshold``; thresholds ``(b,)`` or ``(V, b)``."""
     if thresholds.dim() == 1:
