@@ -94,26 +94,60 @@ def settle(loss_fn: Any) -> None:
     loss_fn.set_epoch(loss_fn.epoch)  # starts the loss's own check of the visit counts
 
 
+class QuantileRowCounter:
+    """Counts the rows whose mini-batch quantile (a per-row ``topk``) the losses compute."""
+
+    def __init__(self) -> None:
+        from glofnd_losses import functional
+
+        self.rows = 0
+        self.original = functional.pooled_quantile
+        functional.pooled_quantile = self.counting  # type: ignore[assignment]
+
+    def counting(self, scores: torch.Tensor, *args: Any) -> torch.Tensor:
+        self.rows += scores.shape[1]
+        return self.original(scores, *args)  # type: ignore[no-any-return]
+
+
 def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int) -> dict[str, float]:
-    """Run in a fresh process: median forward+backward seconds and peak extra memory in MiB."""
+    """Run in a fresh process: median forward+backward seconds and peak extra memory in MiB.
+
+    The data set is ``POOL_BATCHES`` batches' worth of fixed random embeddings, reshuffled into new
+    batches at every step. Steady-state cases first train ``WARMUP_EPOCHS`` epochs over it (the
+    thresholds learn its quantiles) and are then timed on further such batches; the first-epoch
+    case is timed on batches of samples it has never seen. ``quantile_rows`` is the number of
+    anchors per anchor and step whose batch quantile (a ``topk``) was computed (2 at most: CLIP's
+    two banks).
+    """
     torch.manual_seed(0)
     loss_fn = build(case, num_samples)
     if hasattr(loss_fn, "to"):
         loss_fn = loss_fn.to(device)
-    out0 = torch.randn(batch, dim, device=device, requires_grad=True)
-    out1 = torch.randn(batch, dim, device=device, requires_grad=True)
-    indices = torch.randperm(num_samples, device=device)[:batch]
+    pool_size = min(num_samples, POOL_BATCHES * batch)
+    pool = torch.randn(2, pool_size, dim, device=device)  # two views of pool_size samples
+    pool_indices = torch.randperm(num_samples, device=device)[:pool_size]
+    first_epoch = case.endswith("first_epoch")
     logit_scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    generator = torch.Generator(device=device).manual_seed(1)
 
-    def step() -> None:
+    def draw(number: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of the pool (shuffled anew each time, as epochs reshuffle a data set)."""
+        rows = torch.randperm(pool_size, generator=generator, device=device)[:batch]
+        out0, out1 = (view[rows].requires_grad_() for view in pool)
+        if first_epoch:  # never-seen samples: the same embeddings under fresh indices
+            return out0, out1, num_samples - 1 - batch * number - torch.arange(batch, device=device)
+        return out0, out1, pool_indices[rows]
+
+    def step(batch_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        out0, out1, batch_indices = batch_inputs
         if case in CLIP_CASES:  # open_clip's models hand the loss normalised features
             images, texts = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
-            extra = {} if case == "open_clip" else {"indices": indices}
+            extra = {} if case == "open_clip" else {"indices": batch_indices}
             loss = loss_fn(images, texts, logit_scale, **extra)
         elif case == "lightly_ntxent":
             loss = loss_fn(out0, out1)
         else:
-            loss = loss_fn(out0, out1, indices)
+            loss = loss_fn(out0, out1, batch_indices)
         loss.backward()
 
     cuda = device.startswith("cuda")
@@ -122,16 +156,19 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
-    step()  # warm-up; it also reaches the peak
-    if hasattr(loss_fn, "state") and not case.endswith("first_epoch"):
+    warmup_steps = 1 if first_epoch else WARMUP_EPOCHS * (pool_size // batch)  # the first reaches the peak
+    for number in range(warmup_steps):
+        step(draw(number))
+    if hasattr(loss_fn, "state") and not first_epoch:
         settle(loss_fn)
-        step()
+    counter = QuantileRowCounter()
     times = []
-    for _ in range(repeats):
+    for number in range(warmup_steps, warmup_steps + repeats):
+        batch_inputs = draw(number)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        step(batch_inputs)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -139,7 +176,14 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
         peak_mib = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
-    return {"seconds": statistics.median(times), "peak_mib": peak_mib}
+    quantile_rows = counter.rows / (repeats * batch)
+    return {"seconds": statistics.median(times), "peak_mib": peak_mib, "quantile_rows": quantile_rows}
+
+
+POOL_BATCHES = 4
+"""Size of the benchmark's data set, in batches."""
+WARMUP_EPOCHS = 3
+"""Epochs over those batches before the steady-state cases are timed."""
 
 
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
@@ -163,6 +207,7 @@ def combine_rounds(runs: list[dict[str, float]]) -> dict[str, float]:
     return {
         "seconds": statistics.median(run["seconds"] for run in runs),
         "peak_mib": max(run["peak_mib"] for run in runs),
+        "quantile_rows": statistics.median(run["quantile_rows"] for run in runs),
     }
 
 
@@ -203,7 +248,7 @@ def main() -> None:
         f"{allocator}\n"
     )
     results: dict[str, Any] = {"device": device_name, "allocator": allocator, "batches": {}, "scaling": {}}
-    header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9}"
+    header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9} | {'topk rows':>9}"
     print(header + "\n" + "-" * len(header))
     for batch in args.batch_sizes:
         runs: dict[str, list[dict[str, float]]] = {case: [] for case in CASES}
@@ -215,7 +260,10 @@ def main() -> None:
         rows = {case: combine_rounds(case_runs) for case, case_runs in runs.items()}
         results["batches"][batch] = rows
         for case, row in rows.items():
-            print(f"{batch:>6} | {CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f}")
+            print(
+                f"{batch:>6} | {CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f} "
+                f"| {row['quantile_rows']:>9.3f}"
+            )
     pairs = [
         ("GloFNDNTXent / lightly", "glofnd_ntxent", "lightly_ntxent"),
         ("SogCLR GloFND on / off", "sogclr_glofnd", "sogclr_plain"),
