@@ -229,7 +229,9 @@ class GloFNDDetector(Detector):
                     rows.num_negatives,
                 )
         selected = topk_needed.nonzero().squeeze(1)
-        if len(selected):
+        if len(selected) == len(quantile):  # every anchor (first visits): no copy of the rows
+            quantile = functional.pooled_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
+        elif len(selected):
             quantile[selected] = functional.pooled_quantile(
                 rows.scores[:, selected], rows.excluded[selected], self.alpha, rows.num_negatives
             )

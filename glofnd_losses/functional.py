@@ -195,8 +195,7 @@ def pooled_quantile(scores: torch.Tensor, excluded: torch.Tensor, alpha: float, 
 
     Equal to ``torch.quantile(torch.cat([row[negatives] for row in anchor_rows]), 1 - alpha)``: the
     point where the anchor's threshold subgradient (:func:`threshold_subgradient`, which pools the
-    rows the same way) changes sign. Each row contributes its top candidates; the rows are never
-    concatenated whole.
+    rows the same way) changes sign.
 
     Args:
         scores: ``(V, b, C)`` float32 scores.
@@ -207,10 +206,14 @@ def pooled_quantile(scores: torch.Tensor, excluded: torch.Tensor, alpha: float, 
     Returns:
         ``(b,)`` float32 quantiles.
     """
-    views, anchors = scores.shape[:2]
+    views, anchors, columns = scores.shape
     top_count, fraction = _quantile_rank(alpha, views * num_negatives)
-    top = _top_negatives(scores, excluded, top_count)
-    return _interpolate_top(top.transpose(0, 1).reshape(anchors, -1), top_count, fraction)
+    # One row of V * C columns per anchor: one topk over it is several times faster on CPU than V
+    # topks of twice the count over the rows (a copy for V > 1, a view for V = 1).
+    pooled = scores.transpose(0, 1).reshape(1, anchors, views * columns)
+    offsets = torch.arange(views, device=excluded.device) * columns
+    pooled_excluded = (excluded[:, None, :] + offsets[None, :, None]).reshape(anchors, -1)
+    return _interpolate_top(_top_negatives(pooled, pooled_excluded, top_count), top_count, fraction)[0]
 
 
 def may_pass_quantile(above_count: torch.Tensor, upward: torch.Tensor, alpha: float, negatives: int) -> torch.Tensor:
