@@ -13,12 +13,13 @@ Comparisons (dim 128):
 * ``GloFNDClipLoss("fastclip")`` with GloFND vs without a detector;
 * ``GloFNDSogCLRLoss`` per-step time with ``num_samples`` 10^3 vs 10^7 (cost independent of N).
 
-GloFND cases are timed in the steady state, after the first epoch: the warm-up step seeds the
-thresholds of the timed batch, then every sample is marked visited and ``set_epoch`` lets the loss
-find out, so the first-visit mini-batch quantile (a per-row ``topk``) is no longer computed (the
-default rule still computes the quantile at every step for its stop; the ``rule w/o stop`` case,
-``ThresholdOptimizer.clipped()``, does not). The ``(first epoch)`` case times a
-default step before every sample has been visited.
+GloFND cases are timed in the steady state, after the first epoch: the data set is a few batches'
+worth of fixed random embeddings, reshuffled into new batches at every step; after some warm-up
+epochs (thresholds learned) every sample is marked visited and ``set_epoch`` lets the loss find
+out, so no first-visit work is done. The ``(first epoch)`` case times steps on never-seen samples.
+The ``rule w/o stop`` case is ``ThresholdOptimizer.clipped()``. ``topk rows`` counts the anchors
+per anchor and step whose batch quantile took a ``topk`` (on CPU the default's stop computes it
+only for anchors whose step may pass it).
 
 On CPU, every new large temporary tensor is fresh memory from the operating system (glibc maps
 blocks of this size anew for every allocation) and its first touch costs page faults; on some
