@@ -96,7 +96,7 @@ def settle(loss_fn: Any) -> None:
 
 
 class QuantileRowCounter:
-    """Counts the rows whose mini-batch quantile (a per-row ``topk``) the losses compute."""
+    """Counts the anchors whose batch quantile the losses compute with a ``topk``."""
 
     def __init__(self) -> None:
         from glofnd_losses import functional

@@ -202,12 +202,12 @@ class GloFNDDetector(Detector):
         thresholds (:func:`~glofnd_losses.functional.may_pass_quantile`). Most of these only
         straddle it (:func:`~glofnd_losses.functional.straddled_quantile`, two masked reductions);
         the others (a ``topk``) are rare once thresholds have converged. The keep-mask is the
-        loss's mask everywhere else and is rebuilt for the selected anchors. Bit-identical to
-        computing every anchor's quantile.
+        loss's mask except for the anchors whose threshold the stop or the seed changed, whose rows
+        are rebuilt. Bit-identical to computing every anchor's quantile.
         """
         first_visit = current.visits == 0 if seeding else torch.zeros_like(current.visits, dtype=torch.bool)
         quantile = proposed.threshold.clone()  # stands in where the stop cannot bind (thresholds.finish)
-        unflagged = unflagged_count = straddling = None
+        unflagged = unflagged_count = None
         topk_needed = first_visit
         if self.optimizer.stop_at_batch_quantile:
             unflagged = functional.keep_at_or_below(rows.scores, rows.excluded, proposed.threshold)
@@ -236,14 +236,15 @@ class GloFNDDetector(Detector):
                 rows.scores[:, selected], rows.excluded[selected], self.alpha, rows.num_negatives
             )
         updated = thresholds.finish(current, proposed, quantile, self.optimizer)
-        if unflagged is not None and unflagged_count is not None and straddling is not None:
-            rebuilt = torch.cat([selected, straddling])
-            if len(rebuilt):
+        if unflagged is not None and unflagged_count is not None:
+            # The mask was built at the proposed thresholds: rebuild the rows the stop or the seed moved.
+            moved_again = (updated.threshold != proposed.threshold).nonzero().squeeze(1)
+            if len(moved_again):
                 mask = functional.keep_at_or_below(
-                    rows.scores[:, rebuilt], rows.excluded[rebuilt], updated.threshold[rebuilt]
+                    rows.scores[:, moved_again], rows.excluded[moved_again], updated.threshold[moved_again]
                 )
-                unflagged[:, rebuilt] = mask
-                unflagged_count[:, rebuilt] = functional.count_true(mask)
+                unflagged[:, moved_again] = mask
+                unflagged_count[:, moved_again] = functional.count_true(mask)
         return Detection(
             updated.threshold, new_rows=updated.to_state(prefix), unflagged=unflagged, unflagged_count=unflagged_count
         )

@@ -43,13 +43,17 @@ def test_minibatch_quantile_equals_torch_quantile(alpha: float, negatives: int, 
     torch.testing.assert_close(functional.minibatch_quantile(scores, excluded, alpha, negatives), expected)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+POOLED_CASES = given(
     alpha=st.floats(0.0, 0.9),
     negatives=st.integers(1, 40),
     views=st.integers(1, 3),
     seed=st.integers(0, 10_000),
 )
+"""Hypothesis cases of the pooled-quantile tests."""
+
+
+@settings(max_examples=40, deadline=None)
+@POOLED_CASES
 def test_pooled_quantile_equals_torch_quantile_of_the_concatenated_rows(
     alpha: float, negatives: int, views: int, seed: int
 ) -> None:
@@ -59,12 +63,7 @@ def test_pooled_quantile_equals_torch_quantile_of_the_concatenated_rows(
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    alpha=st.floats(0.0, 0.9),
-    negatives=st.integers(1, 40),
-    views=st.integers(1, 3),
-    seed=st.integers(0, 10_000),
-)
+@POOLED_CASES
 def test_straddled_quantile_equals_the_topk_quantile(alpha: float, negatives: int, views: int, seed: int) -> None:
     # Scores on a grid of 1/8 (ties); a bound between the two order statistics of the quantile.
     scores, excluded, mask = random_rows(views, 5, 50, negatives, seed)
