@@ -205,7 +205,7 @@ class GloFNDDetector(Detector):
         loss's mask except for the anchors whose threshold the stop or the seed changed, whose rows
         are rebuilt. Bit-identical to computing every anchor's quantile.
         """
-        first_visit = current.visits == 0 if seeding else torch.zeros_like(current.visits, dtype=torch.bool)
+        first_visit = current.visits == 0 if seeding else None  # seeded by the quantile: no stop
         quantile = proposed.threshold.clone()  # stands in where the stop cannot bind (thresholds.finish)
         unflagged = unflagged_count = None
         topk_needed = first_visit
@@ -214,12 +214,15 @@ class GloFNDDetector(Detector):
             unflagged_count = functional.count_true(unflagged)
             negatives = rows.scores.shape[0] * rows.num_negatives
             above = negatives - unflagged_count.sum(dim=0)
-            moved = (proposed.threshold != current.threshold) & ~first_visit
             upward = proposed.threshold > current.threshold
-            may_pass = moved & functional.may_pass_quantile(above, upward, self.alpha, negatives)
+            may_pass = (proposed.threshold != current.threshold) & functional.may_pass_quantile(
+                above, upward, self.alpha, negatives
+            )
+            if first_visit is not None:
+                may_pass &= ~first_visit
             straddles = functional.straddles_quantile(above, self.alpha, negatives)
             straddling = (may_pass & straddles).nonzero().squeeze(1)  # CPU tensors: no device sync
-            topk_needed = first_visit | (may_pass & ~straddles)
+            topk_needed = may_pass & ~straddles if first_visit is None else first_visit | (may_pass & ~straddles)
             if len(straddling):
                 quantile[straddling] = functional.straddled_quantile(
                     rows.scores[:, straddling],
@@ -228,6 +231,7 @@ class GloFNDDetector(Detector):
                     self.alpha,
                     rows.num_negatives,
                 )
+        assert topk_needed is not None  # without the stop, only seeding gets here
         selected = topk_needed.nonzero().squeeze(1)
         if len(selected) == len(quantile):  # every anchor (first visits): no copy of the rows
             quantile = functional.pooled_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)

@@ -78,10 +78,12 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     columns = mask.shape[-1]
     whole = columns - columns % _COUNT_CHUNK
     as_bytes = mask.view(torch.uint8)
-    counts = as_bytes[..., whole:].sum(dim=-1, dtype=torch.int32)
-    if whole:
-        chunks = as_bytes[..., :whole].unfold(-1, _COUNT_CHUNK, _COUNT_CHUNK)
-        counts += chunks.sum(dim=-1, dtype=torch.uint8).sum(dim=-1, dtype=torch.int32)
+    if not whole:
+        return as_bytes.sum(dim=-1, dtype=torch.int32)
+    chunks = as_bytes[..., :whole].unfold(-1, _COUNT_CHUNK, _COUNT_CHUNK)
+    counts = chunks.sum(dim=-1, dtype=torch.uint8).sum(dim=-1, dtype=torch.int32)
+    if whole < columns:
+        counts += as_bytes[..., whole:].sum(dim=-1, dtype=torch.int32)
     return counts
 
 

@@ -114,16 +114,23 @@ class PerSampleState(nn.Module):
         names = list(rows)
         device = indices.device
         columns = [indices.to(torch.float64)]
-        valid_flag = torch.ones((), dtype=torch.bool, device=device) if valid is None else valid
-        columns.append(valid_flag.to(torch.float64).expand(indices.shape[0]))
+        # A rank that validated eagerly (valid None) raised before this collective on bad input;
+        # with one process there is then nothing to check, with several another rank may object.
+        check_valid = valid is not None or distributed.is_distributed()
+        if check_valid:
+            valid_flag = torch.ones((), dtype=torch.bool, device=device) if valid is None else valid
+            columns.append(valid_flag.to(torch.float64).expand(indices.shape[0]))
+        first_field = len(columns)
         columns += [rows[name].detach().to(torch.float64) for name in names]
         packed = distributed.gather_rows(torch.stack(columns, dim=1))
 
         global_indices = packed[:, 0].to(torch.int64)
-        step_valid = packed[:, 1].min() > 0.5
-        winners = _last_occurrence(global_indices)
-        for column, name in enumerate(names, start=2):
+        # Every occurrence of an index carries its last occurrence's row: the scatter never races.
+        winning_rows = packed.index_select(0, _last_occurrence(global_indices))
+        step_valid = packed[:, 1].min() > 0.5 if check_valid else None
+        for column, name in enumerate(names, start=first_field):
             store = self.buffer(name)
-            new_values = packed[winners, column].to(store.dtype)
-            old_values = store.index_select(0, global_indices)
-            store.index_copy_(0, global_indices, torch.where(step_valid, new_values, old_values))
+            new_values = winning_rows[:, column].to(store.dtype)
+            if step_valid is not None:
+                new_values = torch.where(step_valid, new_values, store.index_select(0, global_indices))
+            store.index_copy_(0, global_indices, new_values)
