@@ -7,6 +7,7 @@ its one sync per step, input validation without host syncs, and the ``last_stats
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -304,5 +305,11 @@ def _forget_seeding(module: nn.Module, incompatible_keys: Any) -> None:
 
 
 def autocast_disabled(device_type: str) -> Any:
-    """Context manager computing the loss in float32 even inside an autocast region."""
+    """Context manager computing the loss in float32 even inside an autocast region.
+
+    A device type without autocast (e.g. ``meta``) has no autocast region to leave.
+    """
+    is_available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if is_available is not None and not is_available(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
