@@ -19,7 +19,9 @@ epochs (thresholds learned) every sample is marked visited and ``set_epoch`` let
 out, so no first-visit work is done. The ``(first epoch)`` case times steps on never-seen samples.
 The ``rule w/o stop`` case is ``ThresholdOptimizer.clipped()``. ``topk rows`` counts the anchors
 per anchor and step whose batch quantile took a ``topk`` (on CPU the default's stop computes it
-only for anchors whose step may pass it).
+only for anchors whose step may pass it). ``ops`` is the number of ATen operators a step dispatches
+(forward and backward, views included): a host-side cost independent of the batch size (on a GPU,
+most of them launch a kernel).
 
 On CPU, every new large temporary tensor is fresh memory from the operating system (glibc maps
 blocks of this size anew for every allocation) and its first touch costs page faults; on some
@@ -178,7 +180,35 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
     quantile_rows = counter.rows / (repeats * batch)
-    return {"seconds": statistics.median(times), "peak_mib": peak_mib, "quantile_rows": quantile_rows}
+    ops = count_ops(step, [draw(warmup_steps + repeats + number) for number in range(OP_COUNT_STEPS)])
+    return {
+        "seconds": statistics.median(times), "peak_mib": peak_mib, "quantile_rows": quantile_rows, "ops": ops
+    }  # fmt: skip
+
+
+OP_COUNT_STEPS = 3
+"""Untimed steps over which ``count_ops`` averages (after the timed ones)."""
+
+
+def count_ops(step: Any, inputs: list[Any]) -> float:
+    """Mean number of ATen operators dispatched per forward+backward step.
+
+    Each is a dispatch on the host whatever the batch size, so they dominate small batches.
+    Counted in untimed steps, because counting slows them.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        for batch_inputs in inputs:
+            step(batch_inputs)
+    return Counter.calls / len(inputs)
 
 
 POOL_BATCHES = 4
@@ -209,6 +239,7 @@ def combine_rounds(runs: list[dict[str, float]]) -> dict[str, float]:
         "seconds": statistics.median(run["seconds"] for run in runs),
         "peak_mib": max(run["peak_mib"] for run in runs),
         "quantile_rows": statistics.median(run["quantile_rows"] for run in runs),
+        "ops": statistics.median(run["ops"] for run in runs),
     }
 
 
@@ -249,7 +280,7 @@ def main() -> None:
         f"{allocator}\n"
     )
     results: dict[str, Any] = {"device": device_name, "allocator": allocator, "batches": {}, "scaling": {}}
-    header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9} | {'topk rows':>9}"
+    header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9} | {'topk rows':>9} | {'ops':>5}"
     print(header + "\n" + "-" * len(header))
     for batch in args.batch_sizes:
         runs: dict[str, list[dict[str, float]]] = {case: [] for case in CASES}
@@ -263,7 +294,7 @@ def main() -> None:
         for case, row in rows.items():
             print(
                 f"{batch:>6} | {CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f} "
-                f"| {row['quantile_rows']:>9.3f}"
+                f"| {row['quantile_rows']:>9.3f} | {row['ops']:>5.0f}"
             )
     pairs = [
         ("GloFNDNTXent / lightly", "glofnd_ntxent", "lightly_ntxent"),
