@@ -17,9 +17,6 @@ Estimator = Literal["minibatch", "sogclr", "fastclip"]
 _U_EPS = 1e-14
 
 
-_MAX_EXPONENT = 80.0  # exp(80) ~ 5.5e34: finite in float32 even summed over a large batch
-
-
 class _TransposedCopy(torch.autograd.Function):
     """``matrix.T.contiguous()`` whose backward also returns a contiguous transpose.
 
@@ -49,14 +46,11 @@ def _global_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """FastCLIP's per-anchor ratio ``g / (u' + eps)`` and the updated ``u'`` for one modality.
 
-    ``g_i = mean_kept exp((s_ij - s_ii) * logit_scale)`` (the positive inside the exponential),
-    ``u' = (1 - gamma) u + gamma sg[g]``, re-initialised to ``sg[g]`` where the old ``u`` is below
-    1e-35, infinite or NaN. Exponents are capped at 80 so that a negative scoring far above the
-    positive at a small temperature (``s_ij - s_ii > 0.8`` at ``tau = 0.01``) cannot overflow.
+    ``g_i = mean_kept exp((s_ij - s_ii) * logit_scale)`` (the positive inside the exponential,
+    :func:`~glofnd_losses.functional.kept_mean_exp`), ``u' = (1 - gamma) u + gamma sg[g]``,
+    re-initialised to ``sg[g]`` where the old ``u`` is below 1e-35, infinite or NaN.
     """
-    positive = scores.gather(-1, positive_index[..., None])
-    exponent = ((scores - positive) * logit_scale).clamp_max(_MAX_EXPONENT)
-    estimate = torch.where(keep, torch.exp(exponent), 0.0).sum(dim=-1) / kept_count
+    estimate = functional.kept_mean_exp(scores, logit_scale, positive_index, keep, kept_count)
     fresh = (u_previous < 1e-35) | ~torch.isfinite(u_previous)
     u_new = torch.where(fresh, estimate.detach(), (1.0 - gamma) * u_previous + gamma * estimate.detach())
     return estimate / (u_new + _U_EPS), u_new

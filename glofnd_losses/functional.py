@@ -330,9 +330,11 @@ def keep_nonempty_(
 class _FilteredCrossEntropy(torch.autograd.Function):
     """Forward and hand-written backward of :func:`filtered_cross_entropy` on one full-size buffer.
 
-    The forward turns one ``(V, b, C)`` temporary into the kept negatives' softmax in place; the
-    backward turns the same buffer into the gradient in place. Autograd through ``where``,
-    ``logsumexp`` and the logit scaling would allocate five or six such tensors.
+    The forward turns one ``(V, b, C)`` temporary into the kept negatives' exponentials in place
+    (shifted by each row's largest kept logit, left unnormalised: the backward folds the row's
+    softmax denominator into its per-row factor); the backward turns the same buffer into the
+    gradient in place. Autograd through ``where``, ``logsumexp`` and the logit scaling would
+    allocate five or six such tensors and pass over them twice as often.
     """
 
     @staticmethod
@@ -344,32 +346,35 @@ class _FilteredCrossEntropy(torch.autograd.Function):
         keep: torch.Tensor,
         log_rescale: torch.Tensor,
     ) -> torch.Tensor:
-        probabilities = scores.detach() * scale.detach()
-        positive = probabilities.gather(-1, positive_index[..., None]).squeeze(-1)
-        probabilities.masked_fill_(keep.logical_not(), float("-inf"))
-        row_max = probabilities.amax(dim=-1, keepdim=True)  # finite: every row keeps a negative
-        probabilities.sub_(row_max).exp_()
-        total = probabilities.sum(dim=-1, keepdim=True)
-        probabilities.div_(total)
-        negative_lse = (row_max + total.log()).squeeze(-1) + log_rescale
+        scores, scale = scores.detach(), scale.detach()
+        exponentials = torch.where(keep, scores, float("-inf"))
+        row_max = exponentials.amax(dim=-1, keepdim=True)  # finite: every row keeps a negative
+        # scale * (s - max) in one pass, in place (the scale is positive, so this shifts by the
+        # largest kept logit), then its exponential.
+        torch.addcmul(-scale * row_max, exponentials, scale, out=exponentials).exp_()
+        total = exponentials.sum(dim=-1)
+        positive = scores.gather(-1, positive_index[..., None]).squeeze(-1) * scale
+        negative_lse = scale * row_max.squeeze(-1) + total.log() + log_rescale
         # Share of the rescaled negatives in the row's softmax over {positive, negatives}.
         negative_share = torch.sigmoid(negative_lse - positive)
-        ctx.save_for_backward(scores, scale, positive_index, probabilities, negative_share)
+        ctx.save_for_backward(scores, scale, positive_index, exponentials, negative_share, total)
         return torch.logaddexp(positive, negative_lse) - positive
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        scores, scale, positive_index, probabilities, negative_share = ctx.saved_tensors
+        scores, scale, positive_index, exponentials, negative_share, total = ctx.saved_tensors
         row_grad = grad_loss * negative_share
-        # d loss / d logit: row_grad * p for a kept negative, -row_grad for the positive.
-        grad_logits = probabilities.mul_(row_grad[..., None])
-        grad_logits.scatter_add_(-1, positive_index[..., None], -row_grad[..., None])
+        # d loss / d score: scale * row_grad * softmax for a kept negative, -scale * row_grad for
+        # the positive; one pass over the buffer.
+        grad_scores = exponentials.mul_((scale * row_grad / total)[..., None])
+        grad_scores.scatter_add_(-1, positive_index[..., None], -(scale * row_grad)[..., None])
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            grad_scale = torch.dot(grad_logits.reshape(-1), scores.detach().reshape(-1)).to(scale.dtype)
-        grad_scores = grad_logits.mul_(scale.detach()) if ctx.needs_input_grad[0] else None
-        return grad_scores, grad_scale, None, None, None
+            # d loss / d scale = sum(d loss / d logit * score) = sum(grad_scores * score) / scale
+            # (logit_scale = exp(.) > 0).
+            grad_scale = (torch.dot(grad_scores.reshape(-1), scores.reshape(-1)) / scale).to(scale.dtype)
+        return grad_scores if ctx.needs_input_grad[0] else None, grad_scale, None, None, None
 
 
 def filtered_cross_entropy(
@@ -407,6 +412,78 @@ def filtered_cross_entropy(
     log_rescale = math.log(num_negatives) - torch.log(kept_count)
     loss: torch.Tensor = _FilteredCrossEntropy.apply(scores, scale, positive_index, keep, log_rescale)
     return loss
+
+
+MAX_EXPONENT = 80.0
+"""Cap of :func:`kept_mean_exp`'s exponents: ``exp(80) ~ 5.5e34`` stays finite in float32 even summed."""
+
+
+class _KeptMeanExp(torch.autograd.Function):
+    """Forward and hand-written backward of :func:`kept_mean_exp` on one full-size buffer.
+
+    Autograd through the subtraction, scaling, cap, exponential and mask allocates a ``(b, C)``
+    tensor per step and passes over each again backwards; here one buffer holds the
+    exponentials and then, in place, the gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        scores: torch.Tensor,
+        scale: torch.Tensor,
+        positive_index: torch.Tensor,
+        keep: torch.Tensor,
+        kept_count: torch.Tensor,
+    ) -> torch.Tensor:
+        scores, scale = scores.detach(), scale.detach()
+        positive = scores.gather(-1, positive_index[:, None])
+        exponentials = torch.addcmul(-scale * positive, scores, scale)  # (s - s_pos) * scale in one pass
+        capped = exponentials > MAX_EXPONENT  # no gradient through the cap (as autograd's clamp)
+        exponentials.clamp_max_(MAX_EXPONENT).exp_().mul_(keep)
+        ctx.save_for_backward(scores, scale, positive_index, exponentials, capped, kept_count)
+        return exponentials.sum(dim=-1) / kept_count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_mean: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        scores, scale, positive_index, exponentials, capped, kept_count = ctx.saved_tensors
+        # d mean_i / d s_ij = scale * exp_ij / n_i for a kept negative j; the positive's is minus
+        # their row sum.
+        grad_scores = exponentials.mul_((scale * grad_mean / kept_count)[:, None]).masked_fill_(capped, 0.0)
+        grad_scores.scatter_add_(-1, positive_index[:, None], -grad_scores.sum(dim=-1, keepdim=True))
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            # d / d scale = sum_ij (d / d exponent_ij) * (s_ij - s_pos_i) = sum(grad_scores * s) / scale
+            # (the positive's column holds minus the row sum); scale = logit_scale = exp(.) > 0.
+            grad_scale = (torch.dot(grad_scores.reshape(-1), scores.reshape(-1)) / scale).to(scale.dtype)
+        return grad_scores if ctx.needs_input_grad[0] else None, grad_scale, None, None, None
+
+
+def kept_mean_exp(
+    scores: torch.Tensor,
+    scale: torch.Tensor,
+    positive_index: torch.Tensor,
+    keep: torch.Tensor,
+    kept_count: torch.Tensor,
+) -> torch.Tensor:
+    """FastCLIP's per-anchor ``g_i = mean_kept exp((s_ij - s_ii) * scale)``, differentiable in both.
+
+    Exponents are capped at :data:`MAX_EXPONENT`, so that a negative scoring far above the
+    positive at a small temperature (``s_ij - s_ii > 0.8`` at ``tau = 0.01``) cannot overflow;
+    a capped term passes no gradient. The backward is written by hand (one backward pass).
+
+    Args:
+        scores: ``(b, C)`` float32 scores, with gradient.
+        scale: 0-d positive inverse temperature (gradient where it requires one).
+        positive_index: ``(b,)`` column of each row's positive.
+        keep: ``(b, C)`` bool kept negatives (at least one per row; the positive is not kept).
+        kept_count: ``(b,)`` float32 number of kept negatives per row.
+
+    Returns:
+        ``(b,)`` means.
+    """
+    mean: torch.Tensor = _KeptMeanExp.apply(scores, scale, positive_index, keep, kept_count)
+    return mean
 
 
 def moving_average(

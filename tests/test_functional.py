@@ -169,6 +169,34 @@ def test_filtered_cross_entropy_gradients_match_autograd(rows: int) -> None:
         torch.testing.assert_close(fused, reference)
 
 
+def test_kept_mean_exp_matches_autograd_including_the_cap() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 11, generator=generator, dtype=torch.float64) * 2 - 1
+    positive = torch.tensor([0, 3, 1, 10, 4, 7])
+    scores[0, 0], scores[0, 5] = -0.9, 0.95  # (0.95 + 0.9) * 50 > 80: a capped term
+    keep = torch.rand(6, 11, generator=generator) < 0.7
+    keep[:, 5] = True  # every row keeps a negative, row 0 the capped one
+    keep[torch.arange(6), positive] = False
+    kept_count = keep.sum(-1).double()
+    weights = torch.rand(6, generator=generator, dtype=torch.float64)  # a non-uniform upstream gradient
+    results = []
+    for implementation in ("fused", "autograd"):
+        leaf_scores = scores.clone().requires_grad_()
+        scale = torch.tensor(50.0, dtype=torch.float64, requires_grad=True)
+        if implementation == "fused":
+            mean = functional.kept_mean_exp(leaf_scores, scale, positive, keep, kept_count)
+        else:
+            exponent = (leaf_scores - leaf_scores.gather(-1, positive[:, None])) * scale
+            terms = torch.where(keep, exponent.clamp_max(functional.MAX_EXPONENT).exp(), 0.0)
+            mean = terms.sum(-1) / kept_count
+        (mean * weights).sum().backward()
+        results.append((mean.detach(), leaf_scores.grad, scale.grad))
+    assert results[0][0][0] > math.exp(functional.MAX_EXPONENT) / kept_count[0]  # the cap was reached
+    assert results[0][1][0, 5] == 0  # and passes no gradient
+    for fused, reference in zip(*results):
+        torch.testing.assert_close(fused, reference)
+
+
 def test_row_std_equals_torch_std() -> None:
     scores = 0.25 * torch.rand(2, 5, 300, generator=torch.Generator().manual_seed(0)) + 0.7  # compressed cosines
     torch.testing.assert_close(functional.row_std(scores), scores.std(dim=-1), atol=1e-5, rtol=1e-4)
