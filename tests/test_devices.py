@@ -17,6 +17,7 @@ instead of selecting anchors with ``nonzero``, and the empty-row fallback runs u
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -79,31 +80,33 @@ def run(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     autocast: torch.dtype | None = None,
+    steps_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> dict[str, torch.Tensor]:
     """Train through three epochs (thresholds start learning and filtering), then one eval step.
 
-    Returns the losses, the gradients of the last step and the final state buffers.
+    The data, the loss and ``logit_scale`` are on ``device`` before the steps start; the steps
+    (``set_epoch``, forward, backward) run inside ``steps_context()``. Returns the losses, the
+    gradients of the last step and the final state buffers.
     """
     loss_fn.to(device)
     logit_scale = torch.tensor(10.0, device=device, requires_grad=True)
+    data = list(batches(device))
     losses, epoch = [], -1
-    for step, (view_a, view_b, indices, labels) in enumerate(batches(device)):
-        if step % (NUM_SAMPLES // BATCH) == 0:
-            epoch += 1
-            loss_fn.set_epoch(epoch)
-        view_a, view_b = (view.to(dtype).requires_grad_() for view in (view_a, view_b))
-        logit_scale.grad = None
-        if autocast is None:
-            loss = forward(loss_fn, view_a, view_b, indices, labels, logit_scale)
-        else:
-            with torch.autocast(device.type, dtype=autocast):
+    with steps_context():
+        for step, (view_a, view_b, indices, labels) in enumerate(data):
+            if step % (NUM_SAMPLES // BATCH) == 0:
+                epoch += 1
+                loss_fn.set_epoch(epoch)
+            view_a, view_b = (view.to(dtype).requires_grad_() for view in (view_a, view_b))
+            logit_scale.grad = None
+            with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
                 loss = forward(loss_fn, view_a, view_b, indices, labels, logit_scale)
-        loss.backward()
-        losses.append(loss.detach())
-    loss_fn.eval()
-    with torch.no_grad():
-        forward(loss_fn, view_a, view_b, indices, labels, logit_scale)
-    loss_fn.train()
+            loss.backward()
+            losses.append(loss.detach())
+        loss_fn.eval()
+        with torch.no_grad():
+            forward(loss_fn, view_a, view_b, indices, labels, logit_scale)
+        loss_fn.train()
     results = {f"state.{name}": buffer for name, buffer in loss_fn.state_dict().items() if torch.is_tensor(buffer)}
     results["losses"] = torch.stack(losses)
     assert view_a.grad is not None
@@ -168,15 +171,21 @@ def test_a_host_read_in_the_step_is_caught_on_meta(monkeypatch: pytest.MonkeyPat
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@contextlib.contextmanager
+def cuda_syncs_raise() -> Iterator[None]:
+    """Any synchronising CUDA call (a blocking copy, ``.item()``, ``nonzero``) raises inside."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @cuda
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_cuda_step_does_not_synchronise(name: str) -> None:
     loss_fn = LOSSES[name]()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run(loss_fn, torch.device("cuda"))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    run(loss_fn, torch.device("cuda"), steps_context=cuda_syncs_raise)
     loss_fn.check_errors()  # the one blocking read, outside the step: nothing was wrong
 
 
