@@ -222,7 +222,8 @@ class GloFNDDetector(Detector):
                 may_pass &= ~first_visit
             straddles = functional.straddles_quantile(above, self.alpha, negatives)
             straddling = (may_pass & straddles).nonzero().squeeze(1)  # CPU tensors: no device sync
-            topk_needed = may_pass & ~straddles if first_visit is None else first_visit | (may_pass & ~straddles)
+            crossing = may_pass & ~straddles
+            topk_needed = crossing if first_visit is None else crossing | first_visit
             if len(straddling):
                 quantile[straddling] = functional.straddled_quantile(
                     rows.scores[:, straddling],
