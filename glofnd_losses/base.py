@@ -290,11 +290,17 @@ class GloFNDLossBase(nn.Module):
         positive_index = functional.two_view_positives(local_size, global_size, offset, view_a.device)
         return TwoViewBatch(scores, rows, positive_index, safe_indices, valid)
 
+    def _loss_settings(self) -> str:
+        """The subclass's own settings, first in its ``repr``."""
+        return ""
+
     def extra_repr(self) -> str:
+        settings = self._loss_settings()
         return (
-            f"num_samples={self.num_samples}, alpha={self.alpha}, detector={self.detector.name!r}, "
-            f"start_epoch={self.start_epoch}, start_step={self.start_step}, "
-            f"filter_start_epoch={self.filter_start_epoch}"
+            (f"{settings}, " if settings else "")
+            + f"num_samples={self.num_samples}, alpha={self.alpha}, detector={self.detector.name!r}, "
+            + f"start_epoch={self.start_epoch}, start_step={self.start_step}, "
+            + f"filter_start_epoch={self.filter_start_epoch}"
         )
 
 

@@ -152,6 +152,15 @@ class GloFNDClipLoss(GloFNDLossBase):
         self.gamma_min = float(gamma_min)
         self.gamma_decay_epochs = int(gamma_decay_epochs)
 
+    def _loss_settings(self) -> str:
+        if self.estimator == "minibatch":
+            return "estimator='minibatch'"
+        temperature = f"temperature={self.temperature}" if self.estimator == "sogclr" else f"rho={self.rho}"
+        if self.constant_gamma is not None:
+            return f"estimator={self.estimator!r}, {temperature}, gamma={self.constant_gamma}"
+        schedule = f"gamma_min={self.gamma_min}, gamma_decay_epochs={self.gamma_decay_epochs}"
+        return f"estimator={self.estimator!r}, {temperature}, {schedule}"
+
     @property
     def image_thresholds(self) -> torch.Tensor:
         """Per-sample thresholds of image anchors against texts, ``(num_samples,)`` (read-only)."""

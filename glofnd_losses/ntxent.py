@@ -68,6 +68,9 @@ class GloFNDNTXent(GloFNDLossBase):
         self.temperature = float(temperature)
         self.gather_distributed = bool(gather_distributed)
 
+    def _loss_settings(self) -> str:
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+
     @property
     def thresholds(self) -> torch.Tensor:
         """Per-sample GloFND thresholds, shape ``(num_samples,)`` (read-only view)."""

@@ -85,6 +85,9 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         self.temperature = float(temperature)
         self.gamma = float(gamma)
 
+    def _loss_settings(self) -> str:
+        return f"temperature={self.temperature}, gamma={self.gamma}"
+
     @property
     def thresholds(self) -> torch.Tensor:
         """Per-sample GloFND thresholds, shape ``(num_samples,)`` (read-only view)."""

@@ -85,6 +85,9 @@ class PerSampleState(nn.Module):
             self._buffers[name] = store.to(device=moved_to)
         return self
 
+    def extra_repr(self) -> str:
+        return f"num_samples={self.num_samples}, fields=({', '.join(self.fields)})"
+
     def buffer(self, name: str) -> torch.Tensor:
         """The full 1-D buffer of field ``name`` (not a copy)."""
         value = getattr(self, name)

@@ -254,3 +254,13 @@ def test_glofnd_starts_from_a_checkpoint_without_a_detector() -> None:
     assert sorted(result.missing_keys) == sorted(f"state.{name}" for name in branch.state.fields if "threshold" in name)
     assert torch.equal(branch.u, warm_up.u)  # SogCLR's u carries over; thresholds start fresh
     assert torch.equal(branch.threshold_visits, torch.zeros(30, dtype=torch.int32))
+
+
+def test_repr_shows_the_settings_a_run_is_configured_with() -> None:
+    from glofnd_losses import GloFNDClipLoss
+
+    assert "temperature=0.2, gamma=0.9, num_samples=50, alpha=0.05" in repr(GloFNDSogCLRLoss(50, 0.2, alpha=0.05))
+    assert "temperature=0.5, gather_distributed=True" in repr(GloFNDNTXent(50, gather_distributed=True))
+    clip = repr(GloFNDClipLoss(50, "sogclr", temperature=0.03, gamma=0.5))
+    assert "estimator='sogclr', temperature=0.03, gamma=0.5" in clip
+    assert "fields=(image_threshold, " in clip
