@@ -9,7 +9,8 @@ Comparisons (dim 128):
 
 * ``GloFNDNTXent`` (GloFND, filtering active) vs lightly's ``NTXentLoss``;
 * ``GloFNDSogCLRLoss`` with GloFND vs without a detector (SogCLR alone);
-* ``GloFNDClipLoss("minibatch")`` (GloFND, filtering active) vs open_clip's ``ClipLoss``;
+* ``GloFNDClipLoss("minibatch")`` (GloFND, filtering active) vs open_clip's ``ClipLoss``, and
+  with vs without GloFND;
 * ``GloFNDClipLoss("fastclip")`` with GloFND vs without a detector;
 * ``GloFNDSogCLRLoss`` per-step time with ``num_samples`` 10^3 vs 10^7 (cost independent of N).
 
@@ -56,11 +57,12 @@ CASES = {
     "sogclr_glofnd_first_epoch": "GloFNDSogCLRLoss (GloFND, first epoch)",
     "sogclr_glofnd_no_stop": "GloFNDSogCLRLoss (GloFND, rule w/o stop)",
     "open_clip": "open_clip ClipLoss",
+    "clip_minibatch_plain": "GloFNDClipLoss minibatch (no detector)",
     "clip_minibatch": "GloFNDClipLoss minibatch (GloFND)",
     "fastclip_plain": "GloFNDClipLoss fastclip (no detector)",
     "fastclip_glofnd": "GloFNDClipLoss fastclip (GloFND)",
 }
-CLIP_CASES = {"open_clip", "clip_minibatch", "fastclip_plain", "fastclip_glofnd"}
+CLIP_CASES = {"open_clip", "clip_minibatch_plain", "clip_minibatch", "fastclip_plain", "fastclip_glofnd"}
 
 
 def build(case: str, num_samples: int) -> Any:
@@ -70,8 +72,10 @@ def build(case: str, num_samples: int) -> Any:
         from open_clip.loss import ClipLoss
 
         return ClipLoss()
-    if case == "clip_minibatch":
-        return GloFNDClipLoss(num_samples, estimator="minibatch", alpha=1e-3)
+    if case.startswith("clip_minibatch"):
+        return GloFNDClipLoss(
+            num_samples, estimator="minibatch", alpha=1e-3, detector=None if "plain" in case else "glofnd"
+        )
     if case.startswith("fastclip"):
         return GloFNDClipLoss(
             num_samples, estimator="fastclip", alpha=1e-3, detector=None if "plain" in case else "glofnd"
@@ -302,6 +306,7 @@ def main() -> None:
         ("SogCLR 1st epoch on / off", "sogclr_glofnd_first_epoch", "sogclr_plain"),
         ("SogCLR no-stop rule on / off", "sogclr_glofnd_no_stop", "sogclr_plain"),
         ("Clip minibatch / open_clip", "clip_minibatch", "open_clip"),
+        ("Clip minibatch on / off", "clip_minibatch", "clip_minibatch_plain"),
         ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
     ]
     print("\nratios (same run): time, peak memory")
