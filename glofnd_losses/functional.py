@@ -327,6 +327,21 @@ def keep_nonempty_(
     return torch.where(empty, num_negatives, kept_count).to(torch.float32)
 
 
+def _scores_and_scale_gradients(
+    ctx: Any, grad_scores: torch.Tensor, scores: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward outputs ``(scores, scale, None, None, None)`` of a loss of ``scale * scores``.
+
+    ``grad_scores`` is the gradient with respect to the scores, which already carries the factor
+    ``scale``; the scale's gradient is then ``sum(grad_scores * scores) / scale`` (one dot
+    product, no second pass; ``scale`` is positive: ``logit_scale = exp(.)`` or ``1 / tau``).
+    """
+    grad_scale = None
+    if ctx.needs_input_grad[1]:
+        grad_scale = (torch.dot(grad_scores.reshape(-1), scores.reshape(-1)) / scale).to(scale.dtype)
+    return grad_scores if ctx.needs_input_grad[0] else None, grad_scale, None, None, None
+
+
 class _FilteredCrossEntropy(torch.autograd.Function):
     """Forward and hand-written backward of :func:`filtered_cross_entropy` on one full-size buffer.
 
@@ -364,17 +379,12 @@ class _FilteredCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         scores, scale, positive_index, exponentials, negative_share, total = ctx.saved_tensors
-        row_grad = grad_loss * negative_share
-        # d loss / d score: scale * row_grad * softmax for a kept negative, -scale * row_grad for
-        # the positive; one pass over the buffer.
-        grad_scores = exponentials.mul_((scale * row_grad / total)[..., None])
-        grad_scores.scatter_add_(-1, positive_index[..., None], -(scale * row_grad)[..., None])
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            # d loss / d scale = sum(d loss / d logit * score) = sum(grad_scores * score) / scale
-            # (logit_scale = exp(.) > 0).
-            grad_scale = (torch.dot(grad_scores.reshape(-1), scores.reshape(-1)) / scale).to(scale.dtype)
-        return grad_scores if ctx.needs_input_grad[0] else None, grad_scale, None, None, None
+        row_grad = scale * grad_loss * negative_share
+        # d loss / d score: row_grad * softmax for a kept negative, -row_grad for the positive;
+        # one pass over the buffer.
+        grad_scores = exponentials.mul_((row_grad / total)[..., None])
+        grad_scores.scatter_add_(-1, positive_index[..., None], -row_grad[..., None])
+        return _scores_and_scale_gradients(ctx, grad_scores, scores, scale)
 
 
 def filtered_cross_entropy(
@@ -451,12 +461,7 @@ class _KeptMeanExp(torch.autograd.Function):
         # their row sum.
         grad_scores = exponentials.mul_((scale * grad_mean / kept_count)[:, None]).masked_fill_(capped, 0.0)
         grad_scores.scatter_add_(-1, positive_index[:, None], -grad_scores.sum(dim=-1, keepdim=True))
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            # d / d scale = sum_ij (d / d exponent_ij) * (s_ij - s_pos_i) = sum(grad_scores * s) / scale
-            # (the positive's column holds minus the row sum); scale = logit_scale = exp(.) > 0.
-            grad_scale = (torch.dot(grad_scores.reshape(-1), scores.reshape(-1)) / scale).to(scale.dtype)
-        return grad_scores if ctx.needs_input_grad[0] else None, grad_scale, None, None, None
+        return _scores_and_scale_gradients(ctx, grad_scores, scores, scale)
 
 
 def kept_mean_exp(
