@@ -167,7 +167,7 @@ class GloFNDDetector(Detector):
         self.optimizer = optimizer
 
     def fields(self, prefix: str) -> dict[str, Field]:
-        return thresholds.threshold_fields(prefix)
+        return thresholds.threshold_fields(prefix, self.optimizer)
 
     def detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
         current = ThresholdRows.from_state(state_rows, prefix)

@@ -1,8 +1,9 @@
 """Per-sample state with an index-scatter sync rule.
 
-Every loss in the package keeps a few numbers per data set item (threshold, optimiser moments,
-visit count, SogCLR's ``u`` and its init flag). They live here as registered, persistent buffers
-(so they are in ``state_dict()`` and follow ``.to(device)``), one 1-D buffer per field.
+Every loss in the package keeps a few numbers per data set item (threshold, visit count, Adam's
+moments under an Adam rule, SogCLR's ``u`` and its init flag). They live here as registered,
+persistent buffers (so they are in ``state_dict()`` and follow ``.to(device)``), one 1-D buffer per
+field.
 
 Sync rule (compare torchmetrics' declared states with a reduction; ours is scatter-by-index):
 each rank computes new rows for its local anchors, :meth:`PerSampleState.commit` packs

@@ -152,41 +152,54 @@ class ThresholdOptimizer:
         return dataclasses.replace(cls.default(), stop_at_batch_quantile=False, grad_clip=3.0)
 
 
-def threshold_fields(prefix: str) -> dict[str, Field]:
-    """Per-sample fields of one threshold bank, named ``{prefix}threshold`` etc."""
-    return {
+def threshold_fields(prefix: str, optimizer: ThresholdOptimizer) -> dict[str, Field]:
+    """Per-sample fields of one threshold bank, named ``{prefix}threshold`` etc.
+
+    Adam's two moments are stored only for ``rule="adam"``: the default (SGD) rule keeps a
+    threshold and a visit count per sample (8 bytes), which is also all each rank sends per
+    anchor in the state's all-gather.
+    """
+    fields = {
         f"{prefix}threshold": Field(torch.float32, 1.0),
-        f"{prefix}threshold_exp_avg": Field(torch.float32, 0.0),
-        f"{prefix}threshold_exp_avg_sq": Field(torch.float32, 0.0),
         f"{prefix}threshold_visits": Field(torch.int32, 0),
     }
+    if optimizer.rule == "adam":
+        fields[f"{prefix}threshold_exp_avg"] = Field(torch.float32, 0.0)
+        fields[f"{prefix}threshold_exp_avg_sq"] = Field(torch.float32, 0.0)
+    return fields
 
 
 @dataclass
 class ThresholdRows:
-    """Rows of one threshold bank for the anchors of a batch."""
+    """Rows of one threshold bank for the anchors of a batch.
+
+    Attributes:
+        threshold: ``(b,)`` float32 thresholds.
+        visits: ``(b,)`` int32 steps that updated each threshold.
+        exp_avg: ``(b,)`` Adam first moments (``rule="adam"`` only, else None).
+        exp_avg_sq: ``(b,)`` Adam second moments (``rule="adam"`` only, else None).
+    """
 
     threshold: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
     visits: torch.Tensor
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
 
     @classmethod
     def from_state(cls, rows: dict[str, torch.Tensor], prefix: str) -> ThresholdRows:
         return cls(
             rows[f"{prefix}threshold"],
-            rows[f"{prefix}threshold_exp_avg"],
-            rows[f"{prefix}threshold_exp_avg_sq"],
             rows[f"{prefix}threshold_visits"],
+            rows.get(f"{prefix}threshold_exp_avg"),
+            rows.get(f"{prefix}threshold_exp_avg_sq"),
         )
 
     def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{prefix}threshold": self.threshold,
-            f"{prefix}threshold_exp_avg": self.exp_avg,
-            f"{prefix}threshold_exp_avg_sq": self.exp_avg_sq,
-            f"{prefix}threshold_visits": self.visits,
-        }
+        state = {f"{prefix}threshold": self.threshold, f"{prefix}threshold_visits": self.visits}
+        if self.exp_avg is not None and self.exp_avg_sq is not None:
+            state[f"{prefix}threshold_exp_avg"] = self.exp_avg
+            state[f"{prefix}threshold_exp_avg_sq"] = self.exp_avg_sq
+        return state
 
 
 def step(
@@ -200,7 +213,7 @@ def step(
     """One update of the thresholds of a batch's anchors: :func:`propose`, then :func:`finish`.
 
     Args:
-        rows: Current rows (threshold, moments, per-sample visit count).
+        rows: Current rows (threshold, per-sample visit count, Adam's moments for ``rule="adam"``).
         subgradient: ``(b,)`` subgradients computed with ``rows.threshold``.
         batch_quantile: ``(b,)`` mini-batch ``(1 - alpha)``-quantiles, required by
             ``optimizer.stop_at_batch_quantile`` and by ``init="minibatch_quantile"`` while some
@@ -245,10 +258,14 @@ def propose(
             raise ValueError("step_unit='score_std' needs the anchors' score standard deviations")
         lr = lr * score_std
 
+    exp_avg, exp_avg_sq = rows.exp_avg, rows.exp_avg_sq
+    direction = grad
     if optimizer.rule == "adam":
+        if exp_avg is None or exp_avg_sq is None:
+            raise ValueError("rule='adam' needs the rows' exp_avg and exp_avg_sq")
         beta1, beta2 = optimizer.betas
-        exp_avg = beta1 * rows.exp_avg + (1 - beta1) * grad
-        exp_avg_sq = beta2 * rows.exp_avg_sq + (1 - beta2) * grad * grad
+        exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
         if optimizer.bias_correction == "epoch":
             correction1: torch.Tensor | float = 1 - beta1 ** (epoch + 1)
             correction2: torch.Tensor | float = 1 - beta2 ** (epoch + 1)
@@ -256,10 +273,8 @@ def propose(
             correction1 = 1 - torch.pow(beta1, optimizer_steps)
             correction2 = 1 - torch.pow(beta2, optimizer_steps)
         direction = (exp_avg / correction1) / ((exp_avg_sq / correction2).sqrt() + optimizer.eps)
-    else:
-        exp_avg, exp_avg_sq, direction = rows.exp_avg, rows.exp_avg_sq, grad
     threshold = (rows.threshold - lr * direction).clamp(-1.0, 1.0)
-    return ThresholdRows(threshold, exp_avg, exp_avg_sq, visits.to(rows.visits.dtype))
+    return ThresholdRows(threshold, visits.to(rows.visits.dtype), exp_avg, exp_avg_sq)
 
 
 def finish(
@@ -287,13 +302,16 @@ def finish(
         lower = torch.minimum(rows.threshold, batch_quantile)
         threshold = torch.minimum(torch.maximum(threshold, lower), upper)
     if optimizer.init != "minibatch_quantile" or batch_quantile is None:
-        return ThresholdRows(threshold, proposed.exp_avg, proposed.exp_avg_sq, proposed.visits)
+        return dataclasses.replace(proposed, threshold=threshold)
     first_visit = rows.visits == 0
+    seeded = torch.where(first_visit, batch_quantile.to(torch.float32).clamp(-1.0, 1.0), threshold)
+    if proposed.exp_avg is None or proposed.exp_avg_sq is None or rows.exp_avg is None or rows.exp_avg_sq is None:
+        return dataclasses.replace(proposed, threshold=seeded)
     return ThresholdRows(
-        torch.where(first_visit, batch_quantile.to(torch.float32).clamp(-1.0, 1.0), threshold),
+        seeded,
+        proposed.visits,
         torch.where(first_visit, rows.exp_avg, proposed.exp_avg),
         torch.where(first_visit, rows.exp_avg_sq, proposed.exp_avg_sq),
-        proposed.visits,
     )
 
 

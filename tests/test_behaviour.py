@@ -264,3 +264,18 @@ def test_repr_shows_the_settings_a_run_is_configured_with() -> None:
     clip = repr(GloFNDClipLoss(50, "sogclr", temperature=0.03, gamma=0.5))
     assert "estimator='sogclr', temperature=0.03, gamma=0.5" in clip
     assert "fields=(image_threshold, " in clip
+
+
+def test_adam_moments_are_stored_only_under_an_adam_rule() -> None:
+    default, paper = GloFNDSogCLRLoss(30), GloFNDSogCLRLoss(30, threshold_optimizer=ThresholdOptimizer.paper())
+    assert list(default.state.fields) == ["threshold", "threshold_visits", "u", "u_initialized"]
+    assert list(paper.state.fields) == [
+        "threshold", "threshold_visits", "threshold_exp_avg", "threshold_exp_avg_sq", "u", "u_initialized"
+    ]  # fmt: skip
+    view_a, view_b = clustered_views(30, dim=8, seed=9)
+    paper(view_a[:10], view_b[:10], torch.arange(10))
+    assert (paper.state.buffer("threshold_exp_avg_sq")[:10] > 0).all()  # the moments learn
+    assert (paper.state.buffer("threshold_exp_avg_sq")[10:] == 0).all()
+    # A checkpoint of one rule does not load silently into a loss of the other.
+    with pytest.raises(RuntimeError, match="threshold_exp_avg"):
+        default.load_state_dict(paper.state_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,8 @@ from glofnd_losses.thresholds import ThresholdOptimizer, ThresholdRows
 
 
 def fresh(size: int = 3) -> ThresholdRows:
-    return ThresholdRows(torch.ones(size), torch.zeros(size), torch.zeros(size), torch.zeros(size, dtype=torch.int32))
+    """Unvisited rows with Adam's moments."""
+    return ThresholdRows(torch.ones(size), torch.zeros(size, dtype=torch.int32), torch.zeros(size), torch.zeros(size))
 
 
 @pytest.mark.parametrize(("epoch", "multiplier"), [(15, 0.456), (20, 0.467), (70, 0.618), (199, 0.701)])
@@ -30,7 +32,7 @@ def test_paper_rule_first_step_uses_epoch_bias_correction(epoch: int, multiplier
 
 def test_per_sample_adam_matches_hand_computation_over_two_visits() -> None:
     optimizer = ThresholdOptimizer(rule="adam", lr=0.1, betas=(0.9, 0.98), eps=1e-8)
-    rows = ThresholdRows(torch.tensor([0.5]), torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.int32))
+    rows = ThresholdRows(torch.tensor([0.5]), torch.zeros(1, dtype=torch.int32), torch.zeros(1), torch.zeros(1))
     lam, m, v = 0.5, 0.0, 0.0
     for visit, grad in enumerate([0.2, -0.1], start=1):
         rows = thresholds.step(rows, torch.tensor([grad]), None, epoch=99, optimizer=optimizer)
@@ -43,30 +45,33 @@ def test_per_sample_adam_matches_hand_computation_over_two_visits() -> None:
 
 def test_sgd_with_inverse_sqrt_decay_and_floor() -> None:
     optimizer = ThresholdOptimizer(rule="sgd", lr=2.0, lr_decay="inverse_sqrt", min_lr=1.0)
-    rows = ThresholdRows(torch.tensor([0.0]), torch.zeros(1), torch.zeros(1), torch.tensor([3], dtype=torch.int32))
+    rows = ThresholdRows(torch.tensor([0.0]), torch.tensor([3], dtype=torch.int32))
     new = thresholds.step(rows, torch.tensor([0.1]), None, 0, optimizer)
     assert new.threshold.item() == pytest.approx(-2.0 / math.sqrt(4) * 0.1)
     rows.visits.fill_(99)  # lr / sqrt(100) = 0.2 is below the floor of 1.0
     assert thresholds.step(rows, torch.tensor([0.1]), None, 0, optimizer).threshold.item() == pytest.approx(-0.1)
 
 
-def test_minibatch_quantile_seeds_the_first_visit_only() -> None:
-    optimizer = ThresholdOptimizer.default()
-    rows = ThresholdRows(
-        torch.tensor([1.0, 0.3]), torch.zeros(2), torch.zeros(2), torch.tensor([0, 4], dtype=torch.int32)
-    )
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_minibatch_quantile_seeds_the_first_visit_only(rule: str) -> None:
+    optimizer = dataclasses.replace(ThresholdOptimizer.default(), rule=rule)
+    moments = (torch.zeros(2), torch.zeros(2)) if rule == "adam" else (None, None)
+    rows = ThresholdRows(torch.tensor([1.0, 0.3]), torch.tensor([0, 4], dtype=torch.int32), *moments)
     score_std = torch.tensor([0.2, 0.2])
     new = thresholds.step(rows, torch.tensor([0.01, 0.01]), torch.tensor([0.42, 0.1]), 0, optimizer, score_std)
     assert new.threshold[0].item() == pytest.approx(0.42)  # seeded, no step
-    assert new.exp_avg[0].item() == 0.0
     assert new.threshold[1].item() < 0.3  # a positive gradient moves an already seeded threshold down
     assert new.visits.tolist() == [1, 5]
+    if rule == "adam":  # the seeded row's moments stay at zero; the stepped row's move
+        assert new.exp_avg is not None and new.exp_avg.tolist()[0] == 0.0 and new.exp_avg.tolist()[1] > 0.0
+    else:
+        assert new.exp_avg is None and new.exp_avg_sq is None
 
 
 def test_without_a_batch_quantile_a_seeded_rule_steps_every_row() -> None:
     # None tells the rule that no row is on its first visit (the loss knows every sample was seen).
     optimizer = ThresholdOptimizer(rule="sgd", lr=0.5, init="minibatch_quantile")
-    rows = ThresholdRows(torch.tensor([0.4]), torch.zeros(1), torch.zeros(1), torch.tensor([2], dtype=torch.int32))
+    rows = ThresholdRows(torch.tensor([0.4]), torch.tensor([2], dtype=torch.int32))
     new = thresholds.step(rows, torch.tensor([0.1]), None, 0, optimizer)
     assert new.threshold.item() == pytest.approx(0.4 - 0.5 * 0.1)
     assert new.visits.tolist() == [3]
@@ -74,16 +79,14 @@ def test_without_a_batch_quantile_a_seeded_rule_steps_every_row() -> None:
 
 def test_grad_clip_bounds_the_step_both_ways() -> None:
     optimizer = ThresholdOptimizer(rule="sgd", lr=0.1, grad_clip=3.0)
-    rows = ThresholdRows(
-        torch.tensor([0.0, 0.0, 0.0]), torch.zeros(3), torch.zeros(3), torch.zeros(3, dtype=torch.int32)
-    )
+    rows = ThresholdRows(torch.tensor([0.0, 0.0, 0.0]), torch.zeros(3, dtype=torch.int32))
     new = thresholds.step(rows, torch.tensor([-50.0, 0.5, 7.0]), None, 0, optimizer)
     torch.testing.assert_close(new.threshold, torch.tensor([0.3, -0.05, -0.3]))
 
 
 def test_score_std_unit_scales_each_step_by_the_anchor_spread() -> None:
     optimizer = ThresholdOptimizer(rule="sgd", lr=0.2, step_unit="score_std")
-    rows = ThresholdRows(torch.tensor([0.5, 0.5]), torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.int32))
+    rows = ThresholdRows(torch.tensor([0.5, 0.5]), torch.zeros(2, dtype=torch.int32))
     new = thresholds.step(rows, torch.tensor([1.0, 1.0]), None, 0, optimizer, score_std=torch.tensor([0.1, 0.5]))
     torch.testing.assert_close(new.threshold, torch.tensor([0.5 - 0.02, 0.5 - 0.1]))
     with pytest.raises(ValueError, match="score standard deviations"):
@@ -92,7 +95,7 @@ def test_score_std_unit_scales_each_step_by_the_anchor_spread() -> None:
 
 def test_thresholds_stay_in_minus_one_one() -> None:
     optimizer = ThresholdOptimizer(rule="sgd", lr=100.0)
-    rows = ThresholdRows(torch.tensor([0.9, -0.9]), torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.int32))
+    rows = ThresholdRows(torch.tensor([0.9, -0.9]), torch.zeros(2, dtype=torch.int32))
     new = thresholds.step(rows, torch.tensor([-1.0, 1.0]), None, 0, optimizer)
     assert new.threshold.tolist() == [1.0, -1.0]
 
@@ -119,8 +122,7 @@ def test_normalize_grad_divides_the_subgradient_by_alpha() -> None:
     scores = torch.tensor([[[0.9, 0.5, 0.2, 0.7]]])
     excluded = torch.tensor([[0]])
     rows = BatchRows(scores, excluded, negative_mask(excluded, 4))
-    state = {"threshold": torch.tensor([0.6]), "threshold_exp_avg": torch.zeros(1)}
-    state |= {"threshold_exp_avg_sq": torch.zeros(1), "threshold_visits": torch.tensor([1], dtype=torch.int32)}
+    state = {"threshold": torch.tensor([0.6]), "threshold_visits": torch.tensor([1], dtype=torch.int32)}
     optimizer = ThresholdOptimizer(rule="sgd", lr=0.01, normalize_grad=True)
     detection = GloFNDDetector(alpha=0.25, optimizer=optimizer).detect(rows, state, "", Step(learn=True, epoch=0))
     # One of three negatives (0.7) is above 0.6: G = 0.25 - 1/3, normalised by alpha = 0.25.
@@ -130,9 +132,7 @@ def test_normalize_grad_divides_the_subgradient_by_alpha() -> None:
 
 def test_stop_at_batch_quantile_keeps_a_step_from_overshooting() -> None:
     optimizer = ThresholdOptimizer(rule="sgd", lr=1.0, stop_at_batch_quantile=True)
-    rows = ThresholdRows(
-        torch.tensor([0.1, 0.8, 0.5]), torch.zeros(3), torch.zeros(3), torch.ones(3, dtype=torch.int32)
-    )
+    rows = ThresholdRows(torch.tensor([0.1, 0.8, 0.5]), torch.ones(3, dtype=torch.int32))
     # Anchor 0: a huge upward step stops at its batch quantile 0.4; anchor 1: a downward step stops at 0.7;
     # anchor 2: a small step that does not reach its quantile is taken unchanged.
     grad = torch.tensor([-2.0, 2.0, -0.05])
@@ -172,8 +172,7 @@ def test_quantile_only_for_rows_that_need_it_is_exact(views: int, monkeypatch: p
     monkeypatch.setattr(functional, "pooled_quantile", recording)
     generator = torch.Generator().manual_seed(views)
     excluded = torch.stack([torch.arange(anchors), torch.arange(anchors) + anchors], dim=1)
-    state = {"threshold": torch.ones(anchors), "threshold_exp_avg": torch.zeros(anchors)}
-    state |= {"threshold_exp_avg_sq": torch.zeros(anchors), "threshold_visits": torch.zeros(anchors, dtype=torch.int32)}
+    state = {"threshold": torch.ones(anchors), "threshold_visits": torch.zeros(anchors, dtype=torch.int32)}
     selected_later = 0
     for step_number in range(30):
         drift = 0.3 * math.sin(step_number / 4)

@@ -217,7 +217,7 @@ class GloFNDCallback(pl.Callback):
         >>> callback = GloFNDCallback()
         >>> callback.setup(pl.Trainer(logger=False, enable_progress_bar=False), module, stage="fit")
         >>> callback.ignored_buffers[:2]
-        ['criterion.state.threshold', 'criterion.state.threshold_exp_avg']
+        ['criterion.state.threshold', 'criterion.state.threshold_visits']
     """
 
     def __init__(self) -> None:
