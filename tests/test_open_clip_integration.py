@@ -115,13 +115,38 @@ COMMON_FLAGS = (
 ).split()
 
 
-def train(data: Data, logs: Path, *flags: str, processes: int = 1, epochs: int = 2) -> subprocess.CompletedProcess:
-    """Run the script; a slow learning rate keeps the scores still enough for thresholds to track them."""
+PREEMPTED_EXIT = 75
+PREEMPTING_DRIVER = """
+import runpy, sys
+import open_clip_train.main as main
+evaluate, preempted_epoch = main.evaluate, int(sys.argv[1])
+def evaluate_until_preempted(model, data, epoch, args, **kwargs):
+    if epoch == preempted_epoch:
+        sys.exit({exit})  # the job is killed while open_clip evaluates this epoch, before it saves
+    return evaluate(model, data, epoch, args, **kwargs)
+main.evaluate = evaluate_until_preempted
+sys.argv = [{script!r}, *sys.argv[2:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def train(
+    data: Data, logs: Path, *flags: str, processes: int = 1, epochs: int = 2, preempt_at: int | None = None
+) -> subprocess.CompletedProcess:
+    """Run the script; a slow learning rate keeps the scores still enough for thresholds to track them.
+
+    ``preempt_at``: the process exits while open_clip evaluates that (1-based) epoch, as when a
+    cluster preempts the job (needs ``--val-data``).
+    """
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    if preempt_at is None:
+        launcher.append(str(SCRIPT))
+    else:
+        launcher += ["-c", PREEMPTING_DRIVER.format(exit=PREEMPTED_EXIT, script=str(SCRIPT)), str(preempt_at)]
     # "--": torchrun would take open_clip's --logs for an abbreviation of its own --logs-specs.
-    command = [*launcher, str(SCRIPT), "--", "--model", f"local-dir:{data.model}", "--logs", str(logs)]
+    command = [*launcher, "--", "--model", f"local-dir:{data.model}", "--logs", str(logs)]
     command += ["--epochs", str(epochs), "--glofnd-alpha", str(ALPHA), *COMMON_FLAGS, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=logs.parent)
@@ -193,6 +218,53 @@ def test_resume_latest_restores_the_loss_state(data: Data, tmp_path: Path) -> No
     assert torch.equal(resumed["state.image_threshold_visits"], saved["state.image_threshold_visits"] + 1)
     assert not torch.equal(resumed["state.image_threshold"], saved["state.image_threshold"])
     assert checkpoint_files(logs)[-2:] == ["epoch_2.glofnd.pth", "epoch_2.pt"]
+
+
+def saved_epoch(logs: Path, name: str) -> int:
+    """The checkpoint epoch recorded in a loss state file."""
+    payload = torch.load(logs / "run" / "checkpoints" / name, weights_only=True)
+    return int(payload["checkpoint_epoch"])
+
+
+@pytest.mark.parametrize("flag", ["--delete-previous-checkpoint", "--save-most-recent"])
+def test_a_run_preempted_during_evaluation_resumes_with_its_checkpoints_state(
+    data: Data, tmp_path: Path, flag: str
+) -> None:
+    # open_clip evaluates an epoch before it writes its checkpoint: the loss state must be written (and the
+    # previous one deleted) then too, not when training ends, or a preemption in between pairs a
+    # checkpoint with another epoch's state (or deletes the only state a resume can use).
+    logs, flags = tmp_path / "logs", [*_data_flags(data, "csv"), "--val-data", str(data.csv), flag]
+    result = train(data, logs, *flags, epochs=3, preempt_at=2)
+    assert result.returncode == PREEMPTED_EXIT, result.stderr[-4000:]
+    if flag == "--delete-previous-checkpoint":
+        assert checkpoint_files(logs) == ["epoch_1.glofnd.pth", "epoch_1.pt"]
+    else:
+        assert checkpoint_files(logs) == ["epoch_1.glofnd.pth", "epoch_1.pt", "epoch_latest.glofnd.pth", "epoch_latest.pt"]
+        assert saved_epoch(logs, "epoch_latest.glofnd.pth") == 1
+
+    _ok(train(data, logs, *flags, "--resume", "latest", epochs=3))
+    final = state(logs, 3)
+    # Epoch 1 before the preemption, then epochs 2 and 3 from epoch 1's checkpoint: three visits each.
+    assert (final["state.image_threshold_visits"] == 3).all()
+    assert final["_extra_state"] == {"epoch": 2, "step": 3 * NUM_SAMPLES // 16}
+    if flag == "--delete-previous-checkpoint":
+        assert checkpoint_files(logs) == ["epoch_3.glofnd.pth", "epoch_3.pt"]
+    else:
+        assert saved_epoch(logs, "epoch_latest.glofnd.pth") == 3
+        assert not any(name.endswith(".staged") for name in os.listdir(logs / "run" / "checkpoints"))
+
+
+def test_resume_from_a_checkpoint_with_another_epochs_state_stops(data: Data, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    _ok(train(data, logs, *_data_flags(data, "csv"), epochs=1))
+    path = logs / "run" / "checkpoints" / "epoch_1.glofnd.pth"
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "checkpoint_epoch": 2}, path)  # as if written for a later checkpoint
+
+    result = train(data, logs, *_data_flags(data, "csv"), "--resume", "latest", epochs=2)
+    assert result.returncode != 0
+    assert "saved with the checkpoint of epoch 2, but the checkpoint resumes at epoch 1" in result.stderr
+    assert checkpoint_files(logs) == ["epoch_1.glofnd.pth", "epoch_1.pt"]  # nothing trained, nothing written
 
 
 def test_disabled_detector_matches_open_clip_loss(data: Data, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """GloFND inside open_clip's training script (``open_clip_train``, open_clip_torch 3.x).
 
-:func:`patch_open_clip_train` swaps four names that ``open_clip_train.main`` imports into its own
+:func:`patch_open_clip_train` swaps six names that ``open_clip_train.main`` imports into its own
 namespace (never their home modules) for the duration of a ``with`` block:
 
 * ``parse_args``: the ``--glofnd-*`` flags (:func:`add_glofnd_arguments`) are parsed with
@@ -14,7 +14,12 @@ namespace (never their home modules) for the duration of a ``with`` block:
 * ``train_one_epoch``: ``loss.set_epoch(epoch)``; open_clip's loop gets a data loader that strips
   the indices from each batch and a loss that adds them back as ``indices=...``; the flagged
   fraction and mean thresholds are logged at open_clip's logging steps (text log, TensorBoard,
-  W&B); the loss state is saved beside every checkpoint open_clip writes.
+  W&B).
+* ``torch`` and ``os``: stand-ins whose ``torch.save``, ``os.replace`` and ``os.remove`` also
+  write, move and delete the loss state beside each checkpoint file at the moment open_clip's main
+  does it to the checkpoint (after the epoch's evaluation), so that a run stopped at any point
+  leaves every checkpoint with the state of its own epoch (``_LossStateFiles``). Every other
+  attribute is the real module's.
 
 Two patches have no home in ``open_clip_train.main``'s namespace and are scoped to the same block:
 while ``get_data`` builds the *train* split, ``open_clip_train.data``'s ``CsvDataset`` and ``wds``
@@ -24,6 +29,8 @@ DDP rejects), so multi-process CPU runs work. Nothing else changes behaviour.
 
 The loss state is saved as ``epoch_<n>.glofnd.pth`` (and ``epoch_latest.glofnd.pth``) beside
 ``epoch_<n>.pt``: not ending in ``.pt``, so ``--resume latest`` never picks it up as a checkpoint.
+It records the checkpoint's epoch; a resume whose checkpoint and state disagree stops with an error
+before the first step.
 
 ``--glofnd-disable`` runs open_clip's own loss and data pipeline untouched (then accum-freq,
 distillation, SigLIP and CoCa are open_clip's business as usual).
@@ -46,6 +53,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -597,13 +605,18 @@ def loss_state_path(checkpoint_path: str) -> str:
     return stem + _STATE_SUFFIX
 
 
-def save_loss_state(loss: GloFNDClipLoss, path: str) -> None:
-    """Write ``loss``'s state (per-sample buffers, epoch and step) atomically to a local ``path``."""
+def save_loss_state(loss: GloFNDClipLoss, path: str, checkpoint_epoch: int | None = None) -> None:
+    """Write ``loss``'s state (per-sample buffers, epoch and step) atomically to a local ``path``.
+
+    ``checkpoint_epoch`` is the ``"epoch"`` of the open_clip checkpoint the state belongs to; a
+    resume checks that the two match (:func:`load_loss_state`).
+    """
     payload = {
         "format": _STATE_FORMAT,
         "num_samples": loss.num_samples,
         "estimator": loss.estimator,
         "detector": loss.detector.name,
+        "checkpoint_epoch": checkpoint_epoch,
         "state_dict": loss.state_dict(),
     }
     temporary = path + ".tmp"
@@ -611,8 +624,11 @@ def save_loss_state(loss: GloFNDClipLoss, path: str) -> None:
     os.replace(temporary, path)
 
 
-def load_loss_state(loss: GloFNDClipLoss, path: str) -> None:
+def load_loss_state(loss: GloFNDClipLoss, path: str) -> int | None:
     """Restore ``loss`` from :func:`save_loss_state`'s file (local path or fsspec URL).
+
+    Returns:
+        The epoch of the open_clip checkpoint the state was saved with (None if not recorded).
 
     Raises:
         ValueError: The file holds another kind of loss or another state size.
@@ -628,34 +644,121 @@ def load_loss_state(loss: GloFNDClipLoss, path: str) -> None:
             "(--glofnd-data-size, --glofnd-estimator, --glofnd-detector)"
         )
     loss.load_state_dict(payload["state_dict"])
+    checkpoint_epoch = payload.get("checkpoint_epoch")
+    return None if checkpoint_epoch is None else int(checkpoint_epoch)
 
 
-def _save_beside_checkpoints(loss: GloFNDClipLoss, args: argparse.Namespace, completed_epoch: int) -> None:
-    """Save the loss state beside each checkpoint open_clip's main writes after ``completed_epoch``."""
-    directory = args.checkpoint_path
-    if completed_epoch == args.epochs or (args.save_frequency > 0 and completed_epoch % args.save_frequency == 0):
-        save_loss_state(loss, loss_state_path(os.path.join(directory, f"epoch_{completed_epoch}.pt")))
-    if args.delete_previous_checkpoint:
-        previous = loss_state_path(os.path.join(directory, f"epoch_{completed_epoch - 1}.pt"))
-        if os.path.exists(previous):
-            os.remove(previous)
-    if args.save_most_recent:
-        save_loss_state(loss, loss_state_path(os.path.join(directory, oc_main.LATEST_CHECKPOINT_NAME)))
+def _restore(loss: GloFNDClipLoss, args: argparse.Namespace) -> int | None:
+    """Load the state saved beside ``args.resume``; a missing state is an error unless asked otherwise.
 
-
-def _restore(loss: GloFNDClipLoss, args: argparse.Namespace) -> None:
-    """Load the state saved beside ``args.resume``; a missing state is an error unless asked otherwise."""
+    Returns:
+        The checkpoint epoch recorded with the state, or None.
+    """
     path = loss_state_path(args.resume)
     if check_exists(path):
-        load_loss_state(loss, path)
+        checkpoint_epoch = load_loss_state(loss, path)
         logging.info(f"GloFND: restored the loss state from {path} (epoch {loss.epoch}, step {loss.step})")
-    elif args.glofnd_fresh_state:
+        return checkpoint_epoch
+    if args.glofnd_fresh_state:
         logging.warning(f"GloFND: no loss state at {path}; starting a fresh one (--glofnd-fresh-state)")
-    else:
-        raise FileNotFoundError(
-            f"--resume {args.resume}: no GloFND loss state at {path}. Pass --glofnd-fresh-state to start GloFND "
-            "from scratch on top of this checkpoint."
+        return None
+    raise FileNotFoundError(
+        f"--resume {args.resume}: no GloFND loss state at {path}. Pass --glofnd-fresh-state to start GloFND "
+        "from scratch on top of this checkpoint."
+    )
+
+
+def _check_resumed_epoch(args: argparse.Namespace, checkpoint_epoch: int, start_epoch: int) -> None:
+    """The restored loss state must belong to the checkpoint the run resumes from."""
+    if checkpoint_epoch != start_epoch:
+        raise ValueError(
+            f"--resume {args.resume}: the GloFND loss state beside it was saved with the checkpoint of epoch "
+            f"{checkpoint_epoch}, but the checkpoint resumes at epoch {start_epoch} (the files are out of step). "
+            f"Resume from epoch_{checkpoint_epoch}.pt if it exists, or pass --glofnd-fresh-state with a checkpoint "
+            "that has no loss state beside it."
         )
+
+
+_EPOCH_CHECKPOINT = re.compile(r"epoch_\d+\.pt")
+_STAGED_SUFFIX = ".staged"
+
+
+class _ModuleStandIn:
+    """A module with some attributes replaced; every other attribute is the module's own."""
+
+    def __init__(self, module: Any, **replacements: Any) -> None:
+        self._module = module
+        self.__dict__.update(replacements)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+@dataclasses.dataclass
+class _LossStateFiles:
+    """Writes, moves and deletes the loss state in step with open_clip's own checkpoint files.
+
+    open_clip's ``main`` writes ``epoch_<n>.pt`` with ``torch.save``; moves ``tmp.pt`` onto
+    ``epoch_latest.pt`` with ``os.replace`` (``--save-most-recent``); and deletes
+    ``epoch_<n-1>.pt`` with ``os.remove`` (``--delete-previous-checkpoint``), after evaluating the
+    epoch. :meth:`save`, :meth:`replace` and :meth:`remove` do the same to the ``.glofnd.pth``
+    beside each file at that moment, so a run stopped at any point (during evaluation, say) leaves
+    every checkpoint with the state of its own epoch:
+
+    * ``epoch_<n>.glofnd.pth`` is written just before ``epoch_<n>.pt`` (a checkpoint never exists
+      without its state) and deleted just after it;
+    * ``epoch_latest.glofnd.pth`` is staged when ``tmp.pt`` is written and moved into place right
+      after open_clip's move of the checkpoint.
+
+    The state records the checkpoint's epoch, checked when a run resumes from it.
+
+    Attributes:
+        loss: The run's GloFND loss (None until ``create_loss``, or when GloFND is disabled).
+        checkpoint_path: ``args.checkpoint_path``.
+        resumed_epoch: The checkpoint epoch recorded with a restored state, until the first epoch
+            checks it.
+    """
+
+    loss: GloFNDClipLoss | None = None
+    checkpoint_path: str | None = None
+    resumed_epoch: int | None = None
+
+    def _checkpoint_name(self, path: Any) -> str | None:
+        """The file name of ``path`` if it is in the checkpoint folder and GloFND runs, else None."""
+        if self.loss is None or self.checkpoint_path is None or not isinstance(path, (str, os.PathLike)):
+            return None
+        path = os.fspath(path)
+        if os.path.dirname(os.path.abspath(path)) != os.path.abspath(self.checkpoint_path):
+            return None
+        return os.path.basename(path)
+
+    def save(self, obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        name = self._checkpoint_name(f)
+        if name is None or self.loss is None:
+            torch.save(obj, f, *args, **kwargs)
+            return
+        epoch = obj.get("epoch") if isinstance(obj, dict) else None
+        if _EPOCH_CHECKPOINT.fullmatch(name) or name == oc_main.LATEST_CHECKPOINT_NAME:
+            save_loss_state(self.loss, loss_state_path(os.fspath(f)), epoch)
+            torch.save(obj, f, *args, **kwargs)
+        else:  # a temporary file that ``replace`` moves into place
+            torch.save(obj, f, *args, **kwargs)
+            save_loss_state(self.loss, os.fspath(f) + _STAGED_SUFFIX, epoch)
+
+    def replace(self, source: Any, destination: Any) -> None:
+        os.replace(source, destination)
+        name = self._checkpoint_name(destination)
+        staged = os.fspath(source) + _STAGED_SUFFIX
+        if name is not None and os.path.exists(staged):
+            os.replace(staged, loss_state_path(os.fspath(destination)))
+
+    def remove(self, path: Any) -> None:
+        os.remove(path)
+        name = self._checkpoint_name(path)
+        if name is not None and _EPOCH_CHECKPOINT.fullmatch(name):
+            beside = loss_state_path(os.fspath(path))
+            if os.path.exists(beside):
+                os.remove(beside)
 
 
 # ---------------------------------------------------------------------------------------------- the patches
@@ -672,12 +775,13 @@ class _CpuTolerantDDP(DistributedDataParallel):
 
 @dataclasses.dataclass(frozen=True)
 class _Patches:
-    """The replacements of ``open_clip_train.main``'s four names, over the originals."""
+    """The replacements of ``open_clip_train.main``'s four functions, over the originals."""
 
     original_parse_args: Callable[..., Any]
     original_get_data: Callable[..., Any]
     original_create_loss: Callable[..., Any]
     original_train_one_epoch: Callable[..., Any]
+    files: _LossStateFiles
 
     def parse_args(self, argv: Sequence[str] | None) -> argparse.Namespace:
         parser = _glofnd_parser()
@@ -713,7 +817,8 @@ class _Patches:
             return self.original_create_loss(args)
         loss = create_glofnd_loss(args).to(torch.device(args.device))
         if args.resume is not None:
-            _restore(loss, args)
+            self.files.resumed_epoch = _restore(loss, args)
+        self.files.loss, self.files.checkpoint_path = loss, args.checkpoint_path
         if is_master(args):
             logging.info(f"GloFND: {type(loss).__name__}({loss.extra_repr()}, estimator={loss.estimator!r})")
             if args.local_loss or args.gather_with_grad:
@@ -737,6 +842,9 @@ class _Patches:
             return self.original_train_one_epoch(
                 model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=tb_writer
             )
+        if self.files.resumed_epoch is not None:
+            resumed_epoch, self.files.resumed_epoch = self.files.resumed_epoch, None
+            _check_resumed_epoch(args, resumed_epoch, epoch)
         loss.set_epoch(epoch)
         loader = _IndexStrippingLoader(data["train"].dataloader)
         indexed_data = {**data, "train": dataclasses.replace(data["train"], dataloader=loader)}
@@ -755,8 +863,6 @@ class _Patches:
             tb_writer=tb_writer,
         )
         loss.check_errors()
-        if args.save_logs:
-            _save_beside_checkpoints(loss, args, epoch + 1)
         return result
 
 
@@ -771,7 +877,8 @@ def patch_open_clip_train() -> Iterator[None]:
         >>> with patch_open_clip_train():  # doctest: +SKIP
         ...     open_clip_train.main.main(["--train-data", "train.csv", "--glofnd-alpha", "1e-3", ...])
     """
-    patches = _Patches(oc_main.parse_args, oc_main.get_data, oc_main.create_loss, oc_main.train_one_epoch)
+    files = _LossStateFiles()
+    patches = _Patches(oc_main.parse_args, oc_main.get_data, oc_main.create_loss, oc_main.train_one_epoch, files)
     with (
         _swapped(
             oc_main,
@@ -779,6 +886,8 @@ def patch_open_clip_train() -> Iterator[None]:
             get_data=patches.get_data,
             create_loss=patches.create_loss,
             train_one_epoch=patches.train_one_epoch,
+            torch=_ModuleStandIn(torch, save=files.save),
+            os=_ModuleStandIn(os, replace=files.replace, remove=files.remove),
         ),
         _swapped(torch.nn.parallel, DistributedDataParallel=_CpuTolerantDDP),
     ):
