@@ -8,6 +8,8 @@ its one sync per step, input validation without host syncs, and the ``last_stats
 from __future__ import annotations
 
 import contextlib
+import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,8 +99,7 @@ class GloFNDLossBase(nn.Module):
         extra_fields: dict[str, Field] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int (the data set size), got {num_samples!r}")
+        num_samples = _positive_int(num_samples)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         if start_epoch < 0 or start_step < 0:
@@ -223,6 +224,31 @@ class GloFNDLossBase(nn.Module):
         kept_count = functional.keep_nonempty_(unflagged, unflagged_count, rows.excluded, rows.num_negatives)
         return KeptNegatives(unflagged, kept_count, unflagged_count, detection)
 
+    def _loss_without_negatives(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The loss of a batch whose contrast set is a single item: 0, and the state is unchanged.
+
+        Such a batch has no negatives (a last batch of one sample, or one sample per process
+        without a gather); lightly's and open_clip's losses give 0 for it too. The zero keeps
+        every input in the graph (DDP expects a gradient for every parameter); nothing is learned.
+        All processes take this path together: the global batch size is the same on each.
+        """
+        warnings.warn(
+            f"{type(self).__name__}: a batch whose contrast set is a single item has no negatives; its loss is 0 "
+            "and the per-sample state is unchanged",
+            stacklevel=3,
+        )
+        zero = inputs[0].new_zeros((), dtype=torch.float32)
+        self.last_stats = {
+            f"{prefix}{name}": zero
+            for prefix in self.banks
+            for name in ("flagged_fraction", "filtered_fraction", "kept_negatives")
+        }
+        self._finish_step()
+        loss = zero
+        for value in inputs:
+            loss = loss + 0.0 * value.float().sum()
+        return loss
+
     def _stats(self, prefix: str, rows: BatchRows, kept: KeptNegatives) -> dict[str, torch.Tensor]:
         """Per-step diagnostics as detached 0-d tensors (no host sync)."""
         num_rows = float(rows.scores.shape[0] * rows.scores.shape[1])
@@ -302,6 +328,17 @@ class GloFNDLossBase(nn.Module):
             + f"start_epoch={self.start_epoch}, start_step={self.start_step}, "
             + f"filter_start_epoch={self.filter_start_epoch}"
         )
+
+
+def _positive_int(num_samples: Any) -> int:
+    """``num_samples`` as an int (any integer type, e.g. ``numpy.int64``), or a ValueError."""
+    try:
+        value = operator.index(num_samples)
+    except TypeError:
+        value = 0
+    if isinstance(num_samples, bool) or value < 1:
+        raise ValueError(f"num_samples must be a positive int (the data set size), got {num_samples!r}")
+    return value
 
 
 def _forget_seeding(module: nn.Module, incompatible_keys: Any) -> None:

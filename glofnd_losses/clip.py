@@ -212,7 +212,7 @@ class GloFNDClipLoss(GloFNDLossBase):
                 [("image_features", image_features), ("text_features", text_features)], indices
             )
             images, texts = image_features.float(), text_features.float()
-            scale = logit_scale.float()
+            scale = torch.as_tensor(logit_scale, device=images.device).float()  # open_clip accepts a float too
             local_size = images.shape[0]
             if distributed.is_distributed():
                 all_images, all_texts = distributed.gather_with_grad(images), distributed.gather_with_grad(texts)
@@ -220,6 +220,8 @@ class GloFNDClipLoss(GloFNDLossBase):
             else:
                 all_images, all_texts, offset = images, texts, 0
             global_size = all_images.shape[0]
+            if global_size == 1:
+                return self._output(self._loss_without_negatives([image_features, text_features, scale]), output_dict)
             excluded = functional.cross_modal_excluded(local_size, offset, images.device)
             negatives = functional.negative_mask(excluded, global_size)
             positive_index = torch.arange(local_size, device=images.device) + offset
@@ -248,6 +250,10 @@ class GloFNDClipLoss(GloFNDLossBase):
             self._commit(safe_indices, new_rows, valid)
             self.last_stats = stats
             self._finish_step()
+        return self._output(loss, output_dict)
+
+    @staticmethod
+    def _output(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _modality_term(

@@ -93,6 +93,8 @@ class GloFNDNTXent(GloFNDLossBase):
         """
         with autocast_disabled(out0.device.type):
             batch = self._two_view_batch(out0, out1, indices, labels, ("out0", "out1"), self.gather_distributed)
+            if batch.rows.num_negatives == 0:
+                return self._loss_without_negatives([out0, out1])
             state_rows = self.state.read(batch.indices)
             kept = self._detect(batch.rows, state_rows, "")
             per_row = functional.filtered_cross_entropy(

@@ -9,6 +9,9 @@ from glofnd_losses.base import GloFNDLossBase, autocast_disabled
 from glofnd_losses.state import Field
 from glofnd_losses.thresholds import ThresholdOptimizer
 
+MIN_TEMPERATURE = 1 / 80
+"""Smallest temperature of :class:`GloFNDSogCLRLoss`: ``exp(1 / 0.0125) ~ 5.5e34`` is finite in float32."""
+
 
 class GloFNDSogCLRLoss(GloFNDLossBase):
     """SogCLR's global contrastive loss whose negatives skip GloFND's false negatives.
@@ -32,7 +35,7 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
 
     Args:
         num_samples: Number of data set items; ``indices`` must lie in ``[0, num_samples)``.
-        temperature: SogCLR's temperature ``tau``.
+        temperature: SogCLR's temperature ``tau`` (at least 1/80, see :data:`MIN_TEMPERATURE`).
         gamma: Weight of the new estimate in ``u``'s moving average (``u`` is set directly at an
             item's first visit).
         alpha: Target fraction of each item's negatives flagged as false negatives.
@@ -68,8 +71,11 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         start_step: int = 0,
         filter_start_epoch: int | None = None,
     ) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not temperature >= MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be >= {MIN_TEMPERATURE} (1/80): SogCLR's u averages exp(s / temperature) over "
+                f"cosines s up to 1, which overflows float32 below that, got {temperature}"
+            )
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         super().__init__(
@@ -115,6 +121,8 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         """
         with autocast_disabled(z1.device.type):
             batch = self._two_view_batch(z1, z2, indices, labels, ("z1", "z2"), gather=True)
+            if batch.rows.num_negatives == 0:
+                return self._loss_without_negatives([z1, z2])
             state_rows = self.state.read(batch.indices)
             kept = self._detect(batch.rows, state_rows, "")
             per_row, u_new = functional.sogclr_rows(

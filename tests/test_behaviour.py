@@ -136,6 +136,53 @@ def test_bad_constructor_arguments_are_named() -> None:
         GloFNDNTXent(10, start_epoch=3, filter_start_epoch=1)
     with pytest.raises(ValueError, match="labels"):
         GloFNDNTXent(10, detector="oracle")(torch.randn(4, 3), torch.randn(4, 3), torch.arange(4))
+    with pytest.raises(ValueError, match=r"temperature must be >= 0.0125 \(1/80\).*got 0.011"):
+        GloFNDSogCLRLoss(10, temperature=0.011)
+    assert GloFNDSogCLRLoss(np.int64(10)).num_samples == 10  # any integer type
+
+
+def test_the_smallest_sogclr_temperature_stays_finite() -> None:
+    # exp(s / tau) over cosines up to 1 (the anchor's own column among them): finite at tau = 1/80.
+    loss_fn = GloFNDSogCLRLoss(8, temperature=1 / 80, alpha=0.1)
+    base = F.normalize(torch.randn(1, 16), dim=1)
+    views = [F.normalize(base + 0.05 * torch.randn(8, 16), dim=1).requires_grad_(True) for _ in range(2)]
+    loss = loss_fn(*views, torch.arange(8))  # near-identical items: every score close to 1
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(view.grad).all() for view in views)
+    assert torch.isfinite(loss_fn.u).all()
+
+
+def loss_and_call(name: str) -> tuple[GloFNDLossBase, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """A loss by name (``clip_<estimator>`` for CLIP) and a call taking two views and indices."""
+    from glofnd_losses import GloFNDClipLoss
+
+    if name.startswith("clip_"):
+        clip = GloFNDClipLoss(10, name.removeprefix("clip_"), alpha=0.1)
+        return clip, lambda a, b, indices: clip(a, b, 10.0, indices=indices)  # open_clip's float logit_scale
+    loss_fn = LOSSES[name](10, alpha=0.1)
+    return loss_fn, loss_fn
+
+
+@pytest.mark.parametrize("name", ["sogclr", "ntxent", "clip_minibatch", "clip_sogclr", "clip_fastclip"])
+def test_a_batch_of_one_item_gives_zero_like_lightly_and_open_clip(name: str) -> None:
+    # A last batch of one sample (drop_last=False) has no negatives. lightly's NTXentLoss and open_clip's
+    # ClipLoss give 0; so do ours, without touching the state (before, SogCLR stored u = NaN for good).
+    from lightly.loss import NTXentLoss
+    from open_clip.loss import ClipLoss
+
+    loss_fn, call = loss_and_call(name)
+    view_a, view_b = clustered_views(10, dim=8, seed=10)
+    a, b = view_a[3:4].clone().requires_grad_(True), view_b[3:4].clone().requires_grad_(True)
+    before = copy.deepcopy(loss_fn.state.state_dict())
+    with pytest.warns(UserWarning, match="no negatives"):
+        loss = call(a, b, torch.tensor([3]))
+    loss.backward()
+    assert loss.item() == 0.0 and NTXentLoss()(a, b).item() == 0.0 and ClipLoss()(a, b, 10.0).item() == 0.0
+    assert a.grad is not None and torch.equal(a.grad, torch.zeros_like(a))
+    for key, value in loss_fn.state.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert loss_fn.last_stats[f"{loss_fn.banks[0]}flagged_fraction"] == 0.0
+    assert torch.isfinite(call(view_a[:4], view_b[:4], torch.arange(4)))  # the next, ordinary batch
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
