@@ -152,7 +152,10 @@ def test_the_smallest_sogclr_temperature_stays_finite() -> None:
     assert torch.isfinite(loss_fn.u).all()
 
 
-def loss_and_call(name: str) -> tuple[GloFNDLossBase, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+TwoViewCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def loss_and_call(name: str) -> tuple[GloFNDLossBase, TwoViewCall]:
     """A loss by name (``clip_<estimator>`` for CLIP) and a call taking two views and indices."""
     from glofnd_losses import GloFNDClipLoss
 
