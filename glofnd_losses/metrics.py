@@ -34,12 +34,13 @@ def batch_precision_recall(
         Two 0-d float32 tensors: mean precision and mean recall over the ``b`` anchors.
     """
     truth = true_false_negatives.expand_as(flagged)
-    true_positives = (flagged & truth).sum(dim=(0, 2)).to(torch.float64)
-    predicted = flagged.sum(dim=(0, 2)).to(torch.float64)
-    actual = truth.sum(dim=(0, 2)).to(torch.float64)
+    # Per-anchor counts are exact in float32 (far below 2**24); no float64, which MPS lacks.
+    true_positives = (flagged & truth).sum(dim=(0, 2)).to(torch.float32)
+    predicted = flagged.sum(dim=(0, 2)).to(torch.float32)
+    actual = truth.sum(dim=(0, 2)).to(torch.float32)
     precision = (true_positives + _SMOOTH) / (predicted + _SMOOTH)
     recall = (true_positives + _SMOOTH) / (actual + _SMOOTH)
-    return precision.mean().to(torch.float32), recall.mean().to(torch.float32)
+    return precision.mean(), recall.mean()
 
 
 def f1_score(precision: float, recall: float) -> float:

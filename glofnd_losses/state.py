@@ -18,6 +18,10 @@ are replaced by the winner's before the scatter, so the scatter never races.
 If any rank flags its batch as invalid, the whole step writes nothing (the old rows are written
 back), so a rejected batch never corrupts or half-updates the state.
 
+With one process there is nothing to gather: the rows are written as they are, with the same
+last-occurrence rule and no float64 pack (some single-device backends, e.g. Apple's MPS, have no
+float64).
+
 The storage is a plain buffer per field. Moving it to the host or sharding it across ranks (for
 data sets of hundreds of millions of items) only changes :meth:`read` and :meth:`commit`.
 """
@@ -115,26 +119,32 @@ class PerSampleState(nn.Module):
             rows: New values per field, each of shape ``(b,)``; fields not given keep their value.
             valid: Optional 0-d bool tensor; if it is False on any rank, nothing is written.
         """
+        if not distributed.is_distributed():
+            # One process: the local rows are all the rows, written as they are (no float64 pack,
+            # which some backends, e.g. Apple's MPS, do not have).
+            winners = _last_occurrence(indices)
+            self._write(indices, {name: rows[name].detach().index_select(0, winners) for name in rows}, valid)
+            return
         names = list(rows)
         device = indices.device
-        columns = [indices.to(torch.float64)]
-        # A rank that validated eagerly (valid None) raised before this collective on bad input;
-        # with one process there is then nothing to check, with several another rank may object.
-        check_valid = valid is not None or distributed.is_distributed()
-        if check_valid:
-            valid_flag = torch.ones((), dtype=torch.bool, device=device) if valid is None else valid
-            columns.append(valid_flag.to(torch.float64).expand(indices.shape[0]))
-        first_field = len(columns)
+        # Every rank checks: a rank that validated eagerly raised before this collective on bad
+        # input, but another rank may object.
+        valid_flag = torch.ones((), dtype=torch.bool, device=device) if valid is None else valid
+        columns = [indices.to(torch.float64), valid_flag.to(torch.float64).expand(indices.shape[0])]
         columns += [rows[name].detach().to(torch.float64) for name in names]
         packed = distributed.gather_rows(torch.stack(columns, dim=1))
 
         global_indices = packed[:, 0].to(torch.int64)
         # Every occurrence of an index carries its last occurrence's row: the scatter never races.
         winning_rows = packed.index_select(0, _last_occurrence(global_indices))
-        step_valid = packed[:, 1].min() > 0.5 if check_valid else None
-        for column, name in enumerate(names, start=first_field):
+        step_valid = packed[:, 1].min() > 0.5
+        self._write(global_indices, {name: winning_rows[:, column] for column, name in enumerate(names, 2)}, step_valid)
+
+    def _write(self, indices: torch.Tensor, rows: dict[str, torch.Tensor], valid: torch.Tensor | None) -> None:
+        """Write ``rows`` (one value per index; duplicates carry equal values) unless ``valid`` is False."""
+        for name, values in rows.items():
             store = self.buffer(name)
-            new_values = winning_rows[:, column].to(store.dtype)
-            if step_valid is not None:
-                new_values = torch.where(step_valid, new_values, store.index_select(0, global_indices))
-            store.index_copy_(0, global_indices, new_values)
+            new_values = values.to(store.dtype)
+            if valid is not None:
+                new_values = torch.where(valid, new_values, store.index_select(0, indices))
+            store.index_copy_(0, indices, new_values)

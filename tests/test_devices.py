@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer, host, validation
 from glofnd_losses.base import GloFNDLossBase
@@ -166,6 +168,27 @@ def test_a_host_read_in_the_step_is_caught_on_meta(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(loss_fn, "_stats", stats_with_a_host_read)
     with pytest.raises(RuntimeError, match="meta"):
         run(loss_fn, torch.device("meta"))
+
+
+class Float64Forbidden(TorchDispatchMode):
+    """Any operator that produces a float64 tensor raises (Apple's MPS has no float64)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+                raise AssertionError(f"{func} made a float64 tensor")
+        return out
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_one_process_step_needs_no_float64(name: str, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The state's cross-rank pack is float64 (exact for indices and every field); with one process
+    # nothing is gathered and nothing is packed, so single-device backends without float64 work.
+    monkeypatch.setattr(host, "PendingHostValue", RecordedHostValue)
+    monkeypatch.setattr(validation, "PendingHostValue", RecordedHostValue)
+    run(LOSSES[name](), torch.device(device), steps_context=Float64Forbidden)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
