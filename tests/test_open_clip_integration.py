@@ -17,6 +17,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip_train.main
@@ -165,8 +166,14 @@ def logged_stats(logs: Path) -> list[dict[str, float]]:
     ]
 
 
+def loss_state_file(logs: Path, name: str) -> dict[str, Any]:
+    """A loss state file the adapter wrote beside open_clip's checkpoints."""
+    payload: dict[str, Any] = torch.load(logs / "run" / "checkpoints" / name, weights_only=True)
+    return payload
+
+
 def state(logs: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(logs / "run" / "checkpoints" / f"epoch_{epoch}.glofnd.pth", weights_only=True)["state_dict"]
+    return loss_state_file(logs, f"epoch_{epoch}.glofnd.pth")["state_dict"]  # type: ignore[no-any-return]
 
 
 def checkpoint_files(logs: Path) -> list[str]:
@@ -222,8 +229,7 @@ def test_resume_latest_restores_the_loss_state(data: Data, tmp_path: Path) -> No
 
 def saved_epoch(logs: Path, name: str) -> int:
     """The checkpoint epoch recorded in a loss state file."""
-    payload = torch.load(logs / "run" / "checkpoints" / name, weights_only=True)
-    return int(payload["checkpoint_epoch"])
+    return int(loss_state_file(logs, name)["checkpoint_epoch"])
 
 
 @pytest.mark.parametrize("flag", ["--delete-previous-checkpoint", "--save-most-recent"])
@@ -258,9 +264,8 @@ def test_a_run_preempted_during_evaluation_resumes_with_its_checkpoints_state(
 def test_resume_from_a_checkpoint_with_another_epochs_state_stops(data: Data, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     _ok(train(data, logs, *_data_flags(data, "csv"), epochs=1))
-    path = logs / "run" / "checkpoints" / "epoch_1.glofnd.pth"
-    payload = torch.load(path, weights_only=True)
-    torch.save({**payload, "checkpoint_epoch": 2}, path)  # as if written for a later checkpoint
+    payload = loss_state_file(logs, "epoch_1.glofnd.pth")
+    torch.save({**payload, "checkpoint_epoch": 2}, logs / "run" / "checkpoints" / "epoch_1.glofnd.pth")  # a later one
 
     result = train(data, logs, *_data_flags(data, "csv"), "--resume", "latest", epochs=2)
     assert result.returncode != 0
