@@ -448,7 +448,11 @@ class _KeptMeanExp(torch.autograd.Function):
         scores, scale = scores.detach(), scale.detach()
         positive = scores.gather(-1, positive_index[:, None])
         exponentials = torch.addcmul(-scale * positive, scores, scale)  # (s - s_pos) * scale in one pass
-        capped = exponentials > MAX_EXPONENT  # no gradient through the cap (as autograd's clamp)
+        # No gradient through the cap (as autograd's clamp). Capped exponents are rare: on CPU their
+        # presence is read first (no device sync) and their mask built only then.
+        capped = None
+        if exponentials.device.type != "cpu" or bool(exponentials.amax() > MAX_EXPONENT):
+            capped = exponentials > MAX_EXPONENT
         exponentials.clamp_max_(MAX_EXPONENT).exp_().mul_(keep)
         ctx.save_for_backward(scores, scale, positive_index, exponentials, capped, kept_count)
         return exponentials.sum(dim=-1) / kept_count
@@ -457,9 +461,11 @@ class _KeptMeanExp(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_mean: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         scores, scale, positive_index, exponentials, capped, kept_count = ctx.saved_tensors
-        # d mean_i / d s_ij = scale * exp_ij / n_i for a kept negative j; the positive's is minus
-        # their row sum.
-        grad_scores = exponentials.mul_((scale * grad_mean / kept_count)[:, None]).masked_fill_(capped, 0.0)
+        # d mean_i / d s_ij = scale * exp_ij / n_i for a kept, uncapped negative j; the positive's
+        # is minus their row sum.
+        grad_scores = exponentials.mul_((scale * grad_mean / kept_count)[:, None])
+        if capped is not None:
+            grad_scores.masked_fill_(capped, 0.0)
         grad_scores.scatter_add_(-1, positive_index[:, None], -grad_scores.sum(dim=-1, keepdim=True))
         return _scores_and_scale_gradients(ctx, grad_scores, scores, scale)
 
