@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glofnd_losses import distributed, functional, validation
+from glofnd_losses import distributed, functional, host, validation
 from glofnd_losses.detectors import BatchRows, Detection, Detector, Step, make_detector
 from glofnd_losses.host import LatchedHostFlag
 from glofnd_losses.state import Field, PerSampleState
@@ -192,7 +192,7 @@ class GloFNDLossBase(nn.Module):
         validation.check_index_shape(indices, embeddings[0][1].shape[0])
         device = embeddings[0][1].device
         indices = indices.to(device=device, dtype=torch.int64)
-        if device.type == "cpu":
+        if host.reads_without_sync(device):
             validation.check_values_eagerly(indices, self.num_samples, embeddings)
             return indices, None
         bits = validation.value_error_bits(indices, self.num_samples, embeddings)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glofnd_losses import functional, thresholds
+from glofnd_losses import functional, host, thresholds
 from glofnd_losses.state import Field
 from glofnd_losses.thresholds import ThresholdOptimizer, ThresholdRows
 
@@ -185,7 +185,7 @@ class GloFNDDetector(Detector):
         seeding = self.optimizer.init == "minibatch_quantile" and not step.all_seeded
         if not (seeding or self.optimizer.stop_at_batch_quantile):
             return Detection(proposed.threshold, new_rows=proposed.to_state(prefix))
-        if rows.scores.device.type != "cpu":
+        if not host.reads_without_sync(rows.scores.device):
             # Accelerators: the quantile of every row (selecting rows would need a host sync).
             quantile = functional.pooled_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
             updated = thresholds.finish(current, proposed, quantile, self.optimizer)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from glofnd_losses import host
+
 
 def two_view_scores(
     view_a: torch.Tensor, view_b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor
@@ -321,7 +323,7 @@ def keep_nonempty_(
     """
     empty = kept_count == 0
     # Such rows are rare: a CPU tensor can be checked first (reading it is no device sync).
-    if keep.device.type != "cpu" or bool(empty.any()):
+    if not host.reads_without_sync(keep.device) or bool(empty.any()):
         keep.logical_or_(empty[..., None])
         keep.scatter_(-1, excluded.expand(keep.shape[0], -1, -1), False)
     return torch.where(empty, num_negatives, kept_count).to(torch.float32)
@@ -451,7 +453,7 @@ class _KeptMeanExp(torch.autograd.Function):
         # No gradient through the cap (as autograd's clamp). Capped exponents are rare: on CPU their
         # presence is read first (no device sync) and their mask built only then.
         capped = None
-        if exponentials.device.type != "cpu" or bool(exponentials.amax() > MAX_EXPONENT):
+        if not host.reads_without_sync(exponentials.device) or bool(exponentials.amax() > MAX_EXPONENT):
             capped = exponentials > MAX_EXPONENT
         exponentials.clamp_max_(MAX_EXPONENT).exp_().mul_(keep)
         ctx.save_for_backward(scores, scale, positive_index, exponentials, capped, kept_count)

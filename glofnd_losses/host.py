@@ -4,11 +4,32 @@ A 0-d tensor computed on an accelerator is copied to pinned host memory with ``n
 and a CUDA event marks when the copy has landed; the host polls the event instead of waiting.
 CPU tensors are available at once (reading them is no device sync). Other accelerators copy
 synchronously, which is correct but blocks.
+
+:func:`reads_without_sync` is the one place that decides whether the losses may read a tensor's
+value on the host in the training step (CPU) or must not (accelerators).
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def reads_without_sync(device: torch.device) -> bool:
+    """Whether the host can read a tensor on ``device`` without a device synchronisation.
+
+    True on CPU only. Where it is True the losses read small results to take shortcuts with the
+    same outcome: input checks that raise at once, the batch quantile computed only for the
+    anchors selected with ``nonzero``, rare fallbacks (a row with every negative flagged, a capped
+    exponent) applied only when they occur. Elsewhere they take the branch-free path. Called
+    through the module (``host.reads_without_sync``) so that tests can run the accelerator path
+    on CPU tensors by patching it.
+
+    Examples:
+        >>> import torch
+        >>> reads_without_sync(torch.device("cpu")), reads_without_sync(torch.device("meta"))
+        (True, False)
+    """
+    return device.type == "cpu"
 
 
 class PendingHostValue:

@@ -10,6 +10,8 @@ instead of selecting anchors with ``nonzero``, and the empty-row fallback runs u
   :class:`~glofnd_losses.host.PendingHostValue`, is replaced by a recorder (a ``meta`` tensor has
   nothing to copy). ``torch.quantile`` (which syncs on CUDA) is made to raise. What ``meta`` cannot
   see: host-to-device copies of CPU data, which the CUDA test below catches.
+* On CPU with :func:`~glofnd_losses.host.reads_without_sync` patched to False (so in CI): the
+  accelerator path's numbers, which must be the CPU path's bit for bit.
 * On CUDA (only where a GPU is present): the same steps under
   ``torch.cuda.set_sync_debug_mode("error")``, fp16/bf16 autocast, and thresholds, ``u`` and
   gradients against the same steps on the CPU.
@@ -26,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer, host, validation
+from glofnd_losses import (
+    GloFNDClipLoss,
+    GloFNDNTXent,
+    GloFNDSogCLRLoss,
+    ThresholdOptimizer,
+    functional,
+    host,
+    validation,
+)
 from glofnd_losses.base import GloFNDLossBase
 
 NUM_SAMPLES = 64
@@ -189,6 +199,36 @@ def test_one_process_step_needs_no_float64(name: str, device: str, monkeypatch: 
     monkeypatch.setattr(host, "PendingHostValue", RecordedHostValue)
     monkeypatch.setattr(validation, "PendingHostValue", RecordedHostValue)
     run(LOSSES[name](), torch.device(device), steps_context=Float64Forbidden)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_accelerator_path_gives_the_cpu_paths_results(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The branch-free path every accelerator takes (deferred input checks, every anchor's batch
+    # quantile, the empty-row fallback and the exponent cap applied unconditionally), run on CPU
+    # tensors: the numbers must be those of the CPU path, bit for bit (same device, same kernels).
+    expected = run(LOSSES[name](), torch.device("cpu"))
+    deferred_checks: list[int] = []
+    quantile_rows: list[int] = []
+    original_bits, original_quantile = validation.value_error_bits, functional.pooled_quantile
+
+    def recording_bits(indices: torch.Tensor, *args: Any) -> torch.Tensor:
+        deferred_checks.append(len(indices))
+        return original_bits(indices, *args)
+
+    def recording_quantile(scores: torch.Tensor, *args: Any) -> torch.Tensor:
+        quantile_rows.append(scores.shape[1])
+        return original_quantile(scores, *args)
+
+    monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
+    monkeypatch.setattr(validation, "value_error_bits", recording_bits)
+    monkeypatch.setattr(functional, "pooled_quantile", recording_quantile)
+    actual = run(LOSSES[name](), torch.device("cpu"))
+    assert deferred_checks, "the accelerator path checks inputs without reading them on the host"
+    if quantile_rows:  # the default rule's stop: every anchor's quantile at every learning step
+        assert set(quantile_rows) == {BATCH}
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
