@@ -46,9 +46,24 @@ def run_steps(
     }
 
 
+def take_accelerator_path() -> None:
+    """Make this process's losses take the accelerator path on CPU tensors (no host reads)."""
+    from glofnd_losses import host
+
+    host.reads_without_sync = lambda device: False
+
+
 def equivalence_case(
-    rank: int, world_size: int, name: str, kwargs: dict[str, Any], batches: list, use_accelerate: bool
+    rank: int,
+    world_size: int,
+    name: str,
+    kwargs: dict[str, Any],
+    batches: list,
+    use_accelerate: bool,
+    accelerator_path: bool = False,
 ) -> dict[str, Any]:
+    if accelerator_path:
+        take_accelerator_path()
     used_accelerate = False
     if use_accelerate:
         import os
@@ -165,3 +180,29 @@ def open_clip_parity_case(
         loss.backward()
         results[label] = (loss.detach(), image_part.grad, text_part.grad, logit_scale.grad)
     return results
+
+
+def deferred_error_case(rank: int, world_size: int, batches: list, bad_rank: int) -> dict[str, Any]:
+    """Accelerator path: ``bad_rank`` sends an index out of range in the last step.
+
+    Returns the state before and after that step and what :meth:`check_errors` raised, if anything.
+    """
+    take_accelerator_path()
+    loss_fn = GloFNDSogCLRLoss(num_samples=40, alpha=0.1)
+    run_steps(loss_fn, batches[:-1], rank, world_size)
+    before = {name: value.clone() for name, value in loss_fn.state_dict().items() if isinstance(value, torch.Tensor)}
+    view_a, view_b, indices, _ = batches[-1]
+    local = view_a.shape[0] // world_size
+    part = slice(rank * local, (rank + 1) * local)
+    local_indices = indices[part].clone()
+    if rank == bad_rank:
+        local_indices[1] = 40  # == num_samples
+    loss = loss_fn(view_a[part].clone().requires_grad_(), view_b[part].clone().requires_grad_(), local_indices)
+    loss.backward()  # nothing raised yet: the check's result travels to the host without blocking
+    after = {name: value.clone() for name, value in loss_fn.state_dict().items() if isinstance(value, torch.Tensor)}
+    error = None
+    try:
+        loss_fn.check_errors()
+    except ValueError as raised:
+        error = str(raised)
+    return {"before": before, "after": after, "error": error}

@@ -63,6 +63,30 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(case: str) -> None:
         assert (single["state"]["state.threshold"] < 1).any(), "thresholds never moved: the test would be vacuous"
 
 
+def test_accelerator_path_two_ranks_equal_one_rank() -> None:
+    # The branch-free path of accelerators (deferred checks, every anchor's quantile), on CPU tensors.
+    name, kwargs = CASES["sogclr-default"]
+    batches = make_batches(steps=4, global_batch=12, dim=8, num_samples=40, seed=2)
+    single = run_ranks(dist_cases.equivalence_case, 1, name, kwargs, batches, False, True)[0]
+    ranks = run_ranks(dist_cases.equivalence_case, WORLD, name, kwargs, batches, False, True)
+    assert_equivalent(single, ranks)
+    assert (single["state"]["state.threshold"] < 1).any(), "thresholds never moved: the test would be vacuous"
+
+
+def test_bad_input_on_one_rank_writes_nothing_on_any_rank() -> None:
+    # On an accelerator an index out of range is found on the device and raised later (no host
+    # sync in the step); the step's state update is dropped on every rank, not only the bad one.
+    batches = make_batches(steps=3, global_batch=12, dim=8, num_samples=40, seed=4)
+    ranks = run_ranks(dist_cases.deferred_error_case, WORLD, batches, 1)
+    for result in ranks:
+        assert result["before"].keys() == result["after"].keys()
+        for name, value in result["before"].items():
+            assert torch.equal(result["after"][name], value), name
+    assert (ranks[0]["before"]["state.threshold"] < 1).any(), "the earlier steps learned: the check is not vacuous"
+    assert ranks[0]["error"] is None
+    assert ranks[1]["error"] is not None and "indices" in ranks[1]["error"] and "40" in ranks[1]["error"]
+
+
 def test_accelerate_gather_is_used_and_agrees() -> None:
     name, kwargs = CASES["sogclr-glofnd"]
     batches = make_batches(steps=3, global_batch=12, dim=8, num_samples=40, seed=1)
