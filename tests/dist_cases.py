@@ -149,9 +149,13 @@ def run_clip_steps(
     return {"values": values, "grads": grads, "state": state}
 
 
-def clip_equivalence_case(rank: int, world_size: int, kwargs: dict[str, Any], batches: list) -> dict[str, Any]:
+def clip_equivalence_case(
+    rank: int, world_size: int, kwargs: dict[str, Any], batches: list, accelerator_path: bool = False
+) -> dict[str, Any]:
     from glofnd_losses import GloFNDClipLoss
 
+    if accelerator_path:
+        take_accelerator_path()
     return run_clip_steps(GloFNDClipLoss(**kwargs), batches, rank, world_size)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from glofnd_losses import GloFNDClipLoss, ThresholdOptimizer
+from glofnd_losses import GloFNDClipLoss, ThresholdOptimizer, host
 from glofnd_losses.schedules import cosine_gamma
 from tests import dist_cases
 from tests.multiprocess import run_ranks
@@ -144,12 +144,16 @@ def test_minibatch_matches_open_clip_on_two_ranks(local_loss: bool, gather_with_
             torch.testing.assert_close(mine[2] / WORLD, text_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("accelerator_path", [False, True], ids=["cpu_path", "accelerator_path"])
 @pytest.mark.parametrize("estimator", ["minibatch", "sogclr", "fastclip"])
-def test_two_ranks_equal_one_rank(estimator: str) -> None:
+def test_two_ranks_equal_one_rank(estimator: str, accelerator_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # accelerator_path: the branch-free path of accelerators (no host reads), on CPU tensors.
     kwargs = {"num_samples": 40, "estimator": estimator, "alpha": 0.1}
     batches = make_pairs(3, 12, 40, seed=2)
+    if accelerator_path:
+        monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
     single = dist_cases.run_clip_steps(GloFNDClipLoss(**kwargs), batches, rank=0, world_size=1)
-    ranks = run_ranks(dist_cases.clip_equivalence_case, WORLD, kwargs, batches)
+    ranks = run_ranks(dist_cases.clip_equivalence_case, WORLD, kwargs, batches, accelerator_path)
     local = 12 // WORLD
     for step, (image_grad, text_grad, scale_grad) in enumerate(single["grads"]):
         for rank, result in enumerate(ranks):
