@@ -213,6 +213,12 @@ class GloFNDClipLoss(GloFNDLossBase):
             )
             images, texts = image_features.float(), text_features.float()
             scale = torch.as_tensor(logit_scale, device=images.device).float()  # open_clip accepts a float too
+            if scale.numel() != 1:
+                raise ValueError(
+                    "logit_scale must be a scalar (a float, or a tensor of one element such as open_clip's "
+                    f"logit_scale.exp()), got shape {tuple(scale.shape)}"
+                )
+            scale = scale.reshape(())  # a (1,) scale must not make the loss (1,)
             local_size = images.shape[0]
             if distributed.is_distributed():
                 all_images, all_texts = distributed.gather_with_grad(images), distributed.gather_with_grad(texts)

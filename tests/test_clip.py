@@ -182,3 +182,18 @@ def test_sogclr_keeps_logit_scale_in_the_graph_and_rejects_siglip() -> None:
         GloFNDClipLoss(6, estimator="siglip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"indices must lie in \[0, num_samples=6\)"):
         loss_fn(images, texts, logit_scale, indices=indices + 6)
+
+
+@pytest.mark.parametrize("estimator", ["minibatch", "sogclr", "fastclip"])
+def test_one_element_logit_scale_gives_a_scalar_loss(estimator: str) -> None:
+    images, texts, indices, _ = make_pairs(1, 6, 6)[0]
+    results = []
+    for shape in ((), (1,)):
+        logit_scale = torch.full(shape, 10.0, requires_grad=True)
+        loss = GloFNDClipLoss(6, estimator=estimator)(images, texts, logit_scale, indices=indices)
+        loss.backward()
+        assert loss.shape == () and logit_scale.grad is not None and logit_scale.grad.shape == shape
+        results.append((loss.detach(), logit_scale.grad.reshape(())))
+    torch.testing.assert_close(results[0], results[1])
+    with pytest.raises(ValueError, match=r"logit_scale must be a scalar .* got shape \(2,\)"):
+        GloFNDClipLoss(6, estimator=estimator)(images, texts, torch.tensor([10.0, 10.0]), indices=indices)
