@@ -128,9 +128,10 @@ class GloFNDLossBase(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
         self._deferred = validation.DeferredErrors()
         # Once every sample has been visited, first-visit work (the mini-batch quantile that seeds
-        # a threshold) is skipped. Learned without blocking; forgotten when a state is loaded.
+        # a threshold) is skipped. Learned without blocking; forgotten when a state is loaded
+        # (through this module, a parent, or self.state directly).
         self._all_seeded = LatchedHostFlag()
-        self.register_load_state_dict_post_hook(_forget_seeding)
+        self._all_seeded_loads = self.state.loads
 
     # ------------------------------------------------------------------ schedule
     def set_epoch(self, epoch: int) -> None:
@@ -140,8 +141,16 @@ class GloFNDLossBase(nn.Module):
         self.epoch = int(epoch)
         self._check_seeding()
 
+    def _known_all_seeded(self) -> bool:
+        """Whether every sample is known to have been visited, forgetting it if a state was loaded."""
+        if self._all_seeded_loads != self.state.loads:
+            self._all_seeded.reset()
+            self._all_seeded_loads = self.state.loads
+        return self._all_seeded.known_true
+
     def _check_seeding(self) -> None:
         """Start a non-blocking check of whether every sample's threshold has been visited."""
+        self._known_all_seeded()  # first forget what a loaded state made stale
         visits = [self.state.buffer(name) for name in self.state.fields if name.endswith("threshold_visits")]
         if visits:
             self._all_seeded.check(torch.stack([(count > 0).all() for count in visits]).all())
@@ -207,7 +216,7 @@ class GloFNDLossBase(nn.Module):
     # ------------------------------------------------------------------ detection
     def _detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str) -> KeptNegatives:
         """Run the detector (learning from the batch if training) and build the loss's keep-mask."""
-        step = Step(learn=self.training and self.learning, epoch=self.epoch, all_seeded=self._all_seeded.known_true)
+        step = Step(learn=self.training and self.learning, epoch=self.epoch, all_seeded=self._known_all_seeded())
         detection = self.detector.detect(rows, state_rows, prefix, step)
         if detection.thresholds is None and detection.flagged is None:
             full_count = torch.full(
@@ -339,12 +348,6 @@ def _positive_int(num_samples: Any) -> int:
     if isinstance(num_samples, bool) or value < 1:
         raise ValueError(f"num_samples must be a positive int (the data set size), got {num_samples!r}")
     return value
-
-
-def _forget_seeding(module: nn.Module, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: a loaded state may hold unvisited samples."""
-    assert isinstance(module, GloFNDLossBase)
-    module._all_seeded.reset()
 
 
 def autocast_disabled(device_type: str) -> Any:

@@ -50,6 +50,12 @@ class Field:
     init: float
 
 
+def _count_load(module: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook of :class:`PerSampleState`."""
+    assert isinstance(module, PerSampleState)
+    module.loads += 1
+
+
 def _last_occurrence(indices: torch.Tensor) -> torch.Tensor:
     """Position of the last occurrence of each element's value in ``indices`` (1-D, int64)."""
     sorted_values, order = torch.sort(indices, stable=True)
@@ -81,6 +87,9 @@ class PerSampleState(nn.Module):
         self.fields = dict(fields)
         for name, field in self.fields.items():
             self.register_buffer(name, torch.full((self.num_samples,), field.init, dtype=field.dtype), persistent=True)
+        self.loads = 0
+        """How many times a state was loaded into this table (through any parent module or directly)."""
+        self.register_load_state_dict_post_hook(_count_load)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PerSampleState:
         """Follow device moves but never dtype casts: ``.half()`` must not round thresholds."""

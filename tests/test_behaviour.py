@@ -256,6 +256,11 @@ def test_first_visit_quantile_stops_once_every_sample_was_visited(monkeypatch: p
     assert epoch(1) == (0, [True] * 4)  # set_epoch found every sample visited
     loss_fn.load_state_dict(fresh_state)  # a state with unvisited samples: seeding is back on
     assert epoch(2) == (4, [False] * 4)
+    assert epoch(3) == (0, [True] * 4)
+    # The same through the state table itself (no hook of the loss runs).
+    table = {name[len("state.") :]: value for name, value in fresh_state.items() if name.startswith("state.")}
+    loss_fn.state.load_state_dict(table)
+    assert epoch(4) == (4, [False] * 4)
 
 
 def test_skipping_the_first_visit_quantile_changes_nothing() -> None:
