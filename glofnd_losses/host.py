@@ -55,6 +55,16 @@ class PendingHostValue:
         else:
             self._host = value.detach().to("cpu")
 
+    def __getstate__(self) -> dict[str, object]:
+        """Copies and pickles carry the landed value, not the CUDA event (which cannot be pickled).
+
+        Waits for the copy if it is still in flight: a ``deepcopy`` of a model holding the loss
+        (an EMA, ``torch.save(model)``) happens outside the training step.
+        """
+        if self._event is not None:
+            self._event.synchronize()
+        return {"_host": self._host.clone(), "_event": None}
+
     def ready(self) -> bool:
         """Whether the value has reached the host (never blocks)."""
         return self._event is None or bool(self._event.query())
