@@ -132,6 +132,9 @@ class GloFNDLossBase(nn.Module):
         # (through this module, a parent, or self.state directly).
         self._all_seeded = LatchedHostFlag()
         self._all_seeded_loads = self.state.loads
+        # A loop that never calls set_epoch stays in epoch 0: warned once after an epoch's worth of samples.
+        self._epoch_was_set = False
+        self._samples_in_epoch_zero = 0
 
     # ------------------------------------------------------------------ schedule
     def set_epoch(self, epoch: int) -> None:
@@ -139,7 +142,39 @@ class GloFNDLossBase(nn.Module):
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
+        self._epoch_was_set = True
         self._check_seeding()
+
+    def _epoch_dependence(self) -> list[str]:
+        """What in this loss's configuration changes with the epoch (empty: nothing)."""
+        reasons = []
+        if self.start_epoch > 0:
+            reasons.append(f"thresholds learn from start_epoch={self.start_epoch}")
+        if self.filter_start_epoch > self.start_epoch:
+            reasons.append(f"flagged negatives leave the loss from filter_start_epoch={self.filter_start_epoch}")
+        optimizer = getattr(self.detector, "optimizer", None)
+        if (
+            isinstance(optimizer, ThresholdOptimizer)
+            and optimizer.rule == "adam"
+            and optimizer.bias_correction == "epoch"
+        ):
+            reasons.append("the threshold rule's bias correction counts epochs")
+        return reasons
+
+    def _count_samples_without_epoch(self, local_size: int) -> None:
+        """Warn once when an epoch's worth of samples went by without :meth:`set_epoch` and it matters."""
+        if self._epoch_was_set or self._samples_in_epoch_zero > self.num_samples:
+            return
+        self._samples_in_epoch_zero += local_size * distributed.world_size()
+        reasons = self._epoch_dependence()
+        if self._samples_in_epoch_zero > self.num_samples and reasons:
+            warnings.warn(
+                f"{type(self).__name__}: {self._samples_in_epoch_zero} samples (num_samples={self.num_samples}) went "
+                f"through training but set_epoch() was never called, so the loss is still in epoch 0, and "
+                f"{'; '.join(reasons)}. Call loss.set_epoch(epoch) at the start of every epoch (the open_clip and "
+                "lightly adapters do), or use start_step for data without epochs.",
+                stacklevel=4,
+            )
 
     def _known_all_seeded(self) -> bool:
         """Whether every sample is known to have been visited, forgetting it if a state was loaded."""
@@ -252,7 +287,7 @@ class GloFNDLossBase(nn.Module):
             for prefix in self.banks
             for name in ("flagged_fraction", "filtered_fraction", "kept_negatives")
         }
-        self._finish_step()
+        self._finish_step(inputs[0].shape[0])
         loss = zero
         for value in inputs:
             loss = loss + 0.0 * value.float().sum()
@@ -284,11 +319,12 @@ class GloFNDLossBase(nn.Module):
         if self.training and new_rows:
             self.state.commit(indices, new_rows, valid)
 
-    def _finish_step(self) -> None:
+    def _finish_step(self, local_size: int) -> None:
         if self.training:
             self.step += 1
             if self.step % SEEDING_CHECK_INTERVAL == 0:
                 self._check_seeding()
+            self._count_samples_without_epoch(local_size)
 
     # ------------------------------------------------------------------ two-view inputs
     def _two_view_batch(

@@ -171,6 +171,12 @@ class GloFNDClipLoss(GloFNDLossBase):
         """Per-sample thresholds of text anchors against images, ``(num_samples,)`` (read-only)."""
         return self._threshold_buffer("text_").detach()
 
+    def _epoch_dependence(self) -> list[str]:
+        reasons = super()._epoch_dependence()
+        if self.estimator != "minibatch" and self.constant_gamma is None:
+            reasons.append(f"u's weight gamma decays over gamma_decay_epochs={self.gamma_decay_epochs}")
+        return reasons
+
     @property
     def gamma(self) -> float:
         """Weight of the new estimate in ``u`` in the current epoch."""
@@ -255,7 +261,7 @@ class GloFNDClipLoss(GloFNDLossBase):
             loss = self._combine(terms, scale, new_rows)
             self._commit(safe_indices, new_rows, valid)
             self.last_stats = stats
-            self._finish_step()
+            self._finish_step(local_size)
         return self._output(loss, output_dict)
 
     @staticmethod

@@ -107,5 +107,5 @@ class GloFNDNTXent(GloFNDLossBase):
             )
             self._commit(batch.indices, kept.detection.new_rows, batch.valid)
             self.last_stats = self._stats("", batch.rows, kept)
-            self._finish_step()
+            self._finish_step(out0.shape[0])
             return per_row.mean()

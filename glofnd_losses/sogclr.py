@@ -140,5 +140,5 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
             new_rows["u_initialized"] = torch.ones_like(state_rows["u_initialized"])
             self._commit(batch.indices, new_rows, batch.valid)
             self.last_stats = self._stats("", batch.rows, kept)
-            self._finish_step()
+            self._finish_step(z1.shape[0])
             return per_row.sum(dim=0).mean()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glofnd_losses import GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
+from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
 from glofnd_losses.base import GloFNDLossBase
 from glofnd_losses.detectors import Step
 
@@ -334,3 +335,33 @@ def test_adam_moments_are_stored_only_under_an_adam_rule() -> None:
     # A checkpoint of one rule does not load silently into a loss of the other.
     with pytest.raises(RuntimeError, match="threshold_exp_avg"):
         default.load_state_dict(paper.state_dict())
+
+
+def test_a_loop_that_never_calls_set_epoch_is_warned_when_the_epoch_matters() -> None:
+    view_a, view_b = clustered_views(20, dim=8, seed=7)
+
+    def train(loss_fn: GloFNDSogCLRLoss | GloFNDClipLoss, epochs: int, call_set_epoch: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for epoch in range(epochs):
+                if call_set_epoch:
+                    loss_fn.set_epoch(epoch)
+                for indices in torch.arange(20).split(8):
+                    if isinstance(loss_fn, GloFNDClipLoss):
+                        images, texts = F.normalize(view_a[indices], dim=1), F.normalize(view_b[indices], dim=1)
+                        loss_fn(images, texts, torch.tensor(10.0), indices=indices)
+                    else:
+                        loss_fn(view_a[indices], view_b[indices], indices)
+        return [str(warning.message) for warning in caught if "set_epoch" in str(warning.message)]
+
+    forgotten = GloFNDSogCLRLoss(20, alpha=0.1, start_epoch=1)
+    messages = train(forgotten, epochs=3, call_set_epoch=False)
+    assert len(messages) == 1  # once, after more than num_samples samples
+    assert "28 samples (num_samples=20)" in messages[0] and "start_epoch=1" in messages[0]
+    assert torch.all(forgotten.thresholds == 1.0)  # what it warns about: the thresholds never learned
+    clip_messages = train(GloFNDClipLoss(20, estimator="fastclip", alpha=0.1), epochs=2, call_set_epoch=False)
+    assert len(clip_messages) == 1 and "gamma_decay_epochs=18" in clip_messages[0]
+    # Nothing to warn about: set_epoch is called, or nothing depends on the epoch.
+    assert train(GloFNDSogCLRLoss(20, alpha=0.1, start_epoch=1), epochs=3, call_set_epoch=True) == []
+    assert train(GloFNDSogCLRLoss(20, alpha=0.1), epochs=3, call_set_epoch=False) == []
+    assert train(GloFNDClipLoss(20, estimator="minibatch", alpha=0.1), epochs=2, call_set_epoch=False) == []
