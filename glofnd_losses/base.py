@@ -240,8 +240,8 @@ class GloFNDLossBase(nn.Module):
             validation.check_values_eagerly(indices, self.num_samples, embeddings)
             return indices, None
         bits = validation.value_error_bits(indices, self.num_samples, embeddings)
-        if self.training:
-            self._deferred.record(bits, self.num_samples, [name for name, _ in embeddings])
+        # Also in eval mode: nothing is written there, but clamped indices would read other samples' thresholds.
+        self._deferred.record(bits, self.num_samples, [name for name, _ in embeddings])
         return indices.clamp(0, self.num_samples - 1), bits == 0
 
     def check_errors(self) -> None:

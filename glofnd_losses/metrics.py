@@ -2,6 +2,7 @@
 
 Definitions follow the paper's evaluation (DESIGN.md section 2.5):
 
+* flagged fraction: the share of the in-batch negatives flagged (:func:`flagged_fraction`);
 * precision and recall per anchor over its in-batch negatives, labels as ground truth (same label
   = true false negative), pooled over the anchor's rows and averaged over anchors; an anchor with
   no prediction counts precision 1, one with no true false negative counts recall 1;
@@ -41,6 +42,31 @@ def batch_precision_recall(
     precision = (true_positives + _SMOOTH) / (predicted + _SMOOTH)
     recall = (true_positives + _SMOOTH) / (actual + _SMOOTH)
     return precision.mean(), recall.mean()
+
+
+def flagged_fraction(flagged: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Fraction of the negatives flagged as false negatives, pooled over every row (no host sync).
+
+    The paper's "% of negatives predicted FN"; GloFND's converges to ``alpha``. Every anchor has
+    the same number of negatives in a batch, so this is also the mean of the per-anchor fractions.
+    The losses report it per step as ``last_stats["flagged_fraction"]`` (from counts they keep).
+
+    Args:
+        flagged: ``(V, b, C)`` mask (bool or 0/1) of the flagged entries (only negatives).
+        negatives: ``(b, C)`` or ``(V, b, C)`` mask of the negatives.
+
+    Returns:
+        0-d float32 tensor.
+
+    Examples:
+        >>> import torch
+        >>> negatives = torch.tensor([[False, True, True, True, True]])
+        >>> flagged = torch.tensor([[[False, True, False, False, False]]])
+        >>> flagged_fraction(flagged, negatives)
+        tensor(0.2500)
+    """
+    negative_count = negatives.expand_as(flagged).sum(dtype=torch.float32)
+    return flagged.sum(dtype=torch.float32) / negative_count
 
 
 def f1_score(precision: float, recall: float) -> float:

@@ -365,3 +365,24 @@ def test_a_loop_that_never_calls_set_epoch_is_warned_when_the_epoch_matters() ->
     assert train(GloFNDSogCLRLoss(20, alpha=0.1, start_epoch=1), epochs=3, call_set_epoch=True) == []
     assert train(GloFNDSogCLRLoss(20, alpha=0.1), epochs=3, call_set_epoch=False) == []
     assert train(GloFNDClipLoss(20, estimator="minibatch", alpha=0.1), epochs=2, call_set_epoch=False) == []
+
+
+def test_flagged_fraction_metric_agrees_with_the_step_diagnostic() -> None:
+    from glofnd_losses import metrics
+
+    view_a, view_b = clustered_views(16, dim=8, seed=8)
+    loss_fn = GloFNDSogCLRLoss(16, alpha=0.2)
+    indices = torch.arange(16)
+    for _ in range(3):
+        loss_fn(view_a, view_b, indices)
+    # By hand: the rows [a_i | b_i] against [A | B], negatives all but the anchor's own two columns,
+    # flagged above the anchor's updated threshold.
+    z = torch.cat([F.normalize(view_a, dim=1), F.normalize(view_b, dim=1)])
+    scores = (z @ z.T).view(2, 16, 32)
+    negatives = torch.ones(16, 32, dtype=torch.bool)
+    negatives[indices, indices] = negatives[indices, indices + 16] = False
+    flagged = negatives & (scores > loss_fn.thresholds[None, :, None])
+    fraction = metrics.flagged_fraction(flagged, negatives)
+    assert 0 < float(fraction) < 1
+    torch.testing.assert_close(fraction, loss_fn.last_stats["flagged_fraction"])
+    assert float(metrics.flagged_fraction(flagged.float(), negatives.float())) == float(fraction)

@@ -126,22 +126,26 @@ def test_minibatch_equals_open_clip_on_one_rank() -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("local_loss", "gather_with_grad"), [(True, True), (False, False)])
+@pytest.mark.parametrize(("local_loss", "gather_with_grad"), [(True, True), (False, False), (False, True)])
 def test_minibatch_matches_open_clip_on_two_ranks(local_loss: bool, gather_with_grad: bool) -> None:
     images, texts, _, _ = make_pairs(1, 12, 12, seed=5)[0]
     results = run_ranks(dist_cases.open_clip_parity_case, WORLD, images, texts, local_loss, gather_with_grad)
     mean_value = sum(result["glofnd"][0] for result in results) / WORLD
+    mean_scale_grad = sum(result["glofnd"][3] for result in results) / WORLD  # what DDP's averaging gives
     for result in results:
-        (value, image_grad, text_grad, _), mine = result["open_clip"], result["glofnd"]
+        (value, image_grad, text_grad, scale_grad), mine = result["open_clip"], result["glofnd"]
         if local_loss:  # the same local-anchors x global-candidates loss
             for expected, actual in zip(result["open_clip"], mine):
                 torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-        else:
-            # open_clip computes the global loss on every rank, with gradient through the local features only;
-            # ours is the local anchors' share, with gradients summed over ranks by the gather.
-            torch.testing.assert_close(mean_value, value, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(mine[1] / WORLD, image_grad, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(mine[2] / WORLD, text_grad, rtol=1e-5, atol=1e-6)
+            continue
+        # open_clip computes the global loss on every rank; ours is the local anchors' share, with
+        # gradients summed over ranks by the gather. Without gather_with_grad open_clip's gradient
+        # reaches the local features only (1 / world of ours), with it every rank's.
+        torch.testing.assert_close(mean_value, value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mean_scale_grad, scale_grad, rtol=1e-5, atol=1e-6)
+        share = 1.0 if gather_with_grad else 1.0 / WORLD
+        torch.testing.assert_close(mine[1] * share, image_grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine[2] * share, text_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("accelerator_path", [False, True], ids=["cpu_path", "accelerator_path"])

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from glofnd_losses import GloFNDSogCLRLoss, validation
+from glofnd_losses import GloFNDSogCLRLoss, host, validation
 
 
 def test_error_bits_name_each_problem() -> None:
@@ -61,3 +61,14 @@ def test_a_loss_with_reads_in_flight_can_be_copied_and_pickled() -> None:
     for loss in (copied, restored):
         with pytest.raises(ValueError, match=r"indices must lie in \[0, num_samples=5\)"):
             loss.check_errors()
+
+
+def test_accelerator_checks_also_run_in_eval_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Eval writes no state, but an index out of range would silently read another sample's
+    # threshold (indices are clamped on the device): the error must still surface.
+    monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
+    loss_fn = GloFNDSogCLRLoss(num_samples=10).eval()
+    views = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    loss_fn(views[0], views[1], torch.tensor([0, 99, 2]))  # no host read: nothing raised yet
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, num_samples=10\)"):
+        loss_fn.check_errors()

@@ -35,7 +35,6 @@ from collections.abc import Sequence, Sized
 from typing import Any
 
 import pytorch_lightning as pl
-import timm
 import torch
 from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
@@ -172,6 +171,8 @@ def build_simclr_model(
         >>> model(torch.randn(4, 1, 28, 28)).shape
         torch.Size([4, 32])
     """
+    import timm  # the `timm` extra, needed only here
+
     backbone = timm.create_model(backbone_name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
     if small_images:
         small_image_stem(backbone, in_chans)
