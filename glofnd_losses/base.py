@@ -228,18 +228,21 @@ class GloFNDLossBase(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _validate(
-        self, embeddings: Sequence[tuple[str, torch.Tensor]], indices: torch.Tensor
+        self, embeddings: Sequence[tuple[str, torch.Tensor]], indices: torch.Tensor, unit_norm: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Check the inputs; return indices safe for indexing and a device validity flag or None."""
+        """Check the inputs; return indices safe for indexing and a device validity flag or None.
+
+        ``unit_norm``: the embeddings must also be L2-normalised (inputs that are not normalised here).
+        """
         self._deferred.raise_if_any()
         validation.check_embeddings(embeddings)
         validation.check_index_shape(indices, embeddings[0][1].shape[0])
         device = embeddings[0][1].device
         indices = indices.to(device=device, dtype=torch.int64)
         if host.reads_without_sync(device):
-            validation.check_values_eagerly(indices, self.num_samples, embeddings)
+            validation.check_values_eagerly(indices, self.num_samples, embeddings, unit_norm)
             return indices, None
-        bits = validation.value_error_bits(indices, self.num_samples, embeddings)
+        bits = validation.value_error_bits(indices, self.num_samples, embeddings, unit_norm)
         # Also in eval mode: nothing is written there, but clamped indices would read other samples' thresholds.
         self._deferred.record(bits, self.num_samples, [name for name, _ in embeddings])
         return indices.clamp(0, self.num_samples - 1), bits == 0

@@ -215,7 +215,7 @@ class GloFNDClipLoss(GloFNDLossBase):
             raise ValueError("logit_bias must be None: GloFNDClipLoss is CLIP's softmax loss, not SigLIP's")
         with autocast_disabled(image_features.device.type):
             safe_indices, valid = self._validate(
-                [("image_features", image_features), ("text_features", text_features)], indices
+                [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
             )
             images, texts = image_features.float(), text_features.float()
             scale = torch.as_tensor(logit_scale, device=images.device).float()  # open_clip accepts a float too

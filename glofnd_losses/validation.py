@@ -19,6 +19,14 @@ import torch
 from glofnd_losses.host import PendingHostValue
 
 _INDEX_BIT = 1
+UNIT_NORM_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 2e-2}
+"""Largest ``| ||x|| - 1 |`` of an embedding that must be L2-normalised, by dtype (default 1e-3)."""
+
+
+def _norm_error(tensor: torch.Tensor) -> torch.Tensor:
+    """0-d bool: some row's L2 norm is off 1 by more than the dtype's tolerance."""
+    tolerance = UNIT_NORM_TOLERANCE.get(tensor.dtype, 1e-3)
+    return ((torch.linalg.vector_norm(tensor.float(), dim=1) - 1).abs() > tolerance).any()
 
 
 def check_embeddings(named: Sequence[tuple[str, torch.Tensor]]) -> None:
@@ -53,6 +61,13 @@ def check_index_shape(indices: torch.Tensor, batch_size: int, name: str = "indic
         raise ValueError(f"{name} must hold integer data set indices, got dtype {indices.dtype}")
 
 
+def _not_unit_norm(name: str) -> str:
+    return (
+        f"{name} must be L2-normalised (rows of norm 1, as open_clip's models return them): its scores are "
+        "compared with thresholds in [-1, 1]"
+    )
+
+
 def _message(bits: int, num_samples: int, names: Sequence[str]) -> str:
     problems = []
     if bits & _INDEX_BIT:
@@ -60,21 +75,31 @@ def _message(bits: int, num_samples: int, names: Sequence[str]) -> str:
     for position, name in enumerate(names):
         if bits & (2 << position):
             problems.append(f"{name} contains NaN or infinite values")
+        if bits & (2 << (len(names) + position)):
+            problems.append(_not_unit_norm(name))
     return "; ".join(problems) + " (the state was left unchanged)"
 
 
 def value_error_bits(
-    indices: torch.Tensor, num_samples: int, embeddings: Sequence[tuple[str, torch.Tensor]]
+    indices: torch.Tensor,
+    num_samples: int,
+    embeddings: Sequence[tuple[str, torch.Tensor]],
+    unit_norm: bool = False,
 ) -> torch.Tensor:
-    """0-d int tensor whose bits flag out-of-range indices and non-finite embeddings."""
+    """0-d int tensor whose bits flag out-of-range indices, non-finite and (``unit_norm``) unnormalised embeddings."""
     bits = ((indices < 0) | (indices >= num_samples)).any().to(torch.int64) * _INDEX_BIT
     for position, (_, tensor) in enumerate(embeddings):
         bits = bits + (~torch.isfinite(tensor).all()).to(torch.int64) * (2 << position)
+        if unit_norm:
+            bits = bits + _norm_error(tensor).to(torch.int64) * (2 << (len(embeddings) + position))
     return bits
 
 
 def check_values_eagerly(
-    indices: torch.Tensor, num_samples: int, embeddings: Sequence[tuple[str, torch.Tensor]]
+    indices: torch.Tensor,
+    num_samples: int,
+    embeddings: Sequence[tuple[str, torch.Tensor]],
+    unit_norm: bool = False,
 ) -> None:
     """Raise ``ValueError`` for bad index or embedding values (CPU tensors: no device sync)."""
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_samples):
@@ -83,6 +108,10 @@ def check_values_eagerly(
     for name, tensor in embeddings:
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} contains NaN or infinite values (the state was left unchanged)")
+        if unit_norm and bool(_norm_error(tensor)):
+            norms = torch.linalg.vector_norm(tensor.float(), dim=1)
+            worst = float(norms[(norms - 1).abs().argmax()])
+            raise ValueError(f"{_not_unit_norm(name)}, got a row of norm {worst:.4g} (the state was left unchanged)")
 
 
 class DeferredErrors:

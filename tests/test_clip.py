@@ -201,3 +201,28 @@ def test_one_element_logit_scale_gives_a_scalar_loss(estimator: str) -> None:
     torch.testing.assert_close(results[0], results[1])
     with pytest.raises(ValueError, match=r"logit_scale must be a scalar .* got shape \(2,\)"):
         GloFNDClipLoss(6, estimator=estimator)(images, texts, torch.tensor([10.0, 10.0]), indices=indices)
+
+
+@pytest.mark.parametrize("accelerator_path", [False, True], ids=["cpu_path", "accelerator_path"])
+def test_features_that_are_not_l2_normalised_are_refused(
+    accelerator_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Thresholds live in [-1, 1]: raw features (scores above 1) would be flagged wholesale.
+    images, texts, indices, _ = make_pairs(1, 6, 6)[0]
+    if accelerator_path:
+        monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
+    loss_fn = GloFNDClipLoss(6, estimator="fastclip", alpha=0.1)
+    before = {name: value.clone() for name, value in loss_fn.state_dict().items() if torch.is_tensor(value)}
+    message = r"text_features must be L2-normalised \(rows of norm 1"
+    if accelerator_path:
+        loss_fn(images, texts * 5, torch.tensor(10.0), indices=indices)  # found on the device, raised later
+        with pytest.raises(ValueError, match=message):
+            loss_fn.check_errors()
+    else:
+        with pytest.raises(ValueError, match=message + r".* got a row of norm 5"):
+            loss_fn(images, texts * 5, torch.tensor(10.0), indices=indices)
+    for name, value in before.items():
+        assert torch.equal(loss_fn.state_dict()[name], value), name
+    # Normalised in half precision (open_clip under autocast): accepted.
+    loss_fn(images.bfloat16(), F.normalize(texts.bfloat16(), dim=1), torch.tensor(10.0), indices=indices)
+    loss_fn.check_errors()
