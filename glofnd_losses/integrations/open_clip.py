@@ -324,6 +324,12 @@ def check_supported(args: argparse.Namespace) -> None:
         )
     if args.glofnd_data_size is not None and args.glofnd_data_size < 1:
         raise ValueError(f"--glofnd-data-size must be positive, got {args.glofnd_data_size}")
+    if kind == "csv" and args.glofnd_data_size is not None and os.path.isfile(args.train_data):
+        # Before open_clip creates the run's log folder (a rerun under the same --name is refused).
+        import pandas
+
+        rows = len(pandas.read_csv(args.train_data, sep=args.csv_separator, usecols=[args.csv_img_key]))
+        _check_data_size(args, rows)
     create_glofnd_loss(args, num_samples=1)  # validates every other loss option without allocating the state
 
 
@@ -496,15 +502,20 @@ def _key_index(args: argparse.Namespace) -> SampleKeyIndex:
     return SampleKeyIndex(args.glofnd_data_size)
 
 
-def _resolve_data_size(args: argparse.Namespace, num_rows: int) -> None:
-    """Default ``args.glofnd_data_size`` to ``num_rows``; refuse a smaller explicit size."""
-    if args.glofnd_data_size is None:
-        args.glofnd_data_size = num_rows
-    elif args.glofnd_data_size < num_rows:
+def _check_data_size(args: argparse.Namespace, num_rows: int) -> None:
+    """Refuse an explicit ``--glofnd-data-size`` smaller than the training data's ``num_rows``."""
+    if args.glofnd_data_size < num_rows:
         raise ValueError(
             f"--glofnd-data-size {args.glofnd_data_size} is smaller than the {num_rows} rows of {args.train_data}: "
             "every row index must fit in the GloFND state"
         )
+
+
+def _resolve_data_size(args: argparse.Namespace, num_rows: int) -> None:
+    """Default ``args.glofnd_data_size`` to ``num_rows``; refuse a smaller explicit size."""
+    if args.glofnd_data_size is None:
+        args.glofnd_data_size = num_rows
+    _check_data_size(args, num_rows)
 
 
 # ---------------------------------------------------------------------------------------------- training loop
