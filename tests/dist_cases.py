@@ -82,6 +82,21 @@ def equivalence_case(
     return result
 
 
+def accelerate_disagrees_case(
+    rank: int, world_size: int, name: str, kwargs: dict[str, Any], batches: list
+) -> dict[str, Any]:
+    """accelerate initialised without the launcher's variables: it sees one process (DESIGN section 4)."""
+    from accelerate import PartialState
+
+    from glofnd_losses import distributed
+
+    state = PartialState(cpu=True)
+    result = run_steps(make_loss(name, kwargs), batches, rank, world_size)
+    result["accelerate_processes"] = state.num_processes
+    result["used_accelerate"] = distributed._accelerate_agrees()
+    return result
+
+
 def lightly_parity_case(rank: int, world_size: int, out0: torch.Tensor, out1: torch.Tensor) -> dict[str, Any]:
     from lightly.loss import NTXentLoss
 

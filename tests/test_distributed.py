@@ -96,6 +96,18 @@ def test_accelerate_gather_is_used_and_agrees() -> None:
     assert_equivalent(single, ranks)
 
 
+def test_accelerate_that_sees_one_process_is_not_trusted() -> None:
+    # accelerate's default state on a CPU host without the launcher's variables reports one process
+    # (its gather would return the local rows): the state must still be synced through torch.
+    name, kwargs = CASES["sogclr-default"]
+    batches = make_batches(steps=3, global_batch=12, dim=8, num_samples=40, seed=3)
+    single = dist_cases.run_steps(dist_cases.make_loss(name, kwargs), batches, rank=0, world_size=1)
+    ranks = run_ranks(dist_cases.accelerate_disagrees_case, WORLD, name, kwargs, batches)
+    assert [result["accelerate_processes"] for result in ranks] == [1, 1]
+    assert not any(result["used_accelerate"] for result in ranks)
+    assert_equivalent(single, ranks)
+
+
 def test_ntxent_matches_lightly_on_two_ranks() -> None:
     generator = torch.Generator().manual_seed(3)
     out0, out1 = torch.randn(16, 8, generator=generator), torch.randn(16, 8, generator=generator)
