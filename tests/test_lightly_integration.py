@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -168,3 +169,24 @@ def test_with_index_on_a_lightly_dataset_with_the_default_collate() -> None:
     for (view_0, view_1), targets, filenames, indices in DataLoader(dataset, batch_size=4, shuffle=True):
         assert view_0.shape == view_1.shape == (4, 3, 16, 16)
         assert torch.equal(targets, indices % 3) and list(filenames) == [str(i) for i in indices.tolist()]
+
+
+@pytest.mark.parametrize("averaging_first", [True, False])
+def test_weight_averaging_does_not_replace_the_loss_state(averaging_first: bool) -> None:
+    # Lightning's WeightAveraging copies every buffer of the module from its averaged copy when
+    # training ends: the loss state must stay the one training left, whatever the callback order.
+    from pytorch_lightning.callbacks import WeightAveraging
+
+    class LastTrainingState(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+            self.state = {name: value.clone() for name, value in module.criterion.state.named_buffers()}
+
+    torch.manual_seed(0)
+    module = TinySimCLR(use_callback=False)
+    probe = LastTrainingState()
+    glofnd, averaging = GloFNDCallback(), WeightAveraging()
+    callbacks = [averaging, glofnd] if averaging_first else [glofnd, averaging]
+    trainer(max_epochs=3, callbacks=[*callbacks, probe]).fit(module, tiny_loader())
+    assert (probe.state["threshold"] < 1).any() and int(probe.state["threshold_visits"].max()) >= 2
+    for name, value in module.criterion.state.named_buffers():
+        assert torch.equal(value, probe.state[name]), name

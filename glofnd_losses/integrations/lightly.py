@@ -183,6 +183,15 @@ def build_simclr_model(
     return SimCLRModel(backbone, head)
 
 
+def _averages_weights(callback: pl.Callback) -> bool:
+    """Whether ``callback`` is Lightning's ``WeightAveraging`` (Lightning >= 2.5) or a subclass."""
+    try:
+        from pytorch_lightning.callbacks import WeightAveraging
+    except ImportError:
+        return False
+    return isinstance(callback, WeightAveraging)
+
+
 def glofnd_losses_in(module: nn.Module) -> list[GloFNDLossBase]:
     """Every GloFND loss among ``module`` and its submodules, in registration order."""
     return [child for child in module.modules() if isinstance(child, GloFNDLossBase)]
@@ -198,6 +207,12 @@ class GloFNDCallback(pl.Callback):
       broadcast would only cost time and bandwidth).
     * ``on_train_epoch_start``: ``loss.set_epoch(trainer.current_epoch)`` for every loss, so
       ``start_epoch`` and ``filter_start_epoch`` work (also after resuming mid-epoch).
+    * With Lightning's ``WeightAveraging`` (EMA, SWA) among the callbacks: that callback copies
+      *every* buffer of the module from its averaged copy when training ends, which would replace
+      the loss's per-sample state (thresholds, visit counts) by averaged or stale values. The
+      state as training left it is kept at the end of each training epoch and put back in
+      ``on_fit_end``, which runs after every callback's ``on_train_end``. Validation runs with
+      the averaged module, loss state included, as ``WeightAveraging`` intends.
 
     The loss state needs nothing here: it is made of buffers of the module, so it is in every
     Lightning checkpoint and restored with it.
@@ -224,6 +239,8 @@ class GloFNDCallback(pl.Callback):
     def __init__(self) -> None:
         super().__init__()
         self.ignored_buffers: list[str] = []
+        self._guards_weight_averaging = False
+        self._trained_states: list[dict[str, torch.Tensor]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not glofnd_losses_in(pl_module):
@@ -232,7 +249,23 @@ class GloFNDCallback(pl.Callback):
                 "attribute of the LightningModule (e.g. self.criterion = GloFNDNTXent(...))"
             )
         self.ignored_buffers = ignore_loss_buffers_in_ddp(pl_module)
+        callbacks: list[pl.Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer.__init__
+        self._guards_weight_averaging = any(_averages_weights(callback) for callback in callbacks)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for loss in glofnd_losses_in(pl_module):
             loss.set_epoch(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._guards_weight_averaging:
+            self._trained_states = [
+                {name: buffer.clone() for name, buffer in loss.state.named_buffers()}
+                for loss in glofnd_losses_in(pl_module)
+            ]
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every callback's on_train_end, where WeightAveraging copies its averaged buffers.
+        for loss, trained in zip(glofnd_losses_in(pl_module), self._trained_states):
+            for name, buffer in loss.state.named_buffers():
+                buffer.copy_(trained[name])
+        self._trained_states = []
