@@ -173,7 +173,7 @@ class GloFNDLossBase(nn.Module):
                 f"through training but set_epoch() was never called, so the loss is still in epoch 0, and "
                 f"{'; '.join(reasons)}. Call loss.set_epoch(epoch) at the start of every epoch (the open_clip and "
                 "lightly adapters do), or use start_step for data without epochs.",
-                stacklevel=4,
+                stacklevel=6,  # the caller of loss(...): through nn.Module's two call wrappers and forward
             )
 
     def _known_all_seeded(self) -> bool:

@@ -212,6 +212,7 @@ def test_features_that_are_not_l2_normalised_are_refused(
     if accelerator_path:
         monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
     loss_fn = GloFNDClipLoss(6, estimator="fastclip", alpha=0.1)
+    loss_fn.set_epoch(0)
     before = {name: value.clone() for name, value in loss_fn.state_dict().items() if torch.is_tensor(value)}
     message = r"text_features must be L2-normalised \(rows of norm 1"
     if accelerator_path:
