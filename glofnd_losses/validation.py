@@ -23,10 +23,10 @@ UNIT_NORM_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 2e-2}
 """Largest ``| ||x|| - 1 |`` of an embedding that must be L2-normalised, by dtype (default 1e-3)."""
 
 
-def _norm_error(tensor: torch.Tensor) -> torch.Tensor:
-    """0-d bool: some row's L2 norm is off 1 by more than the dtype's tolerance."""
-    tolerance = UNIT_NORM_TOLERANCE.get(tensor.dtype, 1e-3)
-    return ((torch.linalg.vector_norm(tensor.float(), dim=1) - 1).abs() > tolerance).any()
+def _norm_offsets(tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Each row's ``| ||x|| - 1 |``, and the tolerance of the tensor's dtype."""
+    offsets = (torch.linalg.vector_norm(tensor.detach().float(), dim=1) - 1).abs()
+    return offsets, UNIT_NORM_TOLERANCE.get(tensor.dtype, 1e-3)
 
 
 def check_embeddings(named: Sequence[tuple[str, torch.Tensor]]) -> None:
@@ -91,7 +91,8 @@ def value_error_bits(
     for position, (_, tensor) in enumerate(embeddings):
         bits = bits + (~torch.isfinite(tensor).all()).to(torch.int64) * (2 << position)
         if unit_norm:
-            bits = bits + _norm_error(tensor).to(torch.int64) * (2 << (len(embeddings) + position))
+            offsets, tolerance = _norm_offsets(tensor)
+            bits = bits + (offsets > tolerance).any().to(torch.int64) * (2 << (len(embeddings) + position))
     return bits
 
 
@@ -108,10 +109,13 @@ def check_values_eagerly(
     for name, tensor in embeddings:
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} contains NaN or infinite values (the state was left unchanged)")
-        if unit_norm and bool(_norm_error(tensor)):
-            norms = torch.linalg.vector_norm(tensor.float(), dim=1)
-            worst = float(norms[(norms - 1).abs().argmax()])
-            raise ValueError(f"{_not_unit_norm(name)}, got a row of norm {worst:.4g} (the state was left unchanged)")
+        if not unit_norm:
+            continue
+        offsets, tolerance = _norm_offsets(tensor)
+        worst = int(offsets.argmax())
+        if float(offsets[worst]) > tolerance:
+            norm = float(torch.linalg.vector_norm(tensor[worst].float()))
+            raise ValueError(f"{_not_unit_norm(name)}, got a row of norm {norm:.4g} (the state was left unchanged)")
 
 
 class DeferredErrors:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -46,11 +47,17 @@ def run_steps(
     }
 
 
-def take_accelerator_path() -> None:
-    """Make this process's losses take the accelerator path on CPU tensors (no host reads)."""
+def take_accelerator_path(monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+    """Make the losses take the accelerator path on CPU tensors (no host reads).
+
+    For the rest of the process (a spawned rank), or until the test ends with ``monkeypatch``.
+    """
     from glofnd_losses import host
 
-    host.reads_without_sync = lambda device: False
+    if monkeypatch is None:
+        host.reads_without_sync = lambda device: False
+    else:
+        monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
 
 
 def equivalence_case(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from glofnd_losses import GloFNDClipLoss, ThresholdOptimizer, host
+from glofnd_losses import GloFNDClipLoss, ThresholdOptimizer
 from glofnd_losses.schedules import cosine_gamma
 from tests import dist_cases
 from tests.multiprocess import run_ranks
@@ -155,7 +155,7 @@ def test_two_ranks_equal_one_rank(estimator: str, accelerator_path: bool, monkey
     kwargs = {"num_samples": 40, "estimator": estimator, "alpha": 0.1}
     batches = make_pairs(3, 12, 40, seed=2)
     if accelerator_path:
-        monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
+        dist_cases.take_accelerator_path(monkeypatch)
     single = dist_cases.run_clip_steps(GloFNDClipLoss(**kwargs), batches, rank=0, world_size=1)
     ranks = run_ranks(dist_cases.clip_equivalence_case, WORLD, kwargs, batches, accelerator_path)
     local = 12 // WORLD
@@ -210,7 +210,7 @@ def test_features_that_are_not_l2_normalised_are_refused(
     # Thresholds live in [-1, 1]: raw features (scores above 1) would be flagged wholesale.
     images, texts, indices, _ = make_pairs(1, 6, 6)[0]
     if accelerator_path:
-        monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
+        dist_cases.take_accelerator_path(monkeypatch)
     loss_fn = GloFNDClipLoss(6, estimator="fastclip", alpha=0.1)
     loss_fn.set_epoch(0)
     before = {name: value.clone() for name, value in loss_fn.state_dict().items() if torch.is_tensor(value)}

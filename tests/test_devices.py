@@ -38,6 +38,7 @@ from glofnd_losses import (
     validation,
 )
 from glofnd_losses.base import GloFNDLossBase
+from tests import dist_cases
 
 NUM_SAMPLES = 64
 BATCH = 16
@@ -219,7 +220,7 @@ def test_accelerator_path_gives_the_cpu_paths_results(name: str, monkeypatch: py
         quantile_rows.append(scores.shape[1])
         return original_quantile(scores, *args)
 
-    monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
+    dist_cases.take_accelerator_path(monkeypatch)
     monkeypatch.setattr(validation, "value_error_bits", recording_bits)
     monkeypatch.setattr(functional, "pooled_quantile", recording_quantile)
     actual = run(LOSSES[name](), torch.device("cpu"))

@@ -8,7 +8,8 @@ import pickle
 import pytest
 import torch
 
-from glofnd_losses import GloFNDSogCLRLoss, host, validation
+from glofnd_losses import GloFNDSogCLRLoss, validation
+from tests import dist_cases
 
 
 def test_error_bits_name_each_problem() -> None:
@@ -66,7 +67,7 @@ def test_a_loss_with_reads_in_flight_can_be_copied_and_pickled() -> None:
 def test_accelerator_checks_also_run_in_eval_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     # Eval writes no state, but an index out of range would silently read another sample's
     # threshold (indices are clamped on the device): the error must still surface.
-    monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
+    dist_cases.take_accelerator_path(monkeypatch)
     loss_fn = GloFNDSogCLRLoss(num_samples=10).eval()
     views = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     loss_fn(views[0], views[1], torch.tensor([0, 99, 2]))  # no host read: nothing raised yet
