@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +46,37 @@ class KeptNegatives:
     detection: Detection
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """Host-side values a step reads, fixed for its duration (see :meth:`GloFNDLossBase._begin_step`).
+
+    Attributes:
+        detector_step: What the detector knows about the step.
+        filtering: Whether flagged negatives leave the loss.
+        gamma: This epoch's weight of the new estimate in ``u`` (losses with a schedule), or None.
+    """
+
+    detector_step: Step
+    filtering: bool
+    gamma: float | None = None
+
+
+@dataclass
+class CheckedIndices:
+    """A batch's data set indices after the input checks.
+
+    Attributes:
+        indices: ``(b,)`` int64 local data set indices, safe to index the state with.
+        error_bits: 0-d int device tensor of deferred check results (0: valid), or None when the
+            inputs were checked eagerly.
+        names: Names of the checked embeddings, for the deferred error message.
+    """
+
+    indices: torch.Tensor
+    error_bits: torch.Tensor | None
+    names: tuple[str, ...]
+
+
 @dataclass
 class TwoViewBatch:
     """The normalised, gathered inputs of a two-view (unimodal) loss.
@@ -53,15 +86,13 @@ class TwoViewBatch:
             :func:`glofnd_losses.functional.two_view_scores`).
         rows: The detached rows for the detector.
         positive_index: ``(2, b)`` positive column of each row.
-        indices: ``(b,)`` local data set indices, safe to index the state with.
-        valid: 0-d bool device tensor, or None when the inputs were checked eagerly.
+        checked: The local data set indices and their check results.
     """
 
     scores: torch.Tensor
     rows: BatchRows
     positive_index: torch.Tensor
-    indices: torch.Tensor
-    valid: torch.Tensor | None
+    checked: CheckedIndices
 
 
 class GloFNDLossBase(nn.Module):
@@ -173,7 +204,7 @@ class GloFNDLossBase(nn.Module):
                 f"through training but set_epoch() was never called, so the loss is still in epoch 0, and "
                 f"{'; '.join(reasons)}. Call loss.set_epoch(epoch) at the start of every epoch (the open_clip and "
                 "lightly adapters do), or use start_step for data without epochs.",
-                stacklevel=6,  # the caller of loss(...): through nn.Module's two call wrappers and forward
+                stacklevel=_caller_stacklevel(),
             )
 
     def _known_all_seeded(self) -> bool:
@@ -229,33 +260,67 @@ class GloFNDLossBase(nn.Module):
     # ------------------------------------------------------------------ validation
     def _validate(
         self, embeddings: Sequence[tuple[str, torch.Tensor]], indices: torch.Tensor, unit_norm: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Check the inputs; return indices safe for indexing and a device validity flag or None.
+    ) -> CheckedIndices:
+        """Check the inputs: at once where the host can read them, else as bits :meth:`_end_step` records.
 
         ``unit_norm``: the embeddings must also be L2-normalised (inputs that are not normalised here).
         """
-        self._deferred.raise_if_any()
         validation.check_embeddings(embeddings)
         validation.check_index_shape(indices, embeddings[0][1].shape[0])
         device = embeddings[0][1].device
         indices = indices.to(device=device, dtype=torch.int64)
+        names = tuple(name for name, _ in embeddings)
         if host.reads_without_sync(device):
             validation.check_values_eagerly(indices, self.num_samples, embeddings, unit_norm)
-            return indices, None
+            return CheckedIndices(indices, None, names)
         bits = validation.value_error_bits(indices, self.num_samples, embeddings, unit_norm)
-        # Also in eval mode: nothing is written there, but clamped indices would read other samples' thresholds.
-        self._deferred.record(bits, self.num_samples, [name for name, _ in embeddings])
-        return indices.clamp(0, self.num_samples - 1), bits == 0
+        return CheckedIndices(indices.clamp(0, self.num_samples - 1), bits, names)
 
     def check_errors(self) -> None:
         """Raise any pending ``ValueError`` from accelerator-side input checks (blocks)."""
         self._deferred.raise_if_any(wait=True)
 
     # ------------------------------------------------------------------ detection
-    def _detect(self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str) -> KeptNegatives:
-        """Run the detector (learning from the batch if training) and build the loss's keep-mask."""
+    # ------------------------------------------------------------------ host side of a step
+    # A step is _begin_step (host), the tensor work (one torch.compile graph where the loss is
+    # compiled), then _end_step (host). The host parts stay out of compiled graphs: they read and
+    # advance counters that change every step (a graph would specialise on them and recompile),
+    # start non-blocking reads, and run the state's collective.
+    @torch.compiler.disable
+    def _begin_step(self) -> StepSettings:
+        """Raise errors found by earlier steps' deferred checks; read this step's settings."""
+        self._deferred.raise_if_any()
         step = Step(learn=self.training and self.learning, epoch=self.epoch, all_seeded=self._known_all_seeded())
-        detection = self.detector.detect(rows, state_rows, prefix, step)
+        return StepSettings(step, self.filtering)
+
+    @torch.compiler.disable
+    def _end_step(
+        self,
+        checked: CheckedIndices,
+        new_rows: dict[str, torch.Tensor],
+        stats: dict[str, torch.Tensor],
+        local_size: int,
+    ) -> None:
+        """Record the deferred input checks, write the state rows (training) and count the step."""
+        valid = None
+        if checked.error_bits is not None:
+            # Also in eval mode: nothing is written there, but clamped indices read other samples' thresholds.
+            self._deferred.record(checked.error_bits, self.num_samples, checked.names)
+            valid = checked.error_bits == 0
+        if self.training and new_rows:
+            self.state.commit(checked.indices, new_rows, valid)
+        self.last_stats = stats
+        if self.training:
+            self.step += 1
+            if self.step % SEEDING_CHECK_INTERVAL == 0:
+                self._check_seeding()
+            self._count_samples_without_epoch(local_size)
+
+    def _detect(
+        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, settings: StepSettings
+    ) -> KeptNegatives:
+        """Run the detector (learning from the batch if training) and build the loss's keep-mask."""
+        detection = self.detector.detect(rows, state_rows, prefix, settings.detector_step)
         if detection.thresholds is None and detection.flagged is None:
             full_count = torch.full(
                 rows.scores.shape[:2], rows.num_negatives, dtype=torch.int32, device=rows.scores.device
@@ -265,13 +330,13 @@ class GloFNDLossBase(nn.Module):
         if unflagged is None or unflagged_count is None:
             unflagged = detection.kept(rows)
             unflagged_count = functional.count_true(unflagged)
-        if not self.filtering:
+        if not settings.filtering:
             full_count = torch.full_like(unflagged_count, rows.num_negatives)
             return KeptNegatives(rows.negatives.expand_as(rows.scores), full_count.float(), unflagged_count, detection)
         kept_count = functional.keep_nonempty_(unflagged, unflagged_count, rows.excluded, rows.num_negatives)
         return KeptNegatives(unflagged, kept_count, unflagged_count, detection)
 
-    def _loss_without_negatives(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _loss_without_negatives(self, inputs: Sequence[torch.Tensor], checked: CheckedIndices) -> torch.Tensor:
         """The loss of a batch whose contrast set is a single item: 0, and the state is unchanged.
 
         Such a batch has no negatives (a last batch of one sample, or one sample per process
@@ -282,15 +347,15 @@ class GloFNDLossBase(nn.Module):
         warnings.warn(
             f"{type(self).__name__}: a batch whose contrast set is a single item has no negatives; its loss is 0 "
             "and the per-sample state is unchanged",
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
         zero = inputs[0].new_zeros((), dtype=torch.float32)
-        self.last_stats = {
+        stats = {
             f"{prefix}{name}": zero
             for prefix in self.banks
             for name in ("flagged_fraction", "filtered_fraction", "kept_negatives")
         }
-        self._finish_step(inputs[0].shape[0])
+        self._end_step(checked, {}, stats, inputs[0].shape[0])
         loss = zero
         for value in inputs:
             loss = loss + 0.0 * value.float().sum()
@@ -318,17 +383,6 @@ class GloFNDLossBase(nn.Module):
             stats[f"{prefix}fn_recall"] = recall
         return {name: value.detach() for name, value in stats.items()}
 
-    def _commit(self, indices: torch.Tensor, new_rows: dict[str, torch.Tensor], valid: torch.Tensor | None) -> None:
-        if self.training and new_rows:
-            self.state.commit(indices, new_rows, valid)
-
-    def _finish_step(self, local_size: int) -> None:
-        if self.training:
-            self.step += 1
-            if self.step % SEEDING_CHECK_INTERVAL == 0:
-                self._check_seeding()
-            self._count_samples_without_epoch(local_size)
-
     # ------------------------------------------------------------------ two-view inputs
     def _two_view_batch(
         self,
@@ -340,7 +394,7 @@ class GloFNDLossBase(nn.Module):
         gather: bool,
     ) -> TwoViewBatch:
         """Validate, normalise in fp32, gather (with gradient) and build the similarity rows."""
-        safe_indices, valid = self._validate([(names[0], view_a), (names[1], view_b)], indices)
+        checked = self._validate([(names[0], view_a), (names[1], view_b)], indices)
         view_a = nn.functional.normalize(view_a.float(), dim=1)
         view_b = nn.functional.normalize(view_b.float(), dim=1)
         local_size = view_a.shape[0]
@@ -362,7 +416,7 @@ class GloFNDLossBase(nn.Module):
             column_labels = torch.cat([batch_labels, batch_labels])
         rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
         positive_index = functional.two_view_positives(local_size, global_size, offset, view_a.device)
-        return TwoViewBatch(scores, rows, positive_index, safe_indices, valid)
+        return TwoViewBatch(scores, rows, positive_index, checked)
 
     def _loss_settings(self) -> str:
         """The subclass's own settings, first in its ``repr``."""
@@ -376,6 +430,24 @@ class GloFNDLossBase(nn.Module):
             + f"start_epoch={self.start_epoch}, start_step={self.start_step}, "
             + f"filter_start_epoch={self.filter_start_epoch}"
         )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the code that called the loss.
+
+    The first frame outside this package and torch, whatever lies between: nn.Module's call
+    wrappers, ``torch.compile``'s frames, the loss's own helpers.
+    """
+    frame = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _positive_int(num_samples: Any) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
 
 from glofnd_losses import distributed, functional, validation
-from glofnd_losses.base import GloFNDLossBase, KeptNegatives, autocast_disabled
+from glofnd_losses.base import GloFNDLossBase, KeptNegatives, StepSettings, autocast_disabled
 from glofnd_losses.detectors import BatchRows
 from glofnd_losses.schedules import cosine_gamma
 from glofnd_losses.state import Field
@@ -184,6 +185,10 @@ class GloFNDClipLoss(GloFNDLossBase):
             return self.constant_gamma
         return cosine_gamma(self.epoch, self.gamma_min, self.gamma_decay_epochs)
 
+    @torch.compiler.disable
+    def _begin_step(self) -> StepSettings:
+        return dataclasses.replace(super()._begin_step(), gamma=self.gamma)
+
     def forward(
         self,
         image_features: torch.Tensor,
@@ -213,8 +218,9 @@ class GloFNDClipLoss(GloFNDLossBase):
         """
         if logit_bias is not None:
             raise ValueError("logit_bias must be None: GloFNDClipLoss is CLIP's softmax loss, not SigLIP's")
+        settings = self._begin_step()
         with autocast_disabled(image_features.device.type):
-            safe_indices, valid = self._validate(
+            checked = self._validate(
                 [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
             )
             images, texts = image_features.float(), text_features.float()
@@ -233,7 +239,8 @@ class GloFNDClipLoss(GloFNDLossBase):
                 all_images, all_texts, offset = images, texts, 0
             global_size = all_images.shape[0]
             if global_size == 1:
-                return self._output(self._loss_without_negatives([image_features, text_features, scale]), output_dict)
+                loss = self._loss_without_negatives([image_features, text_features, scale], checked)
+                return self._output(loss, output_dict)
             excluded = functional.cross_modal_excluded(local_size, offset, images.device)
             negatives = functional.negative_mask(excluded, global_size)
             positive_index = torch.arange(local_size, device=images.device) + offset
@@ -242,7 +249,7 @@ class GloFNDClipLoss(GloFNDLossBase):
                 validation.check_index_shape(labels, local_size, name="labels")
                 labels = labels.to(images.device)
                 column_labels = distributed.gather_rows(labels) if distributed.is_distributed() else labels
-            state_rows = self.state.read(safe_indices)
+            state_rows = self.state.read(checked.indices)
             new_rows: dict[str, torch.Tensor] = {}
             stats: dict[str, torch.Tensor] = {}
             terms = []
@@ -254,14 +261,14 @@ class GloFNDClipLoss(GloFNDLossBase):
             for prefix, all_scores in (("image_", image_scores), ("text_", text_scores)):
                 scores = all_scores[None]
                 rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
-                kept = self._detect(rows, state_rows, prefix)
+                kept = self._detect(rows, state_rows, prefix, settings)
                 new_rows.update(kept.detection.new_rows)
                 stats.update(self._stats(prefix, rows, kept))
-                terms.append(self._modality_term(prefix, scores, positive_index, kept, state_rows, scale, new_rows))
+                terms.append(
+                    self._modality_term(prefix, scores, positive_index, kept, state_rows, scale, new_rows, settings)
+                )
             loss = self._combine(terms, scale, new_rows)
-            self._commit(safe_indices, new_rows, valid)
-            self.last_stats = stats
-            self._finish_step(local_size)
+        self._end_step(checked, new_rows, stats, local_size)
         return self._output(loss, output_dict)
 
     @staticmethod
@@ -277,6 +284,7 @@ class GloFNDClipLoss(GloFNDLossBase):
         state_rows: dict[str, torch.Tensor],
         scale: torch.Tensor,
         new_rows: dict[str, torch.Tensor],
+        settings: StepSettings,
     ) -> torch.Tensor:
         """Per-anchor loss term ``(b,)`` of one modality; records the updated ``u`` in ``new_rows``."""
         if self.estimator == "minibatch":
@@ -284,9 +292,11 @@ class GloFNDClipLoss(GloFNDLossBase):
                 scores, scale, positive_index, kept.mask, kept.count, scores.shape[-1] - 1
             )[0]
         u_name = "u_image" if prefix == "image_" else "u_text"
+        gamma = settings.gamma
+        assert gamma is not None  # set by this class's _begin_step
         inverse_temperature = scale if self.estimator == "fastclip" else torch.full_like(scale, 1 / self.temperature)
         ratio, u_new = _global_rows(
-            scores[0], positive_index, kept.mask[0], kept.count[0], state_rows[u_name], self.gamma, inverse_temperature
+            scores[0], positive_index, kept.mask[0], kept.count[0], state_rows[u_name], gamma, inverse_temperature
         )
         new_rows[u_name] = u_new
         return ratio

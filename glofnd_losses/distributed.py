@@ -64,6 +64,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.local_size]
 
 
+@torch.compiler.disable
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, keeping the gradient path.
 
@@ -95,6 +96,7 @@ def _accelerate_agrees() -> bool:
     return bool(state.num_processes == dist.get_world_size())
 
 
+@torch.compiler.disable
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a gradient-free tensor from every rank along dim 0, in rank order.
 

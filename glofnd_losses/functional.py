@@ -58,7 +58,24 @@ def cross_modal_excluded(local_size: int, offset: int, device: torch.device) -> 
 def negative_mask(excluded: torch.Tensor, num_columns: int) -> torch.Tensor:
     """Bool mask ``(b, C)``: True on every column except the ``excluded`` ones."""
     mask = torch.ones(excluded.shape[0], num_columns, dtype=torch.bool, device=excluded.device)
-    return mask.scatter_(1, excluded, False)
+    return fill_excluded_(mask, excluded, False)
+
+
+def fill_excluded_(rows: torch.Tensor, excluded: torch.Tensor, value: float | bool) -> torch.Tensor:
+    """In place: ``value`` in the ``excluded`` columns of every row of ``rows``; returns ``rows``.
+
+    Args:
+        rows: ``(..., b, C)`` tensor.
+        excluded: ``(b, E)`` columns of each of the ``b`` rows.
+        value: The value written there.
+    """
+    if torch.compiler.is_compiling():
+        # Inside a torch.compile graph a scatter, fused with its neighbours, makes inductor's CPU
+        # code generator emit C++ that does not compile (torch 2.13); a comparison with the column
+        # numbers fuses cleanly, and costs nothing once fused.
+        columns = torch.arange(rows.shape[-1], device=rows.device)
+        return rows.masked_fill_((columns == excluded[..., None]).any(dim=-2), value)
+    return rows.scatter_(-1, excluded.expand(*rows.shape[:-2], -1, -1), value)
 
 
 _COUNT_CHUNK = 128  # columns summed in uint8 (at most 255 without overflow)
@@ -77,6 +94,10 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(...)`` int32 counts.
     """
+    if torch.compiler.is_compiling():
+        # A compiled graph fuses the count (no temporary), and inductor's CPU code for the
+        # uint8 chunk sums below is wrong (counts off by the row length, torch 2.13).
+        return mask.sum(dim=-1, dtype=torch.int32)
     columns = mask.shape[-1]
     whole = columns - columns % _COUNT_CHUNK
     as_bytes = mask.view(torch.uint8)
@@ -275,12 +296,11 @@ def straddled_quantile(
     """
     top_count, fraction = _quantile_rank(alpha, scores.shape[0] * num_negatives)
     at_or_below = scores <= bound[None, :, None]
-    excluded_rows = excluded.expand(scores.shape[0], -1, -1)
-    lower_candidates = torch.where(at_or_below, scores, float("-inf")).scatter_(-1, excluded_rows, float("-inf"))
+    lower_candidates = fill_excluded_(torch.where(at_or_below, scores, float("-inf")), excluded, float("-inf"))
     lower = lower_candidates.amax(dim=(0, 2))
     if top_count < 2 or fraction == 0.0:
         return lower
-    upper_candidates = torch.where(at_or_below, float("inf"), scores).scatter_(-1, excluded_rows, float("inf"))
+    upper_candidates = fill_excluded_(torch.where(at_or_below, float("inf"), scores), excluded, float("inf"))
     return _interpolate(lower, upper_candidates.amin(dim=(0, 2)), fraction)
 
 
@@ -301,8 +321,7 @@ def keep_at_or_below(scores: torch.Tensor, excluded: torch.Tensor, thresholds: t
     """Keep-mask: negatives with ``score <= threshold``; thresholds ``(b,)`` or ``(V, b)``."""
     if thresholds.dim() == 1:
         thresholds = thresholds.expand(scores.shape[0], -1)
-    keep = scores <= thresholds[..., None]
-    return keep.scatter_(-1, excluded.expand(scores.shape[0], -1, -1), False)
+    return fill_excluded_(scores <= thresholds[..., None], excluded, False)
 
 
 def keep_nonempty_(
@@ -324,8 +343,7 @@ def keep_nonempty_(
     empty = kept_count == 0
     # Such rows are rare: a CPU tensor can be checked first (reading it is no device sync).
     if not host.reads_without_sync(keep.device) or bool(empty.any()):
-        keep.logical_or_(empty[..., None])
-        keep.scatter_(-1, excluded.expand(keep.shape[0], -1, -1), False)
+        fill_excluded_(keep.logical_or_(empty[..., None]), excluded, False)
     return torch.where(empty, num_negatives, kept_count).to(torch.float32)
 
 

@@ -17,9 +17,10 @@ import torch
 def reads_without_sync(device: torch.device) -> bool:
     """Whether the host can read a tensor on ``device`` without a device synchronisation.
 
-    True on CPU only. Where it is True the losses read small results to take shortcuts with the
-    same outcome: input checks that raise at once, the batch quantile computed only for the
-    anchors selected with ``nonzero``, rare fallbacks (a row with every negative flagged, a capped
+    True on CPU only, and not while ``torch.compile`` traces the loss (a read would break the
+    graph). Where it is True the losses read small results to take shortcuts with the same
+    outcome: input checks that raise at once, the batch quantile computed only for the anchors
+    selected with ``nonzero``, rare fallbacks (a row with every negative flagged, a capped
     exponent) applied only when they occur. Elsewhere they take the branch-free path. Called
     through the module (``host.reads_without_sync``) so that tests can run the accelerator path
     on CPU tensors by patching it.
@@ -29,7 +30,7 @@ def reads_without_sync(device: torch.device) -> bool:
         >>> reads_without_sync(torch.device("cpu")), reads_without_sync(torch.device("meta"))
         (True, False)
     """
-    return device.type == "cpu"
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class PendingHostValue:

@@ -91,12 +91,13 @@ class GloFNDNTXent(GloFNDLossBase):
         Returns:
             Scalar loss: the mean over the ``2b`` local rows.
         """
+        settings = self._begin_step()
         with autocast_disabled(out0.device.type):
             batch = self._two_view_batch(out0, out1, indices, labels, ("out0", "out1"), self.gather_distributed)
             if batch.rows.num_negatives == 0:
-                return self._loss_without_negatives([out0, out1])
-            state_rows = self.state.read(batch.indices)
-            kept = self._detect(batch.rows, state_rows, "")
+                return self._loss_without_negatives([out0, out1], batch.checked)
+            state_rows = self.state.read(batch.checked.indices)
+            kept = self._detect(batch.rows, state_rows, "", settings)
             per_row = functional.filtered_cross_entropy(
                 batch.scores,
                 1.0 / self.temperature,
@@ -105,7 +106,7 @@ class GloFNDNTXent(GloFNDLossBase):
                 kept.count,
                 batch.rows.num_negatives,
             )
-            self._commit(batch.indices, kept.detection.new_rows, batch.valid)
-            self.last_stats = self._stats("", batch.rows, kept)
-            self._finish_step(out0.shape[0])
-            return per_row.mean()
+            loss = per_row.mean()
+            stats = self._stats("", batch.rows, kept)
+        self._end_step(batch.checked, kept.detection.new_rows, stats, out0.shape[0])
+        return loss

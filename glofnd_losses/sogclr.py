@@ -119,12 +119,13 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         Returns:
             A scalar (see the class docstring for what its value is).
         """
+        settings = self._begin_step()
         with autocast_disabled(z1.device.type):
             batch = self._two_view_batch(z1, z2, indices, labels, ("z1", "z2"), gather=True)
             if batch.rows.num_negatives == 0:
-                return self._loss_without_negatives([z1, z2])
-            state_rows = self.state.read(batch.indices)
-            kept = self._detect(batch.rows, state_rows, "")
+                return self._loss_without_negatives([z1, z2], batch.checked)
+            state_rows = self.state.read(batch.checked.indices)
+            kept = self._detect(batch.rows, state_rows, "", settings)
             per_row, u_new = functional.sogclr_rows(
                 batch.scores,
                 batch.positive_index,
@@ -138,7 +139,7 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
             new_rows = dict(kept.detection.new_rows)
             new_rows["u"] = u_new.mean(dim=0)
             new_rows["u_initialized"] = torch.ones_like(state_rows["u_initialized"])
-            self._commit(batch.indices, new_rows, batch.valid)
-            self.last_stats = self._stats("", batch.rows, kept)
-            self._finish_step(z1.shape[0])
-            return per_row.sum(dim=0).mean()
+            loss = per_row.sum(dim=0).mean()
+            stats = self._stats("", batch.rows, kept)
+        self._end_step(batch.checked, new_rows, stats, z1.shape[0])
+        return loss

@@ -68,6 +68,7 @@ def equivalence_case(
     batches: list,
     use_accelerate: bool,
     accelerator_path: bool = False,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     if accelerator_path:
         take_accelerator_path()
@@ -84,8 +85,12 @@ def equivalence_case(
         os.environ.update({"LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
         PartialState(cpu=True)
         used_accelerate = distributed._accelerate_agrees()
-    result = run_steps(make_loss(name, kwargs), batches, rank, world_size)
+    loss_fn = make_loss(name, kwargs)
+    if compiled:
+        loss_fn.compile()
+    result = run_steps(loss_fn, batches, rank, world_size)
     result["used_accelerate"] = used_accelerate
+    result["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     return result
 
 

@@ -178,8 +178,9 @@ def test_a_batch_of_one_item_gives_zero_like_lightly_and_open_clip(name: str) ->
     view_a, view_b = clustered_views(10, dim=8, seed=10)
     a, b = view_a[3:4].clone().requires_grad_(True), view_b[3:4].clone().requires_grad_(True)
     before = copy.deepcopy(loss_fn.state.state_dict())
-    with pytest.warns(UserWarning, match="no negatives"):
+    with pytest.warns(UserWarning, match="no negatives") as caught:
         loss = call(a, b, torch.tensor([3]))
+    assert caught[0].filename == __file__  # the line that called the loss
     loss.backward()
     assert loss.item() == 0.0 and NTXentLoss()(a, b).item() == 0.0 and ClipLoss()(a, b, 10.0).item() == 0.0
     assert a.grad is not None and torch.equal(a.grad, torch.zeros_like(a))
@@ -352,7 +353,9 @@ def test_a_loop_that_never_calls_set_epoch_is_warned_when_the_epoch_matters() ->
                         loss_fn(images, texts, torch.tensor(10.0), indices=indices)
                     else:
                         loss_fn(view_a[indices], view_b[indices], indices)
-        return [str(warning.message) for warning in caught if "set_epoch" in str(warning.message)]
+        messages = [warning for warning in caught if "set_epoch" in str(warning.message)]
+        assert all(warning.filename == __file__ for warning in messages)  # the line that called the loss
+        return [str(warning.message) for warning in messages]
 
     forgotten = GloFNDSogCLRLoss(20, alpha=0.1, start_epoch=1)
     messages = train(forgotten, epochs=3, call_set_epoch=False)
