@@ -32,6 +32,10 @@ virtual machines that costs more than the arithmetic on it, and it varies from r
 caching allocator does on a GPU, so that the ratios measure the computation. Both settings apply
 to every case alike.
 
+``--compile`` compiles every loss, ours and the peers alike, with ``torch.compile`` (inductor,
+``nn.Module.compile``); compilation happens in the untimed warm-up steps, and ``ops`` is not
+counted, nor are ``topk rows`` (the counters would themselves change what is compiled). ``--cases`` measures a subset.
+
 Run: ``python benchmarks/speed.py --batch-sizes 256 1024 4096`` (add ``--device cuda`` on a GPU).
 """
 
@@ -116,7 +120,9 @@ class QuantileRowCounter:
         return self.original(scores, *args)  # type: ignore[no-any-return]
 
 
-def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int) -> dict[str, float]:
+def measure(
+    case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int, compiled: bool = False
+) -> dict[str, float]:
     """Run in a fresh process: median forward+backward seconds and peak extra memory in MiB.
 
     The data set is ``POOL_BATCHES`` batches' worth of fixed random embeddings, reshuffled into new
@@ -130,6 +136,8 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
     loss_fn = build(case, num_samples)
     if hasattr(loss_fn, "to"):
         loss_fn = loss_fn.to(device)
+    if compiled:
+        loss_fn.compile()
     pool_size = min(num_samples, POOL_BATCHES * batch)
     pool = torch.randn(2, pool_size, dim, device=device)  # two views of pool_size samples
     pool_indices = torch.randperm(num_samples, device=device)[:pool_size]
@@ -168,7 +176,11 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
         step(draw(number))
     if hasattr(loss_fn, "state") and not first_epoch:
         settle(loss_fn)
-    counter = QuantileRowCounter()
+        if compiled:  # the steady state is a phase of its own (no first-visit work): compile it untimed
+            for number in range(warmup_steps, warmup_steps + 2):
+                step(draw(number))
+            warmup_steps += 2
+    counter = None if compiled else QuantileRowCounter()  # replacing a function a graph calls would recompile it
     times = []
     for number in range(warmup_steps, warmup_steps + repeats):
         batch_inputs = draw(number)
@@ -183,8 +195,12 @@ def measure(case: str, batch: int, dim: int, num_samples: int, device: str, repe
         peak_mib = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
-    quantile_rows = counter.rows / (repeats * batch)
-    ops = count_ops(step, [draw(warmup_steps + repeats + number) for number in range(OP_COUNT_STEPS)])
+    quantile_rows = float("nan") if counter is None else counter.rows / (repeats * batch)
+    ops = (
+        float("nan")
+        if compiled
+        else count_ops(step, [draw(warmup_steps + repeats + number) for number in range(OP_COUNT_STEPS)])
+    )
     return {
         "seconds": statistics.median(times), "peak_mib": peak_mib, "quantile_rows": quantile_rows, "ops": ops
     }  # fmt: skip
@@ -225,13 +241,20 @@ KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOL
 
 
 def run_isolated(
-    case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int, env: dict[str, str] | None
+    case: str,
+    batch: int,
+    dim: int,
+    num_samples: int,
+    device: str,
+    repeats: int,
+    env: dict[str, str] | None,
+    compiled: bool = False,
 ) -> dict[str, float]:
     command = [
         sys.executable, __file__, "--child", case, "--batch-sizes", str(batch), "--dim", str(dim),
         "--num-samples", str(num_samples), "--device", device, "--repeats", str(repeats),
         "--threads", str(torch.get_num_threads()),
-    ]  # fmt: skip
+    ] + (["--compile"] if compiled else [])  # fmt: skip
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
     return result
@@ -255,13 +278,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per process (median taken)")
     parser.add_argument("--rounds", type=int, default=3, help="processes per case, interleaved (median taken)")
-    parser.add_argument("--scaling-batch", type=int, default=512, help="batch of the data set size sweep (<= 1000)")
+    parser.add_argument(
+        "--scaling-batch", type=int, default=512, help="batch of the data set size sweep (<= 1000; 0: no sweep)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--keep-freed-memory",
         action="store_true",
         help="measured processes keep freed memory for reuse (glibc settings; see the module docstring)",
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every loss (see the module docstring)")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES), help="cases to measure")
     parser.add_argument("--out", default=None, help="write all measurements as JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -270,7 +297,11 @@ def main() -> None:
     child_env = {**os.environ, **KEEP_FREED_MEMORY} if args.keep_freed_memory else None
     if args.child:
         print(
-            json.dumps(measure(args.child, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.repeats))
+            json.dumps(
+                measure(
+                    args.child, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.repeats, args.compile
+                )
+            )
         )
         return
 
@@ -278,20 +309,25 @@ def main() -> None:
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     )
     allocator = "glibc keeps freed memory" if args.keep_freed_memory else "default allocator settings"
+    mode = "torch.compile (inductor), every loss" if args.compile else "eager"
     print(
         f"device: {device_name}, torch {torch.__version__}, dim {args.dim}, median of {args.repeats} steps "
-        f"x {args.rounds} rounds, "
-        f"{allocator}\n"
+        f"x {args.rounds} rounds, {allocator}, {mode}\n"
     )
-    results: dict[str, Any] = {"device": device_name, "allocator": allocator, "batches": {}, "scaling": {}}
+    results: dict[str, Any] = {
+        "device": device_name, "allocator": allocator, "mode": mode, "batches": {}, "scaling": {}
+    }  # fmt: skip
+    cases = [case for case in CASES if case in args.cases]
     header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9} | {'topk rows':>9} | {'ops':>5}"
     print(header + "\n" + "-" * len(header))
     for batch in args.batch_sizes:
-        runs: dict[str, list[dict[str, float]]] = {case: [] for case in CASES}
+        runs: dict[str, list[dict[str, float]]] = {case: [] for case in cases}
         for _ in range(args.rounds):  # rounds interleave the cases, so slow phases of the machine hit all
-            for case in CASES:
+            for case in cases:
                 runs[case].append(
-                    run_isolated(case, batch, args.dim, args.num_samples, args.device, args.repeats, child_env)
+                    run_isolated(
+                        case, batch, args.dim, args.num_samples, args.device, args.repeats, child_env, args.compile
+                    )
                 )
         rows = {case: combine_rounds(case_runs) for case, case_runs in runs.items()}
         results["batches"][batch] = rows
@@ -309,6 +345,7 @@ def main() -> None:
         ("Clip minibatch on / off", "clip_minibatch", "clip_minibatch_plain"),
         ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
     ]
+    pairs = [(title, mine, peer) for title, mine, peer in pairs if mine in cases and peer in cases]
     print("\nratios (same run): time, peak memory")
     print(f"{'batch':>6} | " + " | ".join(f"{title:>27}" for title, _, _ in pairs))
     for batch, rows in results["batches"].items():
@@ -319,20 +356,22 @@ def main() -> None:
             cells.append(f"{time_ratio:12.2f}x {memory_ratio:12.2f}x")
         print(f"{batch:>6} | " + " | ".join(cells))
 
-    print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
-    for num_samples in (10**3, 10**7):
-        row = combine_rounds(
-            [
-                run_isolated(
-                    "sogclr_glofnd", args.scaling_batch, args.dim, num_samples, args.device, args.repeats, child_env
-                )
-                for _ in range(args.rounds)
-            ]
-        )
-        results["scaling"][num_samples] = row
-        print(f"  num_samples {num_samples:>10,}: {1e3 * row['seconds']:8.1f} ms")
-    small, large = results["scaling"][10**3]["seconds"], results["scaling"][10**7]["seconds"]
-    print(f"  ratio 10^7 / 10^3: {large / small:.2f}x")
+    if args.scaling_batch > 0:
+        print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
+        for num_samples in (10**3, 10**7):
+            row = combine_rounds(
+                [
+                    run_isolated(
+                        "sogclr_glofnd", args.scaling_batch, args.dim, num_samples, args.device, args.repeats,
+                        child_env, args.compile,
+                    )
+                    for _ in range(args.rounds)
+                ]
+            )  # fmt: skip
+            results["scaling"][num_samples] = row
+            print(f"  num_samples {num_samples:>10,}: {1e3 * row['seconds']:8.1f} ms")
+        small, large = results["scaling"][10**3]["seconds"], results["scaling"][10**7]["seconds"]
+        print(f"  ratio 10^7 / 10^3: {large / small:.2f}x")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)

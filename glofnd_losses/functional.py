@@ -69,9 +69,9 @@ def fill_excluded_(rows: torch.Tensor, excluded: torch.Tensor, value: float | bo
         excluded: ``(b, E)`` columns of each of the ``b`` rows.
         value: The value written there.
     """
-    if torch.compiler.is_compiling():
+    if host.compiling():
         # Inside a torch.compile graph a scatter, fused with its neighbours, makes inductor's CPU
-        # code generator emit C++ that does not compile (torch 2.13); a comparison with the column
+        # code generator emit C++ that does not compile (torch 2.15); a comparison with the column
         # numbers fuses cleanly, and costs nothing once fused.
         columns = torch.arange(rows.shape[-1], device=rows.device)
         return rows.masked_fill_((columns == excluded[..., None]).any(dim=-2), value)
@@ -94,9 +94,9 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(...)`` int32 counts.
     """
-    if torch.compiler.is_compiling():
+    if host.compiling():
         # A compiled graph fuses the count (no temporary), and inductor's CPU code for the
-        # uint8 chunk sums below is wrong (counts off by the row length, torch 2.13).
+        # uint8 chunk sums below is wrong (counts off by the row length, torch 2.15).
         return mask.sum(dim=-1, dtype=torch.int32)
     columns = mask.shape[-1]
     whole = columns - columns % _COUNT_CHUNK

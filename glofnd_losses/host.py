@@ -14,6 +14,14 @@ from __future__ import annotations
 import torch
 
 
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the calling code (``torch.compiler.is_compiling``, torch >= 2.3)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:  # torch 2.1 / 2.2
+        return bool(torch._dynamo.is_compiling())
+    return bool(is_compiling())
+
+
 def reads_without_sync(device: torch.device) -> bool:
     """Whether the host can read a tensor on ``device`` without a device synchronisation.
 
@@ -30,7 +38,7 @@ def reads_without_sync(device: torch.device) -> bool:
         >>> reads_without_sync(torch.device("cpu")), reads_without_sync(torch.device("meta"))
         (True, False)
     """
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    return device.type == "cpu" and not compiling()
 
 
 class PendingHostValue:

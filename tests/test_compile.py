@@ -2,7 +2,7 @@
 
 A compiled step takes the accelerator path (no host reads inside a graph); the host-side
 bookkeeping (step counters, deferred input checks, the state's collective) runs between graphs.
-Two inductor CPU code-generation bugs of torch 2.13 are worked around inside compiled graphs
+Two inductor CPU code-generation bugs of torch 2.15 are worked around inside compiled graphs
 (:func:`glofnd_losses.functional.count_true` and :func:`glofnd_losses.functional.fill_excluded_`);
 without the workarounds the counts here come out wrong and the CLIP estimators do not compile.
 """
@@ -109,7 +109,7 @@ def test_compiled_loss_raises_bad_input_and_keeps_the_state() -> None:
 
 
 def test_count_true_is_right_inside_a_compiled_graph() -> None:
-    # torch 2.13's inductor on CPU counts the uint8 chunks of the eager version wrongly (by the row length).
+    # torch 2.15's inductor on CPU counts the uint8 chunks of the eager version wrongly (by the row length).
     mask = torch.rand(2, 16, 300, generator=torch.Generator().manual_seed(0)) > 0.3
     compiled = torch.compile(functional.count_true, backend="inductor")
     assert torch.equal(compiled(mask), mask.sum(dim=-1, dtype=torch.int32))
