@@ -280,7 +280,6 @@ class GloFNDLossBase(nn.Module):
         """Raise any pending ``ValueError`` from accelerator-side input checks (blocks)."""
         self._deferred.raise_if_any(wait=True)
 
-    # ------------------------------------------------------------------ detection
     # ------------------------------------------------------------------ host side of a step
     # A step is _begin_step (host), the tensor work (one torch.compile graph where the loss is
     # compiled), then _end_step (host). The host parts stay out of compiled graphs: they read and
@@ -316,6 +315,7 @@ class GloFNDLossBase(nn.Module):
                 self._check_seeding()
             self._count_samples_without_epoch(local_size)
 
+    # ------------------------------------------------------------------ detection
     def _detect(
         self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, settings: StepSettings
     ) -> KeptNegatives:
