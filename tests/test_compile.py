@@ -86,6 +86,43 @@ def test_compiled_loss_stops_compiling_once_every_phase_was_seen(name: str) -> N
     assert frames[-1] == frames[3], f"compiled frames per epoch: {frames}"
 
 
+def run_ragged_epochs(loss_fn: Any, num_samples: int, batch: int) -> dict[str, torch.Tensor]:
+    """Four epochs whose last batch is smaller (``drop_last=False``); returns losses, last gradient, state."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(num_samples, DIM, generator=generator)
+    labels = torch.arange(num_samples) % 4
+    logit_scale = torch.tensor(10.0, requires_grad=True)
+    losses = []
+    for epoch in range(4):
+        loss_fn.set_epoch(epoch)
+        for indices in torch.randperm(num_samples, generator=generator).split(batch):
+            noise = [0.3 * torch.randn(len(indices), DIM, generator=generator) for _ in "ab"]
+            views = [(base[indices] + view_noise).requires_grad_() for view_noise in noise]
+            loss = test_devices.forward(loss_fn, *views, indices, labels[indices], logit_scale)
+            loss.backward()
+            losses.append(loss.detach())
+    results = {name: value for name, value in loss_fn.state_dict().items() if torch.is_tensor(value)}
+    results["losses"] = torch.stack(losses)
+    assert views[0].grad is not None
+    results["grad_last_batch"] = views[0].grad
+    return results
+
+
+@pytest.mark.parametrize("name", ["sogclr", "clip_fastclip"])
+def test_compiled_loss_takes_a_smaller_last_batch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches of 48, 48, 48, 16: dynamo recompiles with a symbolic batch size, which the step's
+    # shape arithmetic (quantile ranks, column offsets) must survive.
+    monkeypatch.setattr(test_devices, "NUM_SAMPLES", 160)
+    expected = run_ragged_epochs(LOSSES[name](), 160, 48)
+    loss_fn = LOSSES[name]()
+    counter = CompileCounterWithBackend("aot_eager")
+    loss_fn.compile(backend=counter)
+    actual = run_ragged_epochs(loss_fn, 160, 48)
+    assert counter.frame_count > 0
+    assert actual["grad_last_batch"].shape[0] == 16
+    assert_same_results(actual, expected)
+
+
 def test_compiled_loss_raises_bad_input_and_keeps_the_state() -> None:
     loss_fn = GloFNDSogCLRLoss(NUM_SAMPLES, alpha=0.1)
     loss_fn.compile(backend="aot_eager")
