@@ -18,29 +18,6 @@ Estimator = Literal["minibatch", "sogclr", "fastclip"]
 _U_EPS = 1e-14
 
 
-class _TransposedCopy(torch.autograd.Function):
-    """``matrix.T.contiguous()`` whose backward also returns a contiguous transpose.
-
-    Plain autograd would add the incoming gradient to the other branch's through a transposed
-    view (a strided elementwise add); a blocked transposing copy followed by a contiguous add is
-    several times faster on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.t().contiguous()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.t().contiguous()
-
-
-def transposed_copy(matrix: torch.Tensor) -> torch.Tensor:
-    """Contiguous transpose of a 2-D tensor, differentiable (see :class:`_TransposedCopy`)."""
-    result: torch.Tensor = _TransposedCopy.apply(matrix)
-    return result
-
-
 def _global_rows(
     scores: torch.Tensor, positive_index: torch.Tensor, keep: torch.Tensor, kept_count: torch.Tensor,
     u_previous: torch.Tensor, gamma: float, logit_scale: torch.Tensor,
@@ -255,17 +232,24 @@ class GloFNDClipLoss(GloFNDLossBase):
             terms = []
             image_scores = images @ all_texts.T
             if distributed.is_distributed():  # the local texts against every image: rows of their own
-                text_scores = texts @ all_images.T
-            else:  # one process: the text rows are the image rows' transpose (one GEMM fewer each way)
-                text_scores = transposed_copy(image_scores)
-            for prefix, all_scores in (("image_", image_scores), ("text_", text_scores)):
-                scores = all_scores[None]
-                rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
+                text_scores, text_negatives = texts @ all_images.T, negatives
+            else:
+                # One process: the text rows are the columns of the (square) image rows, read in
+                # place. A contiguous copy would cost a transposing copy each way, each as slow as
+                # the GEMM on CPU; the text bank's elementwise work follows the view's layout
+                # (its reductions run across the rows), and its gradient adds to the image bank's
+                # without a transpose. The negative mask (all but the diagonal) is its own transpose.
+                text_scores, text_negatives = image_scores.t(), negatives.t()
+            banks = (("image_", image_scores, negatives), ("text_", text_scores, text_negatives))
+            for prefix, bank_scores, bank_negatives in banks:
+                rows = BatchRows(bank_scores.detach()[None], excluded, bank_negatives, labels, column_labels)
                 kept = self._detect(rows, state_rows, prefix, settings)
                 new_rows.update(kept.detection.new_rows)
                 stats.update(self._stats(prefix, rows, kept))
                 terms.append(
-                    self._modality_term(prefix, scores, positive_index, kept, state_rows, scale, new_rows, settings)
+                    self._modality_term(
+                        prefix, bank_scores, positive_index, kept, state_rows, scale, new_rows, settings
+                    )
                 )
             loss = self._combine(terms, scale, new_rows)
         self._end_step(checked, new_rows, stats, local_size)
@@ -286,17 +270,20 @@ class GloFNDClipLoss(GloFNDLossBase):
         new_rows: dict[str, torch.Tensor],
         settings: StepSettings,
     ) -> torch.Tensor:
-        """Per-anchor loss term ``(b,)`` of one modality; records the updated ``u`` in ``new_rows``."""
+        """Per-anchor loss term ``(b,)`` of one modality; records the updated ``u`` in ``new_rows``.
+
+        ``scores`` are the modality's ``(b, C)`` rows (in one process the text rows are a transposed view).
+        """
         if self.estimator == "minibatch":
             return functional.filtered_cross_entropy(
-                scores, scale, positive_index, kept.mask, kept.count, scores.shape[-1] - 1
+                scores[None], scale, positive_index, kept.mask, kept.count, scores.shape[-1] - 1
             )[0]
         u_name = "u_image" if prefix == "image_" else "u_text"
         gamma = settings.gamma
         assert gamma is not None  # set by this class's _begin_step
         inverse_temperature = scale if self.estimator == "fastclip" else torch.full_like(scale, 1 / self.temperature)
         ratio, u_new = _global_rows(
-            scores[0], positive_index, kept.mask[0], kept.count[0], state_rows[u_name], gamma, inverse_temperature
+            scores, positive_index, kept.mask[0], kept.count[0], state_rows[u_name], gamma, inverse_temperature
         )
         new_rows[u_name] = u_new
         return ratio

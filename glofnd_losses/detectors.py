@@ -202,13 +202,13 @@ class GloFNDDetector(Detector):
         thresholds (:func:`~glofnd_losses.functional.may_pass_quantile`). Most of these only
         straddle it (:func:`~glofnd_losses.functional.straddled_quantile`, two masked reductions);
         the others (a ``topk``) are rare once thresholds have converged. The keep-mask is the
-        loss's mask except for the anchors whose threshold the stop or the seed changed, whose rows
-        are rebuilt. Bit-identical to computing every anchor's quantile.
+        loss's mask except for the anchors whose threshold the stop or the seed changed, whose
+        rows are rebuilt. Bit-identical to computing every anchor's quantile.
         """
         first_visit = current.visits == 0 if seeding else None  # seeded by the quantile: no stop
-        quantile = proposed.threshold.clone()  # stands in where the stop cannot bind (thresholds.finish)
         unflagged = unflagged_count = None
         topk_needed = first_visit
+        straddling = None
         if self.optimizer.stop_at_batch_quantile:
             unflagged = functional.keep_at_or_below(rows.scores, rows.excluded, proposed.threshold)
             unflagged_count = functional.count_true(unflagged)
@@ -221,32 +221,53 @@ class GloFNDDetector(Detector):
             if first_visit is not None:
                 may_pass &= ~first_visit
             straddles = functional.straddles_quantile(above, self.alpha, negatives)
-            straddling = (may_pass & straddles).nonzero().squeeze(1)  # CPU tensors: no device sync
+            straddling = may_pass & straddles
             crossing = may_pass & ~straddles
             topk_needed = crossing if first_visit is None else crossing | first_visit
-            if len(straddling):
-                quantile[straddling] = functional.straddled_quantile(
-                    rows.scores[:, straddling],
-                    rows.excluded[straddling],
-                    proposed.threshold[straddling],
+        assert topk_needed is not None  # without the stop, only seeding gets here
+        # The anchors below are positions in a pool of rows: every anchor where rows are cheap to
+        # index, else (a transposed view, whose rows are strided) the candidates, gathered once.
+        pool = None
+        if not functional.last_dim_contiguous(rows.scores):
+            needed = topk_needed if straddling is None else topk_needed | straddling
+            pool = needed.nonzero().squeeze(1)  # CPU tensors: no device sync
+            if len(pool) == len(needed):  # every anchor (first visits): no copy of the rows
+                pool = None
+
+        def among_pool(anchors: torch.Tensor) -> torch.Tensor:
+            return (anchors if pool is None else anchors[pool]).nonzero().squeeze(1)
+
+        pool_scores = rows.scores if pool is None else functional.select_anchors(rows.scores, pool)
+        pool_excluded = rows.excluded if pool is None else rows.excluded[pool]
+        # Where the stop cannot bind, the proposed threshold stands in for the quantile (thresholds.finish).
+        pool_quantile = proposed.threshold.clone() if pool is None else proposed.threshold[pool]
+        if straddling is not None:
+            among = among_pool(straddling)
+            if len(among):
+                pool_quantile[among] = functional.straddled_quantile(
+                    functional.select_anchors(pool_scores, among),
+                    pool_excluded[among],
+                    pool_quantile[among],
                     self.alpha,
                     rows.num_negatives,
                 )
-        assert topk_needed is not None  # without the stop, only seeding gets here
-        selected = topk_needed.nonzero().squeeze(1)
-        if len(selected) == len(quantile):  # every anchor (first visits): no copy of the rows
-            quantile = functional.pooled_quantile(rows.scores, rows.excluded, self.alpha, rows.num_negatives)
-        elif len(selected):
-            quantile[selected] = functional.pooled_quantile(
-                rows.scores[:, selected], rows.excluded[selected], self.alpha, rows.num_negatives
+        among = among_pool(topk_needed)
+        if len(among) and len(among) == len(pool_quantile):  # every row of the pool: no copy of the rows
+            pool_quantile = functional.pooled_quantile(pool_scores, pool_excluded, self.alpha, rows.num_negatives)
+        elif len(among):
+            pool_quantile[among] = functional.pooled_quantile(
+                functional.select_anchors(pool_scores, among), pool_excluded[among], self.alpha, rows.num_negatives
             )
+        quantile = pool_quantile if pool is None else proposed.threshold.index_copy(0, pool, pool_quantile)
         updated = thresholds.finish(current, proposed, quantile, self.optimizer)
         if unflagged is not None and unflagged_count is not None:
-            # The mask was built at the proposed thresholds: rebuild the rows the stop or the seed moved.
-            moved_again = (updated.threshold != proposed.threshold).nonzero().squeeze(1)
-            if len(moved_again):
+            # The mask was built at the proposed thresholds: rebuild the rows the stop or the seed
+            # moved (all in the pool).
+            among = among_pool(updated.threshold != proposed.threshold)
+            if len(among):
+                moved_again = among if pool is None else pool[among]
                 mask = functional.keep_at_or_below(
-                    rows.scores[:, moved_again], rows.excluded[moved_again], updated.threshold[moved_again]
+                    functional.select_anchors(pool_scores, among), pool_excluded[among], updated.threshold[moved_again]
                 )
                 unflagged[:, moved_again] = mask
                 unflagged_count[:, moved_again] = functional.count_true(mask)

@@ -78,6 +78,25 @@ def fill_excluded_(rows: torch.Tensor, excluded: torch.Tensor, value: float | bo
     return rows.scatter_(-1, excluded.expand(*rows.shape[:-2], -1, -1), value)
 
 
+def last_dim_contiguous(tensor: torch.Tensor) -> bool:
+    """Whether the last dimension is laid out contiguously (false for a transposed view's rows)."""
+    return tensor.shape[-1] <= 1 or tensor.stride(-1) == 1
+
+
+def select_anchors(scores: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """The rows ``(V, k, C)`` of the ``anchors`` (``(k,)`` positions) among ``scores`` ``(V, b, C)``.
+
+    Rows laid out down the columns (a transposed view) are gathered from every memory row with
+    ``gather`` and keep that layout; on CPU indexing them as rows, or ``index_select`` across the
+    memory rows, is several times slower.
+    """
+    if not last_dim_contiguous(scores) and scores.mT.is_contiguous():
+        memory_rows = scores.mT  # (V, C, b), contiguous
+        columns = anchors.expand(*memory_rows.shape[:-1], -1)
+        return memory_rows.gather(-1, columns).mT
+    return scores.index_select(1, anchors)
+
+
 _COUNT_CHUNK = 128  # columns summed in uint8 (at most 255 without overflow)
 
 
@@ -86,10 +105,11 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
 
     ``mask.sum(dim=-1, dtype=torch.int32)`` first converts the whole mask to int32 (4x its size);
     on CPU that temporary costs more than the count. Here the mask is read as bytes and summed in
-    ``uint8`` over chunks of 128 columns, then the per-chunk sums are added in int32.
+    ``uint8`` over chunks of 128 entries, then the per-chunk sums are added in int32. A mask laid
+    out down its columns (a transposed view's rows) is summed down the memory rows the same way.
 
     Args:
-        mask: Bool tensor ``(..., C)``, contiguous in the last dimension.
+        mask: Bool tensor ``(..., C)``.
 
     Returns:
         ``(...)`` int32 counts.
@@ -98,15 +118,23 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
         # A compiled graph fuses the count (no temporary), and inductor's CPU code for the
         # uint8 chunk sums below is wrong (counts off by the row length, torch 2.15).
         return mask.sum(dim=-1, dtype=torch.int32)
-    columns = mask.shape[-1]
-    whole = columns - columns % _COUNT_CHUNK
-    as_bytes = mask.view(torch.uint8)
+    if last_dim_contiguous(mask):
+        return _count_bytes(mask.view(torch.uint8), dim=-1)
+    if mask.mT.is_contiguous():  # a transposed view: its rows run down the memory rows
+        return _count_bytes(mask.mT.view(torch.uint8), dim=-2)
+    return mask.sum(dim=-1, dtype=torch.int32)
+
+
+def _count_bytes(as_bytes: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of the 0/1 bytes along ``dim`` (-1 or -2) as int32, in uint8 over chunks of 128."""
+    length = as_bytes.shape[dim]
+    whole = length - length % _COUNT_CHUNK
     if not whole:
-        return as_bytes.sum(dim=-1, dtype=torch.int32)
-    chunks = as_bytes[..., :whole].unfold(-1, _COUNT_CHUNK, _COUNT_CHUNK)
-    counts = chunks.sum(dim=-1, dtype=torch.uint8).sum(dim=-1, dtype=torch.int32)
-    if whole < columns:
-        counts += as_bytes[..., whole:].sum(dim=-1, dtype=torch.int32)
+        return as_bytes.sum(dim=dim, dtype=torch.int32)
+    chunks = as_bytes.narrow(dim, 0, whole).unflatten(dim, (whole // _COUNT_CHUNK, _COUNT_CHUNK))
+    counts = chunks.sum(dim=dim, dtype=torch.uint8).sum(dim=dim, dtype=torch.int32)
+    if whole < length:
+        counts += as_bytes.narrow(dim, whole, length - whole).sum(dim=dim, dtype=torch.int32)
     return counts
 
 
@@ -173,6 +201,8 @@ def _top_negatives(scores: torch.Tensor, excluded: torch.Tensor, count: int) -> 
     The top ``count + E`` values of the raw row are taken (no masked copy of it) and the excluded
     columns among them are set to ``-inf``.
     """
+    if not last_dim_contiguous(scores):  # a transposed view: topk would read each row with a stride
+        scores = scores.contiguous()
     values, columns = scores.topk(min(count + excluded.shape[1], scores.shape[-1]), dim=-1)
     is_excluded = (columns[..., None] == excluded[None, :, None, :]).any(dim=-1)
     return values.masked_fill(is_excluded, float("-inf"))
@@ -313,7 +343,10 @@ def row_std(scores: torch.Tensor) -> torch.Tensor:
     """
     count = scores.shape[-1]
     mean = scores.sum(dim=-1) / count
-    mean_square = torch.linalg.vector_norm(scores, dim=-1).square() / count
+    if last_dim_contiguous(scores):
+        mean_square = torch.linalg.vector_norm(scores, dim=-1).square() / count
+    else:  # CPU's vector_norm across rows (a transposed view) is over ten times slower than this
+        mean_square = scores.square().sum(dim=-1) / count
     return ((mean_square - mean.square()).clamp_min(0.0) * (count / max(count - 1, 1))).sqrt()
 
 
@@ -347,6 +380,17 @@ def keep_nonempty_(
     return torch.where(empty, num_negatives, kept_count).to(torch.float32)
 
 
+def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Sum of the elementwise product of two tensors of one shape, without copying either.
+
+    Two tensors with the same transposed layout (the rows of a transposed view) are read in
+    memory order; ``reshape(-1)`` would copy each into row order first.
+    """
+    if first.stride() == second.stride() and not first.is_contiguous() and first.mT.is_contiguous():
+        first, second = first.mT, second.mT
+    return torch.dot(first.reshape(-1), second.reshape(-1))
+
+
 def _scores_and_scale_gradients(
     ctx: Any, grad_scores: torch.Tensor, scores: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
@@ -358,7 +402,7 @@ def _scores_and_scale_gradients(
     """
     grad_scale = None
     if ctx.needs_input_grad[1]:
-        grad_scale = (torch.dot(grad_scores.reshape(-1), scores.reshape(-1)) / scale).to(scale.dtype)
+        grad_scale = (_dot(grad_scores, scores) / scale).to(scale.dtype)
     return grad_scores if ctx.needs_input_grad[0] else None, grad_scale, None, None, None
 
 

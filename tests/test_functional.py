@@ -135,6 +135,60 @@ def test_count_true_equals_a_plain_sum(columns: int) -> None:
     assert torch.equal(functional.count_true(mask[:, 1]), mask[:, 1].sum(dim=-1, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("rows", [1, 127, 128, 300])
+def test_count_true_of_a_transposed_view_equals_a_plain_sum(rows: int) -> None:
+    # GloFNDClipLoss's text rows in one process are a transposed view of the image rows: their
+    # counts run down the memory rows.
+    memory = torch.rand(2, rows, 7, generator=torch.Generator().manual_seed(rows)) < 0.6
+    for mask in (memory.mT, memory.mT[:, 2:5], memory[:, ::2].mT):
+        assert torch.equal(functional.count_true(mask), mask.sum(dim=-1, dtype=torch.int32))
+
+
+def test_select_anchors_equals_index_select_in_either_layout() -> None:
+    memory = torch.rand(2, 9, 6, generator=torch.Generator().manual_seed(0))
+    anchors = torch.tensor([4, 0, 5])
+    for scores in (memory, memory.mT):
+        selected = functional.select_anchors(scores, anchors)
+        assert torch.equal(selected, scores[:, anchors])
+    assert functional.select_anchors(memory.mT, anchors).mT.is_contiguous()  # kept the transposed layout
+
+
+def test_dot_pairs_elements_whatever_the_two_layouts() -> None:
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.rand(1, 5, 4, generator=generator), torch.rand(1, 5, 4, generator=generator)
+    for left, right in ((first.mT, second.mT), (first.mT, second.mT.contiguous()), (first, second)):
+        torch.testing.assert_close(functional._dot(left, right), (left * right).sum())
+
+
+def test_row_std_of_a_transposed_view_equals_torch_std() -> None:
+    memory = 0.25 * torch.rand(1, 300, 5, generator=torch.Generator().manual_seed(0)) + 0.7
+    torch.testing.assert_close(functional.row_std(memory.mT), memory.mT.std(dim=-1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "mixed"])
+def test_fused_losses_on_a_transposed_view_equal_the_contiguous_rows(layout: str) -> None:
+    """Values and gradients (scores and scale) do not depend on how the rows lie in memory."""
+    generator = torch.Generator().manual_seed(1)
+    memory = torch.rand(7, 7, generator=generator, dtype=torch.float64) * 2 - 1  # rows are the columns
+    positive = torch.arange(7)
+    keep_rows = (torch.rand(7, 7, generator=generator) < 0.7) & ~torch.eye(7, dtype=torch.bool)
+    keep_rows[torch.arange(7), (positive + 1) % 7] = True  # every row keeps a negative
+    kept_count = keep_rows.sum(-1).double()
+    weights = torch.rand(7, generator=generator, dtype=torch.float64)
+    results = []
+    for arrangement in ("contiguous", layout):
+        leaf = memory.clone().requires_grad_()
+        scores = leaf.t() if arrangement != "contiguous" else leaf.t().contiguous()
+        keep = keep_rows.t().contiguous().t() if arrangement == "transposed" else keep_rows
+        scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+        entropy = functional.filtered_cross_entropy(scores[None], scale, positive, keep[None], kept_count[None], 6)
+        mean = functional.kept_mean_exp(scores, scale, positive, keep, kept_count)
+        ((entropy[0] + mean) * weights).sum().backward()
+        results.append((entropy.detach(), mean.detach(), leaf.grad, scale.grad))
+    for transposed, contiguous in zip(*results):
+        torch.testing.assert_close(transposed, contiguous)
+
+
 def autograd_filtered_cross_entropy(
     scores: torch.Tensor, scale: torch.Tensor, positive: torch.Tensor, keep: torch.Tensor, num_negatives: int
 ) -> torch.Tensor:
