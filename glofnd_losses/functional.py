@@ -381,10 +381,11 @@ def keep_nonempty_(
 
 
 def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Sum of the elementwise product of two tensors of one shape, without copying either.
+    """Sum of the elementwise product of two tensors of one shape.
 
     Two tensors with the same transposed layout (the rows of a transposed view) are read in
-    memory order; ``reshape(-1)`` would copy each into row order first.
+    memory order, without a copy; ``reshape(-1)`` would copy each into row order first. Other
+    layouts are flattened in row order.
     """
     if first.stride() == second.stride() and not first.is_contiguous() and first.mT.is_contiguous():
         first, second = first.mT, second.mT
