@@ -83,6 +83,11 @@ def last_dim_contiguous(tensor: torch.Tensor) -> bool:
     return tensor.shape[-1] <= 1 or tensor.stride(-1) == 1
 
 
+def _transposed_layout(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is laid out as a transposed view: strided rows, ``tensor.mT`` contiguous."""
+    return not last_dim_contiguous(tensor) and tensor.mT.is_contiguous()
+
+
 def select_anchors(scores: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """The rows ``(V, k, C)`` of the ``anchors`` (``(k,)`` positions) among ``scores`` ``(V, b, C)``.
 
@@ -90,7 +95,7 @@ def select_anchors(scores: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     ``gather`` and keep that layout; on CPU indexing them as rows, or ``index_select`` across the
     memory rows, is several times slower.
     """
-    if not last_dim_contiguous(scores) and scores.mT.is_contiguous():
+    if _transposed_layout(scores):
         memory_rows = scores.mT  # (V, C, b), contiguous
         columns = anchors.expand(*memory_rows.shape[:-1], -1)
         return memory_rows.gather(-1, columns).mT
@@ -120,7 +125,7 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
         return mask.sum(dim=-1, dtype=torch.int32)
     if last_dim_contiguous(mask):
         return _count_bytes(mask.view(torch.uint8), dim=-1)
-    if mask.mT.is_contiguous():  # a transposed view: its rows run down the memory rows
+    if _transposed_layout(mask):  # its rows run down the memory rows
         return _count_bytes(mask.mT.view(torch.uint8), dim=-2)
     return mask.sum(dim=-1, dtype=torch.int32)
 
@@ -387,7 +392,7 @@ def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     memory order, without a copy; ``reshape(-1)`` would copy each into row order first. Other
     layouts are flattened in row order.
     """
-    if first.stride() == second.stride() and not first.is_contiguous() and first.mT.is_contiguous():
+    if first.stride() == second.stride() and _transposed_layout(first):
         first, second = first.mT, second.mT
     return torch.dot(first.reshape(-1), second.reshape(-1))
 
