@@ -5,6 +5,13 @@ ratios are taken between configurations measured in the same invocation, because
 shared machines are noise. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the growth
 of the process's peak RSS over its pre-loss baseline on CPU.
 
+Time ratios are also measured paired (``--paired-blocks``, on by default): for each comparison one
+process holds both losses and alternates blocks of steps between them (``measure_paired``), and the
+ratio is the median over the blocks of each block's time over its neighbour's. On a shared machine
+whose speed drifts by tens of percent over seconds to minutes, separate processes can each catch a
+different phase, so their ratios move by 0.1-0.4 between identical runs; paired ratios move by a
+few hundredths, and their quartiles over the blocks are printed with them.
+
 Comparisons (dim 128):
 
 * ``GloFNDNTXent`` (GloFND, filtering active) vs lightly's ``NTXentLoss``;
@@ -120,90 +127,155 @@ class QuantileRowCounter:
         return self.original(scores, *args)  # type: ignore[no-any-return]
 
 
+class Workload:
+    """One case's loss on the benchmark's data set, warmed up and ready to time.
+
+    The data set is ``POOL_BATCHES`` batches' worth of fixed random embeddings (the same for
+    every case: seed 0), reshuffled into new batches at every draw. Steady-state cases first train
+    ``WARMUP_EPOCHS`` epochs over it (the thresholds learn its quantiles); every sample is then
+    marked visited (:func:`settle`). The first-epoch case is timed on batches of samples it has
+    never seen (fresh indices from the top of ``num_samples`` at every draw).
+    """
+
+    def __init__(self, case: str, batch: int, dim: int, num_samples: int, device: str, compiled: bool) -> None:
+        torch.manual_seed(0)
+        self.case, self.batch, self.device, self.num_samples = case, batch, device, num_samples
+        loss_fn = build(case, num_samples)
+        if hasattr(loss_fn, "to"):
+            loss_fn = loss_fn.to(device)
+        if compiled:
+            loss_fn.compile()
+        self.loss_fn = loss_fn
+        self.pool_size = min(num_samples, POOL_BATCHES * batch)
+        self.pool = torch.randn(2, self.pool_size, dim, device=device)  # two views of pool_size samples
+        self.pool_indices = torch.randperm(num_samples, device=device)[: self.pool_size]
+        self.first_epoch = case.endswith("first_epoch")
+        self.logit_scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+        self.generator = torch.Generator(device=device).manual_seed(1)
+        self.compiled = compiled
+        self.draws = 0
+
+    def warm_up(self) -> Workload:
+        """Untimed steps up to the state to time (the first one reaches the peak memory)."""
+        warmup_steps = 1 if self.first_epoch else WARMUP_EPOCHS * (self.pool_size // self.batch)
+        for _ in range(warmup_steps):
+            self.step(self.draw())
+        if hasattr(self.loss_fn, "state") and not self.first_epoch:
+            settle(self.loss_fn)
+            if self.compiled:  # the steady state is a phase of its own (no first-visit work): compile it untimed
+                for _ in range(2):
+                    self.step(self.draw())
+        return self
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of the pool (shuffled anew each time, as epochs reshuffle a data set)."""
+        rows = torch.randperm(self.pool_size, generator=self.generator, device=self.device)[: self.batch]
+        out0, out1 = (view[rows].requires_grad_() for view in self.pool)
+        self.draws += 1
+        if self.first_epoch:  # never-seen samples: the same embeddings under fresh indices
+            first = self.num_samples - self.batch * self.draws
+            if first < 0:
+                raise ValueError(f"num_samples={self.num_samples} is too small for {self.draws} first-epoch batches")
+            return out0, out1, first + torch.arange(self.batch, device=self.device)
+        return out0, out1, self.pool_indices[rows]
+
+    def step(self, batch_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """One forward + backward."""
+        out0, out1, batch_indices = batch_inputs
+        if self.case in CLIP_CASES:  # open_clip's models hand the loss normalised features
+            images, texts = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
+            extra = {} if self.case == "open_clip" else {"indices": batch_indices}
+            loss = self.loss_fn(images, texts, self.logit_scale, **extra)
+        elif self.case == "lightly_ntxent":
+            loss = self.loss_fn(out0, out1)
+        else:
+            loss = self.loss_fn(out0, out1, batch_indices)
+        loss.backward()
+
+    def timed_steps(self, count: int) -> float:
+        """Mean seconds of ``count`` steps on freshly drawn batches (drawn before the clock starts)."""
+        inputs = [self.draw() for _ in range(count)]
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch_inputs in inputs:
+            self.step(batch_inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / count
+
+
 def measure(
     case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int, compiled: bool = False
 ) -> dict[str, float]:
     """Run in a fresh process: median forward+backward seconds and peak extra memory in MiB.
 
-    The data set is ``POOL_BATCHES`` batches' worth of fixed random embeddings, reshuffled into new
-    batches at every step. Steady-state cases first train ``WARMUP_EPOCHS`` epochs over it (the
-    thresholds learn its quantiles) and are then timed on further such batches; the first-epoch
-    case is timed on batches of samples it has never seen. ``quantile_rows`` is the number of
-    anchors per anchor and step whose batch quantile (a ``topk``) was computed (2 at most: CLIP's
-    two banks).
+    ``quantile_rows`` is the number of anchors per anchor and step whose batch quantile (a
+    ``topk``) was computed (2 at most: CLIP's two banks); ``ops`` the ATen operators per step.
     """
-    torch.manual_seed(0)
-    loss_fn = build(case, num_samples)
-    if hasattr(loss_fn, "to"):
-        loss_fn = loss_fn.to(device)
-    if compiled:
-        loss_fn.compile()
-    pool_size = min(num_samples, POOL_BATCHES * batch)
-    pool = torch.randn(2, pool_size, dim, device=device)  # two views of pool_size samples
-    pool_indices = torch.randperm(num_samples, device=device)[:pool_size]
-    first_epoch = case.endswith("first_epoch")
-    logit_scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
-    generator = torch.Generator(device=device).manual_seed(1)
-
-    def draw(number: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A batch of the pool (shuffled anew each time, as epochs reshuffle a data set)."""
-        rows = torch.randperm(pool_size, generator=generator, device=device)[:batch]
-        out0, out1 = (view[rows].requires_grad_() for view in pool)
-        if first_epoch:  # never-seen samples: the same embeddings under fresh indices
-            return out0, out1, num_samples - 1 - batch * number - torch.arange(batch, device=device)
-        return out0, out1, pool_indices[rows]
-
-    def step(batch_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        out0, out1, batch_indices = batch_inputs
-        if case in CLIP_CASES:  # open_clip's models hand the loss normalised features
-            images, texts = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
-            extra = {} if case == "open_clip" else {"indices": batch_indices}
-            loss = loss_fn(images, texts, logit_scale, **extra)
-        elif case == "lightly_ntxent":
-            loss = loss_fn(out0, out1)
-        else:
-            loss = loss_fn(out0, out1, batch_indices)
-        loss.backward()
-
+    workload = Workload(case, batch, dim, num_samples, device, compiled)
     cuda = device.startswith("cuda")
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
-    warmup_steps = 1 if first_epoch else WARMUP_EPOCHS * (pool_size // batch)  # the first reaches the peak
-    for number in range(warmup_steps):
-        step(draw(number))
-    if hasattr(loss_fn, "state") and not first_epoch:
-        settle(loss_fn)
-        if compiled:  # the steady state is a phase of its own (no first-visit work): compile it untimed
-            for number in range(warmup_steps, warmup_steps + 2):
-                step(draw(number))
-            warmup_steps += 2
+    workload.warm_up()
     counter = None if compiled else QuantileRowCounter()  # replacing a function a graph calls would recompile it
-    times = []
-    for number in range(warmup_steps, warmup_steps + repeats):
-        batch_inputs = draw(number)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(batch_inputs)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [workload.timed_steps(1) for _ in range(repeats)]
     if cuda:
         peak_mib = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
     quantile_rows = float("nan") if counter is None else counter.rows / (repeats * batch)
-    ops = (
-        float("nan")
-        if compiled
-        else count_ops(step, [draw(warmup_steps + repeats + number) for number in range(OP_COUNT_STEPS)])
-    )
+    ops = float("nan") if compiled else count_ops(workload.step, [workload.draw() for _ in range(OP_COUNT_STEPS)])
     return {
         "seconds": statistics.median(times), "peak_mib": peak_mib, "quantile_rows": quantile_rows, "ops": ops
     }  # fmt: skip
+
+
+def measure_paired(
+    mine: str,
+    peer: str,
+    batch: int,
+    dim: int,
+    num_samples: int,
+    device: str,
+    blocks: int,
+    steps_per_block: int,
+    compiled: bool = False,
+) -> dict[str, float]:
+    """Run in a fresh process: the time ratio ``mine / peer`` from interleaved blocks of steps.
+
+    Both losses live in this one process and take turns, block by block, in the order
+    mine-peer, peer-mine, ... (so neither always follows the other); each block's ratio is its
+    mean step time over the neighbouring block of the other case. A slow phase of the machine
+    (other tenants, clock changes: seconds to minutes long) then slows both sides of a ratio alike,
+    where separate processes (:func:`measure`) catch it on one side only. Returns the median ratio,
+    its quartiles over the blocks, and each case's median step time.
+    """
+    first_epoch_draws = (blocks * steps_per_block + 2) * batch
+    workloads = {
+        case: Workload(
+            case, batch, dim, max(num_samples, first_epoch_draws) if case.endswith("first_epoch") else num_samples,
+            device, compiled,
+        ).warm_up()
+        for case in (mine, peer)
+    }  # fmt: skip
+    seconds: dict[str, list[float]] = {mine: [], peer: []}
+    for block in range(blocks):
+        for case in (mine, peer) if block % 2 == 0 else (peer, mine):
+            seconds[case].append(workloads[case].timed_steps(steps_per_block))
+    ratios = sorted(own / other for own, other in zip(seconds[mine], seconds[peer]))
+    quartile = len(ratios) // 4
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_q1": ratios[quartile],
+        "ratio_q3": ratios[len(ratios) - 1 - quartile],
+        "mine_seconds": statistics.median(seconds[mine]),
+        "peer_seconds": statistics.median(seconds[peer]),
+    }
 
 
 OP_COUNT_STEPS = 3
@@ -240,6 +312,14 @@ WARMUP_EPOCHS = 3
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 
+def run_child(child_args: list[str], env: dict[str, str] | None) -> dict[str, float]:
+    """Run this script with ``child_args`` in a fresh process; its last output line is a JSON dict."""
+    command = [sys.executable, __file__, *child_args, "--threads", str(torch.get_num_threads())]
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
 def run_isolated(
     case: str,
     batch: int,
@@ -250,14 +330,26 @@ def run_isolated(
     env: dict[str, str] | None,
     compiled: bool = False,
 ) -> dict[str, float]:
-    command = [
-        sys.executable, __file__, "--child", case, "--batch-sizes", str(batch), "--dim", str(dim),
-        "--num-samples", str(num_samples), "--device", device, "--repeats", str(repeats),
-        "--threads", str(torch.get_num_threads()),
-    ] + (["--compile"] if compiled else [])  # fmt: skip
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
-    return result
+    return run_child(
+        [
+            "--child", case, "--batch-sizes", str(batch), "--dim", str(dim), "--num-samples", str(num_samples),
+            "--device", device, "--repeats", str(repeats),
+        ] + (["--compile"] if compiled else []),
+        env,
+    )  # fmt: skip
+
+
+def run_paired(
+    mine: str, peer: str, batch: int, args: argparse.Namespace, env: dict[str, str] | None
+) -> dict[str, float]:
+    return run_child(
+        [
+            "--child-pair", mine, peer, "--batch-sizes", str(batch), "--dim", str(args.dim),
+            "--num-samples", str(args.num_samples), "--device", args.device,
+            "--paired-blocks", str(args.paired_blocks), "--steps-per-block", str(args.steps_per_block),
+        ] + (["--compile"] if args.compile else []),
+        env,
+    )  # fmt: skip
 
 
 def combine_rounds(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -289,8 +381,16 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every loss (see the module docstring)")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES), help="cases to measure")
+    parser.add_argument(
+        "--paired-blocks",
+        type=int,
+        default=16,
+        help="time ratios from this many interleaved blocks per pair in one process (0: from the separate processes)",
+    )
+    parser.add_argument("--steps-per-block", type=int, default=2, help="steps per block of the paired ratios")
     parser.add_argument("--out", default=None, help="write all measurements as JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-pair", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -303,6 +403,17 @@ def main() -> None:
                 )
             )
         )
+        return
+    if args.child_pair:
+        mine, peer = args.child_pair
+        print(
+            json.dumps(
+                measure_paired(
+                    mine, peer, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.paired_blocks,
+                    args.steps_per_block, args.compile,
+                )
+            )
+        )  # fmt: skip
         return
 
     device_name = (
@@ -355,6 +466,18 @@ def main() -> None:
             memory_ratio = rows[mine]["peak_mib"] / max(rows[peer]["peak_mib"], 1e-9)
             cells.append(f"{time_ratio:12.2f}x {memory_ratio:12.2f}x")
         print(f"{batch:>6} | " + " | ".join(cells))
+    if args.paired_blocks > 0 and pairs:
+        print(
+            f"\ntime ratios, paired: {args.paired_blocks} interleaved blocks of {args.steps_per_block} steps of "
+            "both losses in one process per pair; median (quartiles) of the blocks' ratios"
+        )
+        print(f"{'batch':>6} | " + " | ".join(f"{title:>27}" for title, _, _ in pairs))
+        results["paired"] = {}
+        for batch in args.batch_sizes:
+            paired = {title: run_paired(mine, peer, batch, args, child_env) for title, mine, peer in pairs}
+            results["paired"][batch] = paired
+            cells = [f"{row['ratio']:8.2f}x ({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f})" for row in paired.values()]
+            print(f"{batch:>6} | " + " | ".join(f"{cell:>27}" for cell in cells))
 
     if args.scaling_batch > 0:
         print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
