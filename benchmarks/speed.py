@@ -245,6 +245,7 @@ def measure_paired(
     blocks: int,
     steps_per_block: int,
     compiled: bool = False,
+    sample_counts: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """Run in a fresh process: the time ratio ``mine / peer`` from interleaved blocks of steps.
 
@@ -252,29 +253,31 @@ def measure_paired(
     mine-peer, peer-mine, ... (so neither always follows the other); each block's ratio is its
     mean step time over the neighbouring block of the other case. A slow phase of the machine
     (other tenants, clock changes: seconds to minutes long) then slows both sides of a ratio alike,
-    where separate processes (:func:`measure`) catch it on one side only. Returns the median ratio,
-    its quartiles over the blocks, and each case's median step time.
+    where separate processes (:func:`measure`) catch it on one side only. ``sample_counts`` gives
+    the two sides different data set sizes (default: ``num_samples`` for both). Returns the median
+    ratio, its quartiles over the blocks, and each side's median step time.
     """
     first_epoch_draws = (blocks * steps_per_block + 2) * batch
-    workloads = {
-        case: Workload(
-            case, batch, dim, max(num_samples, first_epoch_draws) if case.endswith("first_epoch") else num_samples,
+    sides = list(zip((mine, peer), sample_counts or (num_samples, num_samples)))
+    workloads = [
+        Workload(
+            case, batch, dim, max(samples, first_epoch_draws) if case.endswith("first_epoch") else samples,
             device, compiled,
         ).warm_up()
-        for case in (mine, peer)
-    }  # fmt: skip
-    seconds: dict[str, list[float]] = {mine: [], peer: []}
+        for case, samples in sides
+    ]  # fmt: skip
+    seconds: list[list[float]] = [[], []]
     for block in range(blocks):
-        for case in (mine, peer) if block % 2 == 0 else (peer, mine):
-            seconds[case].append(workloads[case].timed_steps(steps_per_block))
-    ratios = sorted(own / other for own, other in zip(seconds[mine], seconds[peer]))
+        for side in (0, 1) if block % 2 == 0 else (1, 0):
+            seconds[side].append(workloads[side].timed_steps(steps_per_block))
+    ratios = sorted(own / other for own, other in zip(*seconds))
     quartile = len(ratios) // 4
     return {
         "ratio": statistics.median(ratios),
         "ratio_q1": ratios[quartile],
         "ratio_q3": ratios[len(ratios) - 1 - quartile],
-        "mine_seconds": statistics.median(seconds[mine]),
-        "peer_seconds": statistics.median(seconds[peer]),
+        "mine_seconds": statistics.median(seconds[0]),
+        "peer_seconds": statistics.median(seconds[1]),
     }
 
 
@@ -340,12 +343,18 @@ def run_isolated(
 
 
 def run_paired(
-    mine: str, peer: str, batch: int, args: argparse.Namespace, env: dict[str, str] | None
+    mine: str,
+    peer: str,
+    batch: int,
+    args: argparse.Namespace,
+    env: dict[str, str] | None,
+    sample_counts: tuple[int, int] | None = None,
 ) -> dict[str, float]:
+    counts = sample_counts or (args.num_samples, args.num_samples)
     return run_child(
         [
-            "--child-pair", mine, peer, "--batch-sizes", str(batch), "--dim", str(args.dim),
-            "--num-samples", str(args.num_samples), "--device", args.device,
+            "--child-pair", mine, peer, "--pair-num-samples", str(counts[0]), str(counts[1]),
+            "--batch-sizes", str(batch), "--dim", str(args.dim), "--device", args.device,
             "--paired-blocks", str(args.paired_blocks), "--steps-per-block", str(args.steps_per_block),
         ] + (["--compile"] if args.compile else []),
         env,
@@ -391,6 +400,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write all measurements as JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-pair", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pair-num-samples", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -410,7 +420,7 @@ def main() -> None:
             json.dumps(
                 measure_paired(
                     mine, peer, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.paired_blocks,
-                    args.steps_per_block, args.compile,
+                    args.steps_per_block, args.compile, args.pair_num_samples,
                 )
             )
         )  # fmt: skip
@@ -495,6 +505,10 @@ def main() -> None:
             print(f"  num_samples {num_samples:>10,}: {1e3 * row['seconds']:8.1f} ms")
         small, large = results["scaling"][10**3]["seconds"], results["scaling"][10**7]["seconds"]
         print(f"  ratio 10^7 / 10^3: {large / small:.2f}x")
+        if args.paired_blocks > 0:
+            row = run_paired("sogclr_glofnd", "sogclr_glofnd", args.scaling_batch, args, child_env, (10**7, 10**3))
+            results["scaling"]["paired"] = row
+            print(f"  ratio 10^7 / 10^3, paired: {row['ratio']:.2f}x ({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f})")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
