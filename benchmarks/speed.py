@@ -1,16 +1,17 @@
 """Forward+backward time and peak memory of the GloFND losses against their peers, as ratios.
 
-Every configuration runs in its own subprocess (clean memory high-water mark) on the same inputs;
-ratios are taken between configurations measured in the same invocation, because absolute times on
-shared machines are noise. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the growth
-of the process's peak RSS over its pre-loss baseline on CPU.
+Every configuration first runs in its own subprocess (clean memory high-water mark) on the same
+inputs; ratios are taken between configurations measured in the same invocation, because absolute
+times on shared machines are noise. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and
+the growth of the process's peak RSS over its pre-loss baseline on CPU.
 
-Time ratios are also measured paired (``--paired-blocks``, on by default): for each comparison one
-process holds both losses and alternates blocks of steps between them (``measure_paired``), and the
-ratio is the median over the blocks of each block's time over its neighbour's. On a shared machine
-whose speed drifts by tens of percent over seconds to minutes, separate processes can each catch a
-different phase, so their ratios move by 0.1-0.4 between identical runs; paired ratios move by a
-few hundredths, and their quartiles over the blocks are printed with them.
+Time ratios are also measured paired (``--paired-blocks``, on by default; ``--rounds`` does not
+apply): for each comparison one more process holds both losses and runs blocks of steps of each
+in the order A B B A, A B B A, ... (``measure_paired``); each such group gives one ratio, A's two
+blocks over B's two, and the median over the groups is printed with its quartiles. On a shared
+machine whose speed drifts by tens of percent over seconds to minutes, separate processes can
+each catch a different phase, so that their ratios for identical code move by 0.1 or more between
+runs (BENCHMARKS.md section 2 compares two runs); a slow phase slows both halves of a group alike.
 
 Comparisons (dim 128):
 
@@ -128,13 +129,14 @@ class QuantileRowCounter:
 
 
 class Workload:
-    """One case's loss on the benchmark's data set, warmed up and ready to time.
+    """One case's loss on the benchmark's data set, ready to time after :meth:`warm_up`.
 
-    The data set is ``POOL_BATCHES`` batches' worth of fixed random embeddings (the same for
-    every case: seed 0), reshuffled into new batches at every draw. Steady-state cases first train
-    ``WARMUP_EPOCHS`` epochs over it (the thresholds learn its quantiles); every sample is then
-    marked visited (:func:`settle`). The first-epoch case is timed on batches of samples it has
-    never seen (fresh indices from the top of ``num_samples`` at every draw).
+    The data set is ``min(num_samples, POOL_BATCHES * batch)`` fixed random embeddings (seed 0:
+    the same for every case of a batch size and data set size), reshuffled into new batches at
+    every draw. Steady-state cases first train ``WARMUP_EPOCHS`` epochs over it (the thresholds
+    learn its quantiles); every sample is then marked visited (:func:`settle`). The first-epoch
+    case is timed on batches of samples it has never seen (fresh indices from the top of
+    ``num_samples`` at every draw).
     """
 
     def __init__(self, case: str, batch: int, dim: int, num_samples: int, device: str, compiled: bool) -> None:
@@ -249,33 +251,62 @@ def measure_paired(
 ) -> dict[str, float]:
     """Run in a fresh process: the time ratio ``mine / peer`` from interleaved blocks of steps.
 
-    Both losses live in this one process and take turns, block by block, in the order
-    mine-peer, peer-mine, ... (so neither always follows the other); each block's ratio is its
-    mean step time over the neighbouring block of the other case. A slow phase of the machine
-    (other tenants, clock changes: seconds to minutes long) then slows both sides of a ratio alike,
-    where separate processes (:func:`measure`) catch it on one side only. ``sample_counts`` gives
-    the two sides different data set sizes (default: ``num_samples`` for both). Returns the median
-    ratio, its quartiles over the blocks, and each side's median step time.
+    Both losses live in this one process. After one untimed block of each (so that a switch
+    between them is in every timed block, the first included), they take turns in groups of four
+    blocks, mine-peer-peer-mine: within a group each side runs once after a switch and once after
+    the other side's switch, and each side's two blocks sit symmetrically around the group's middle,
+    so that a drift of the machine's speed within the group cancels to first order. Each group
+    gives one ratio: mine's two blocks over peer's two. A slow phase of the machine (other tenants,
+    clock changes: seconds to minutes long) then slows both sides of a ratio alike, where separate
+    processes (:func:`measure`) catch it on one side only.
+
+    Args:
+        mine: Case in the numerator.
+        peer: Case in the denominator.
+        batch: Batch size.
+        dim: Embedding dimension.
+        num_samples: Data set size of both sides (raised for both, alike, to what a first-epoch
+            case needs for never-seen indices in every block).
+        device: Device.
+        blocks: Timed blocks per side, even (two per group).
+        steps_per_block: Steps per block.
+        compiled: ``torch.compile`` both losses.
+        sample_counts: Different data set sizes for the two sides (as given), instead of
+            ``num_samples``.
+
+    Returns:
+        The median ratio over the groups and its quartiles (the range below 4 groups), and each
+        side's median step time.
     """
-    first_epoch_draws = (blocks * steps_per_block + 2) * batch
-    sides = list(zip((mine, peer), sample_counts or (num_samples, num_samples)))
+    if blocks < 2 or blocks % 2 or steps_per_block < 1:
+        raise ValueError(f"need an even blocks >= 2 and steps_per_block >= 1, got {blocks} and {steps_per_block}")
+    if sample_counts is None:
+        first_epoch_draws = (blocks + 2) * steps_per_block * batch
+        needs_fresh = mine.endswith("first_epoch") or peer.endswith("first_epoch")
+        sample_counts = (max(num_samples, first_epoch_draws),) * 2 if needs_fresh else (num_samples, num_samples)
     workloads = [
-        Workload(
-            case, batch, dim, max(samples, first_epoch_draws) if case.endswith("first_epoch") else samples,
-            device, compiled,
-        ).warm_up()
-        for case, samples in sides
-    ]  # fmt: skip
+        Workload(case, batch, dim, samples, device, compiled).warm_up()
+        for case, samples in zip((mine, peer), sample_counts)
+    ]
+    for workload in workloads:
+        workload.timed_steps(steps_per_block)
     seconds: list[list[float]] = [[], []]
-    for block in range(blocks):
-        for side in (0, 1) if block % 2 == 0 else (1, 0):
+    for _ in range(blocks // 2):
+        for side in (0, 1, 1, 0):
             seconds[side].append(workloads[side].timed_steps(steps_per_block))
-    ratios = sorted(own / other for own, other in zip(*seconds))
-    quartile = len(ratios) // 4
+    group_ratios = [
+        (seconds[0][group] + seconds[0][group + 1]) / (seconds[1][group] + seconds[1][group + 1])
+        for group in range(0, blocks, 2)
+    ]
+    low, high = (
+        statistics.quantiles(group_ratios, n=4)[::2]
+        if len(group_ratios) >= 4
+        else (min(group_ratios), max(group_ratios))
+    )
     return {
-        "ratio": statistics.median(ratios),
-        "ratio_q1": ratios[quartile],
-        "ratio_q3": ratios[len(ratios) - 1 - quartile],
+        "ratio": statistics.median(group_ratios),
+        "ratio_q1": low,
+        "ratio_q3": high,
         "mine_seconds": statistics.median(seconds[0]),
         "peer_seconds": statistics.median(seconds[1]),
     }
@@ -394,7 +425,7 @@ def main() -> None:
         "--paired-blocks",
         type=int,
         default=16,
-        help="time ratios from this many interleaved blocks per pair in one process (0: from the separate processes)",
+        help="timed blocks per side of the paired time ratios, even (0: no paired ratios)",
     )
     parser.add_argument("--steps-per-block", type=int, default=2, help="steps per block of the paired ratios")
     parser.add_argument("--out", default=None, help="write all measurements as JSON")
@@ -402,6 +433,8 @@ def main() -> None:
     parser.add_argument("--child-pair", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pair-num-samples", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paired_blocks < 0 or args.paired_blocks % 2 or args.steps_per_block < 1:
+        parser.error("--paired-blocks must be even and >= 0, --steps-per-block >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     child_env = {**os.environ, **KEEP_FREED_MEMORY} if args.keep_freed_memory else None
@@ -478,8 +511,8 @@ def main() -> None:
         print(f"{batch:>6} | " + " | ".join(cells))
     if args.paired_blocks > 0 and pairs:
         print(
-            f"\ntime ratios, paired: {args.paired_blocks} interleaved blocks of {args.steps_per_block} steps of "
-            "both losses in one process per pair; median (quartiles) of the blocks' ratios"
+            f"\ntime ratios, paired: both losses in one process per pair, {args.paired_blocks // 2} groups of "
+            f"blocks of {args.steps_per_block} steps (A B B A); median (quartiles) of the groups' ratios"
         )
         print(f"{'batch':>6} | " + " | ".join(f"{title:>27}" for title, _, _ in pairs))
         results["paired"] = {}
@@ -507,7 +540,7 @@ def main() -> None:
         print(f"  ratio 10^7 / 10^3: {large / small:.2f}x")
         if args.paired_blocks > 0:
             row = run_paired("sogclr_glofnd", "sogclr_glofnd", args.scaling_batch, args, child_env, (10**7, 10**3))
-            results["scaling"]["paired"] = row
+            results["scaling_paired"] = row
             print(f"  ratio 10^7 / 10^3, paired: {row['ratio']:.2f}x ({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f})")
     if args.out:
         with open(args.out, "w") as handle:
