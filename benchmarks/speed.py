@@ -381,11 +381,11 @@ def run_paired(
     env: dict[str, str] | None,
     sample_counts: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    counts = sample_counts or (args.num_samples, args.num_samples)
+    counts = [] if sample_counts is None else ["--pair-num-samples", *map(str, sample_counts)]
     return run_child(
         [
-            "--child-pair", mine, peer, "--pair-num-samples", str(counts[0]), str(counts[1]),
-            "--batch-sizes", str(batch), "--dim", str(args.dim), "--device", args.device,
+            "--child-pair", mine, peer, *counts, "--batch-sizes", str(batch), "--dim", str(args.dim),
+            "--num-samples", str(args.num_samples), "--device", args.device,
             "--paired-blocks", str(args.paired_blocks), "--steps-per-block", str(args.steps_per_block),
         ] + (["--compile"] if args.compile else []),
         env,
