@@ -155,6 +155,7 @@ class Workload:
         self.logit_scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
         self.generator = torch.Generator(device=device).manual_seed(1)
         self.compiled = compiled
+        self.cuda = device.startswith("cuda")
         self.draws = 0
 
     def warm_up(self) -> Workload:
@@ -197,13 +198,12 @@ class Workload:
     def timed_steps(self, count: int) -> float:
         """Mean seconds of ``count`` steps on freshly drawn batches (drawn before the clock starts)."""
         inputs = [self.draw() for _ in range(count)]
-        cuda = self.device.startswith("cuda")
-        if cuda:
+        if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         for batch_inputs in inputs:
             self.step(batch_inputs)
-        if cuda:
+        if self.cuda:
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / count
 
@@ -217,7 +217,7 @@ def measure(
     ``topk``) was computed (2 at most: CLIP's two banks); ``ops`` the ATen operators per step.
     """
     workload = Workload(case, batch, dim, num_samples, device, compiled)
-    cuda = device.startswith("cuda")
+    cuda = workload.cuda
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if cuda:
         torch.cuda.synchronize()
@@ -268,7 +268,7 @@ def measure_paired(
         num_samples: Data set size of both sides (raised for both, alike, to what a first-epoch
             case needs for never-seen indices in every block).
         device: Device.
-        blocks: Timed blocks per side, even (two per group).
+        blocks: Timed blocks per side, even and at least 2 (two per group; checked by ``main``).
         steps_per_block: Steps per block.
         compiled: ``torch.compile`` both losses.
         sample_counts: Different data set sizes for the two sides (as given), instead of
@@ -278,8 +278,6 @@ def measure_paired(
         The median ratio over the groups and its quartiles (the range below 4 groups), and each
         side's median step time.
     """
-    if blocks < 2 or blocks % 2 or steps_per_block < 1:
-        raise ValueError(f"need an even blocks >= 2 and steps_per_block >= 1, got {blocks} and {steps_per_block}")
     if sample_counts is None:
         first_epoch_draws = (blocks + 2) * steps_per_block * batch
         needs_fresh = mine.endswith("first_epoch") or peer.endswith("first_epoch")
@@ -344,6 +342,11 @@ WARMUP_EPOCHS = 3
 
 
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
+def paired_cell(row: dict[str, float]) -> str:
+    """A paired ratio as printed: median and quartiles."""
+    return f"{row['ratio']:.2f}x ({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f})"
 
 
 def run_child(child_args: list[str], env: dict[str, str] | None) -> dict[str, float]:
@@ -519,8 +522,7 @@ def main() -> None:
         for batch in args.batch_sizes:
             paired = {title: run_paired(mine, peer, batch, args, child_env) for title, mine, peer in pairs}
             results["paired"][batch] = paired
-            cells = [f"{row['ratio']:8.2f}x ({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f})" for row in paired.values()]
-            print(f"{batch:>6} | " + " | ".join(f"{cell:>27}" for cell in cells))
+            print(f"{batch:>6} | " + " | ".join(f"{paired_cell(row):>27}" for row in paired.values()))
 
     if args.scaling_batch > 0:
         print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
@@ -541,7 +543,7 @@ def main() -> None:
         if args.paired_blocks > 0:
             row = run_paired("sogclr_glofnd", "sogclr_glofnd", args.scaling_batch, args, child_env, (10**7, 10**3))
             results["scaling_paired"] = row
-            print(f"  ratio 10^7 / 10^3, paired: {row['ratio']:.2f}x ({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f})")
+            print(f"  ratio 10^7 / 10^3, paired: {paired_cell(row)}")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
