@@ -26,7 +26,10 @@ GloFND cases are timed in the steady state, after the first epoch: the data set 
 worth of fixed random embeddings, reshuffled into new batches at every step; after some warm-up
 epochs (thresholds learned) every sample is marked visited and ``set_epoch`` lets the loss find
 out, so no first-visit work is done. The ``(first epoch)`` case times steps on never-seen samples.
-The ``rule w/o stop`` case is ``ThresholdOptimizer.clipped()``. ``topk rows`` counts the anchors
+The ``rule w/o stop`` case is ``ThresholdOptimizer.clipped()``. The ``SHORT_TOPK=0``
+case runs with ``functional.SHORT_TOPK = 0``: the anchors next to their quantile take two masked
+reductions even where a short ``topk`` is the default (CLIP's alpha), for the paired ratio of the
+two ways. ``topk rows`` counts the anchors
 per anchor and step whose batch quantile took a ``topk`` (on CPU the default's stop computes it
 only for anchors whose step may pass it). ``ops`` is the number of ATen operators a step dispatches
 (forward and backward, views included): a host-side cost independent of the batch size (on a GPU,
@@ -71,10 +74,14 @@ CASES = {
     "open_clip": "open_clip ClipLoss",
     "clip_minibatch_plain": "GloFNDClipLoss minibatch (no detector)",
     "clip_minibatch": "GloFNDClipLoss minibatch (GloFND)",
+    "clip_minibatch_reductions": "GloFNDClipLoss minibatch (GloFND, SHORT_TOPK=0)",
     "fastclip_plain": "GloFNDClipLoss fastclip (no detector)",
     "fastclip_glofnd": "GloFNDClipLoss fastclip (GloFND)",
 }
-CLIP_CASES = {"open_clip", "clip_minibatch_plain", "clip_minibatch", "fastclip_plain", "fastclip_glofnd"}
+CLIP_CASES = {
+    "open_clip", "clip_minibatch_plain", "clip_minibatch", "clip_minibatch_reductions", "fastclip_plain",
+    "fastclip_glofnd",
+}  # fmt: skip
 
 
 def build(case: str, num_samples: int) -> Any:
@@ -157,6 +164,7 @@ class Workload:
         self.compiled = compiled
         self.cuda = device.startswith("cuda")
         self.draws = 0
+        self.short_topk = 0 if case.endswith("_reductions") else None  # functional.SHORT_TOPK during its steps
 
     def warm_up(self) -> Workload:
         """Untimed steps up to the state to time (the first one reaches the peak memory)."""
@@ -183,7 +191,18 @@ class Workload:
         return out0, out1, self.pool_indices[rows]
 
     def step(self, batch_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        """One forward + backward."""
+        """One forward + backward (with this case's ``functional.SHORT_TOPK``, restored after)."""
+        from glofnd_losses import functional
+
+        default_short_topk = functional.SHORT_TOPK
+        if self.short_topk is not None:
+            functional.SHORT_TOPK = self.short_topk
+        try:
+            self._forward_backward(batch_inputs)
+        finally:
+            functional.SHORT_TOPK = default_short_topk
+
+    def _forward_backward(self, batch_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         out0, out1, batch_indices = batch_inputs
         if self.case in CLIP_CASES:  # open_clip's models hand the loss normalised features
             images, texts = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
@@ -500,6 +519,7 @@ def main() -> None:
         ("SogCLR no-stop rule on / off", "sogclr_glofnd_no_stop", "sogclr_plain"),
         ("Clip minibatch / open_clip", "clip_minibatch", "open_clip"),
         ("Clip minibatch on / off", "clip_minibatch", "clip_minibatch_plain"),
+        ("Clip topk / reductions", "clip_minibatch", "clip_minibatch_reductions"),
         ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
     ]
     pairs = [(title, mine, peer) for title, mine, peer in pairs if mine in cases and peer in cases]

@@ -201,7 +201,9 @@ class GloFNDDetector(Detector):
         proposed step may pass their batch quantile, found from the keep-mask of the proposed
         thresholds (:func:`~glofnd_losses.functional.may_pass_quantile`). Most of these only
         straddle it (:func:`~glofnd_losses.functional.straddled_quantile`, two masked reductions);
-        the others (a ``topk``) are rare once thresholds have converged. The keep-mask is the
+        the others (a ``topk``) are rare once thresholds have converged. Where the quantile lies
+        among a row's few largest values (:func:`~glofnd_losses.functional.straddling_by_topk`),
+        the straddling anchors take the short ``topk`` too. The keep-mask is the
         loss's mask except for the anchors whose threshold the stop or the seed changed, whose
         rows are rebuilt. Bit-identical to computing every anchor's quantile.
         """
@@ -220,9 +222,12 @@ class GloFNDDetector(Detector):
             )
             if first_visit is not None:
                 may_pass &= ~first_visit
-            straddles = functional.straddles_quantile(above, self.alpha, negatives)
-            straddling = may_pass & straddles
-            crossing = may_pass & ~straddles
+            if functional.straddling_by_topk(self.alpha, negatives, rows.excluded.shape[1]):
+                crossing = may_pass  # every candidate takes the (short) topk
+            else:
+                straddles = functional.straddles_quantile(above, self.alpha, negatives)
+                straddling = may_pass & straddles
+                crossing = may_pass & ~straddles
             topk_needed = crossing if first_visit is None else crossing | first_visit
         assert topk_needed is not None  # without the stop, only seeding gets here
         # The anchors below are positions in a pool of rows: every anchor where rows are cheap to
