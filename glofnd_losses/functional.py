@@ -303,9 +303,9 @@ def may_pass_quantile(above_count: torch.Tensor, upward: torch.Tensor, alpha: fl
 SHORT_TOPK = 12
 """Longest ``topk`` (values per row) that :func:`straddling_by_topk` prefers to :func:`straddled_quantile`.
 
-On the 2-core CPU of ``benchmarks/`` a ``topk`` of 4 values took about 1.4 ns per score and one of
-12 about 2.2 ns, where :func:`straddled_quantile`'s masked reductions took about 2.6 ns
-(1024- and 4096-column rows, contiguous and transposed).
+A ``topk`` of a few values per row costs less than the two masked reductions on CPU, a long one
+more. ``benchmarks/speed.py`` times the two ways against each other (its ``Clip topk /
+reductions`` pair; BENCHMARKS.md section 2).
 """
 
 

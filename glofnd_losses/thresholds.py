@@ -69,8 +69,8 @@ class ThresholdOptimizer:
             from overshooting to 1 and then recovering only at the downward rate. On CPU the
             quantile is computed only for the anchors whose step may pass it (a ``topk`` for
             those that cross it, two masked reductions or a short ``topk`` for those next to
-            it); on an accelerator,
-            where selecting rows would need a host sync, a per-row ``topk`` at every step.
+            it); on an accelerator, where selecting rows would need a host sync, a per-row
+            ``topk`` at every step.
         grad_clip: Clip the (normalised) subgradient to ``[-grad_clip, grad_clip]`` before the
             step, bounding a step at ``lr * grad_clip``. With ``normalize_grad`` the downward
             subgradient is at most 1, so ``grad_clip >= 1`` only shortens upward steps (scores
