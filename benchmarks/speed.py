@@ -26,14 +26,13 @@ GloFND cases are timed in the steady state, after the first epoch: the data set 
 worth of fixed random embeddings, reshuffled into new batches at every step; after some warm-up
 epochs (thresholds learned) every sample is marked visited and ``set_epoch`` lets the loss find
 out, so no first-visit work is done. The ``(first epoch)`` case times steps on never-seen samples.
-The ``rule w/o stop`` case is ``ThresholdOptimizer.clipped()``. The ``SHORT_TOPK=0``
-case runs with ``functional.SHORT_TOPK = 0``: the anchors next to their quantile take two masked
-reductions even where a short ``topk`` is the default (CLIP's alpha), for the paired ratio of the
-two ways. ``topk rows`` counts the anchors
-per anchor and step whose batch quantile took a ``topk`` (on CPU the default's stop computes it
-only for anchors whose step may pass it). ``ops`` is the number of ATen operators a step dispatches
-(forward and backward, views included): a host-side cost independent of the batch size (on a GPU,
-most of them launch a kernel).
+The ``rule w/o stop`` case is ``ThresholdOptimizer.clipped()``. The ``SHORT_TOPK=0`` case runs
+with ``functional.SHORT_TOPK = 0``: the anchors next to their quantile take two masked reductions
+even where a short ``topk`` is the default (CLIP's alpha), for the paired ratio of the two ways.
+``topk rows`` counts the anchors per anchor and step whose batch quantile took a ``topk`` (on CPU
+the default's stop computes it only for anchors whose step may pass it). ``ops`` is the number of
+ATen operators a step dispatches (forward and backward, views included): a host-side cost
+independent of the batch size (on a GPU, most of them launch a kernel).
 
 On CPU, every new large temporary tensor is fresh memory from the operating system (glibc maps
 blocks of this size anew for every allocation) and its first touch costs page faults; on some

@@ -222,7 +222,7 @@ class GloFNDDetector(Detector):
             )
             if first_visit is not None:
                 may_pass &= ~first_visit
-            if functional.straddling_by_topk(self.alpha, negatives, rows.excluded.shape[1]):
+            if functional.straddling_by_topk(self.alpha, negatives, rows.scores.shape[0] * rows.excluded.shape[1]):
                 crossing = may_pass  # every candidate takes the (short) topk
             else:
                 straddles = functional.straddles_quantile(above, self.alpha, negatives)

@@ -309,21 +309,22 @@ reductions`` pair; BENCHMARKS.md section 2).
 """
 
 
-def straddling_by_topk(alpha: float, negatives: int, excluded_per_row: int) -> bool:
+def straddling_by_topk(alpha: float, negatives: int, excluded: int) -> bool:
     """Whether the anchors next to their quantile should take the ``topk`` rather than two reductions.
 
-    True when the pooled quantile needs only a few of the largest values (small ``alpha *
-    negatives``, as at CLIP's alpha of 1e-3): such a short ``topk`` costs less per score than
-    :func:`straddled_quantile`, and one selection of rows then serves every anchor that needs its
-    quantile. Both ways give the same quantile, bit for bit.
+    True when :func:`pooled_quantile`'s ``topk`` takes only a few of the largest values (small
+    ``alpha * negatives``, as at CLIP's alpha of 1e-3): such a short ``topk`` costs less per score
+    than :func:`straddled_quantile`, and one selection of rows then serves every anchor that needs
+    its quantile. Both ways give the same quantile, bit for bit.
 
     Args:
         alpha: Upper tail fraction of the quantile.
         negatives: Negatives per anchor, pooled over its rows (``V * num_negatives``).
-        excluded_per_row: Columns of a row that are not negatives (``E``), also taken by the ``topk``.
+        excluded: Columns per anchor, pooled over its rows, that are not negatives (``V * E``);
+            the ``topk`` takes them too.
     """
     top_count, _ = _quantile_rank(alpha, negatives)
-    return top_count + excluded_per_row <= SHORT_TOPK
+    return top_count + excluded <= SHORT_TOPK
 
 
 def straddles_quantile(above_count: torch.Tensor, alpha: float, negatives: int) -> torch.Tensor:
