@@ -63,6 +63,8 @@ from typing import Any
 
 import torch
 
+from glofnd_losses import functional
+
 CASES = {
     "lightly_ntxent": "lightly NTXentLoss",
     "glofnd_ntxent": "GloFNDNTXent (GloFND filtering)",
@@ -191,8 +193,6 @@ class Workload:
 
     def step(self, batch_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """One forward + backward (with this case's ``functional.SHORT_TOPK``, restored after)."""
-        from glofnd_losses import functional
-
         default_short_topk = functional.SHORT_TOPK
         if self.short_topk is not None:
             functional.SHORT_TOPK = self.short_topk

@@ -2,8 +2,9 @@
 
 Runs one ``benchmarks/speed.py`` case in its steady state (the same data, warm-up and settled
 state as there) and wraps the functions below with a clock, so that each line is the time spent
-inside that function per step, its callees included (``detect`` contains the functional calls
-the detector makes; ``forward + backward`` is the whole step). The wrappers add a few
+inside that function per step, wherever in the step it is called, its callees included: lines
+overlap (``detect`` contains the functional calls the detector makes, ``count_above`` contains
+a ``count_true``; ``forward + backward`` is the whole step). The wrappers add a few
 microseconds per call, so read the figures at batch 1024 and up, and compare the lines of one case
 only: the cases run one after the other and this machine's speed drifts between them. This is a
 diagnostic for where to look, not a benchmark (``speed.py``'s paired ratios compare cases).
@@ -42,7 +43,13 @@ class Clock:
         self.calls: collections.Counter[str] = collections.Counter()
 
     def wrap(self, owner: Any, name: str, label: str | None = None) -> None:
-        """Replace ``owner.name`` by a timed version of itself."""
+        """Replace ``owner.name`` by a timed version of itself.
+
+        Args:
+            owner: A module or class.
+            name: The function's attribute name on ``owner``.
+            label: Its line in the report (default ``name``).
+        """
         function: Callable[..., Any] = getattr(owner, name)
         label = label or name
 
@@ -63,6 +70,7 @@ class Clock:
 
 
 def main() -> None:
+    """Parse the arguments, wrap the functions, then time each case and print its lines."""
     import speed  # benchmarks/speed.py, beside this script
 
     from glofnd_losses import detectors, functional

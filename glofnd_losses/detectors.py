@@ -202,7 +202,7 @@ class GloFNDDetector(Detector):
         thresholds (:func:`~glofnd_losses.functional.may_pass_quantile`). Most of these only
         straddle it (:func:`~glofnd_losses.functional.straddled_quantile`, two masked reductions);
         the others (a ``topk``) are rare once thresholds have converged. Where the quantile lies
-        among a row's few largest values (:func:`~glofnd_losses.functional.straddling_by_topk`),
+        among a row's few largest values (:func:`~glofnd_losses.functional.straddling_takes_topk`),
         the straddling anchors take the short ``topk`` too. The keep-mask is the
         loss's mask except for the anchors whose threshold the stop or the seed changed, whose
         rows are rebuilt. Bit-identical to computing every anchor's quantile.
@@ -222,13 +222,14 @@ class GloFNDDetector(Detector):
             )
             if first_visit is not None:
                 may_pass &= ~first_visit
-            if functional.straddling_by_topk(self.alpha, negatives, rows.scores.shape[0] * rows.excluded.shape[1]):
-                crossing = may_pass  # every candidate takes the (short) topk
+            pooled_excluded = rows.scores.shape[0] * rows.excluded.shape[1]
+            if functional.straddling_takes_topk(self.alpha, negatives, pooled_excluded):
+                topk_candidates = may_pass  # those next to their quantile too: the topk is short
             else:
                 straddles = functional.straddles_quantile(above, self.alpha, negatives)
                 straddling = may_pass & straddles
-                crossing = may_pass & ~straddles
-            topk_needed = crossing if first_visit is None else crossing | first_visit
+                topk_candidates = may_pass & ~straddles  # those that cross their quantile
+            topk_needed = topk_candidates if first_visit is None else topk_candidates | first_visit
         assert topk_needed is not None  # without the stop, only seeding gets here
         # The anchors below are positions in a pool of rows: every anchor where rows are cheap to
         # index, else (a transposed view, whose rows are strided) the candidates, gathered once.

@@ -301,7 +301,7 @@ def may_pass_quantile(above_count: torch.Tensor, upward: torch.Tensor, alpha: fl
 
 
 SHORT_TOPK = 12
-"""Longest ``topk`` (values per row) that :func:`straddling_by_topk` prefers to :func:`straddled_quantile`.
+"""Longest ``topk`` (values per row) that :func:`straddling_takes_topk` prefers to :func:`straddled_quantile`.
 
 A ``topk`` of a few values per row costs less than the two masked reductions on CPU, a long one
 more. ``benchmarks/speed.py`` times the two ways against each other (its ``Clip topk /
@@ -309,7 +309,7 @@ reductions`` pair; BENCHMARKS.md section 2).
 """
 
 
-def straddling_by_topk(alpha: float, negatives: int, excluded: int) -> bool:
+def straddling_takes_topk(alpha: float, negatives: int, excluded: int) -> bool:
     """Whether the anchors next to their quantile should take the ``topk`` rather than two reductions.
 
     True when :func:`pooled_quantile`'s ``topk`` takes only a few of the largest values (small
@@ -322,6 +322,9 @@ def straddling_by_topk(alpha: float, negatives: int, excluded: int) -> bool:
         negatives: Negatives per anchor, pooled over its rows (``V * num_negatives``).
         excluded: Columns per anchor, pooled over its rows, that are not negatives (``V * E``);
             the ``topk`` takes them too.
+
+    Returns:
+        Whether :func:`pooled_quantile`'s ``topk`` takes at most :data:`SHORT_TOPK` values.
     """
     top_count, _ = _quantile_rank(alpha, negatives)
     return top_count + excluded <= SHORT_TOPK

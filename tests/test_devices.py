@@ -212,7 +212,21 @@ def test_accelerator_path_gives_the_cpu_paths_results(
     # tensors: the numbers must be those of the CPU path, bit for bit (same device, same kernels).
     # The CPU path finds the quantile of anchors next to it either way (functional.SHORT_TOPK).
     monkeypatch.setattr(functional, "SHORT_TOPK", 0 if straddling_by == "reductions" else 10**9)
-    expected = run(LOSSES[name](), torch.device("cpu"))
+    straddled_calls: list[int] = []
+    original_straddled = functional.straddled_quantile
+
+    def recording_straddled(scores: torch.Tensor, *args: Any) -> torch.Tensor:
+        straddled_calls.append(scores.shape[1])
+        return original_straddled(scores, *args)
+
+    monkeypatch.setattr(functional, "straddled_quantile", recording_straddled)
+    loss_fn = LOSSES[name]()
+    expected = run(loss_fn, torch.device("cpu"))
+    optimizer = getattr(loss_fn.detector, "optimizer", None)
+    if straddling_by == "topk" or not (optimizer is not None and optimizer.stop_at_batch_quantile):
+        assert not straddled_calls
+    else:  # the branch under test ran
+        assert straddled_calls, "no anchor straddled its quantile: the reductions branch went untested"
     deferred_checks: list[int] = []
     quantile_rows: list[int] = []
     original_bits, original_quantile = validation.value_error_bits, functional.pooled_quantile
