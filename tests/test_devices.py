@@ -202,7 +202,6 @@ def test_one_process_step_needs_no_float64(name: str, device: str, monkeypatch: 
     run(LOSSES[name](), torch.device(device), steps_context=Float64Forbidden)
 
 
-@pytest.mark.parametrize("straddling_by", ["reductions", "topk"])
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_accelerator_path_gives_the_cpu_paths_results(
     name: str, straddling_by: str, monkeypatch: pytest.MonkeyPatch
@@ -210,8 +209,7 @@ def test_accelerator_path_gives_the_cpu_paths_results(
     # The branch-free path every accelerator takes (deferred input checks, every anchor's batch
     # quantile, the empty-row fallback and the exponent cap applied unconditionally), run on CPU
     # tensors: the numbers must be those of the CPU path, bit for bit (same device, same kernels).
-    # The CPU path finds the quantile of anchors next to it either way (functional.SHORT_TOPK).
-    monkeypatch.setattr(functional, "SHORT_TOPK", 0 if straddling_by == "reductions" else 10**9)
+    # The CPU path finds the quantile of anchors next to it either way (the straddling_by fixture).
     straddled_calls: list[int] = []
     original_straddled = functional.straddled_quantile
 

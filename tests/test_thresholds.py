@@ -154,7 +154,6 @@ def dense_default_detection(
     return thresholds.finish(current, proposed, quantile, optimizer)
 
 
-@pytest.mark.parametrize("straddling_by", ["reductions", "topk"])
 @pytest.mark.parametrize("views", [1, 2])
 def test_quantile_only_for_rows_that_need_it_is_exact(
     views: int, straddling_by: str, monkeypatch: pytest.MonkeyPatch
@@ -162,8 +161,7 @@ def test_quantile_only_for_rows_that_need_it_is_exact(
     # On CPU the default rule computes the batch quantile only for first visits and for anchors whose
     # step may pass it. Scores rounded to 1/64 (many ties, thresholds landing on score values) and a
     # drift that makes some steps pass the quantile: every step must equal the all-rows computation,
-    # whichever way the anchors next to their quantile find it (functional.SHORT_TOPK).
-    monkeypatch.setattr(functional, "SHORT_TOPK", 0 if straddling_by == "reductions" else 10**9)
+    # whichever way the anchors next to their quantile find it (the straddling_by fixture).
     alpha, anchors, columns = 0.05, 24, 80
     optimizer = ThresholdOptimizer.default()
     detector = GloFNDDetector(alpha, optimizer)
