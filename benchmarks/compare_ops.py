@@ -1,0 +1,86 @@
+"""Paired timings of the elementwise operator choices the losses make on CPU.
+
+Each line times the library's way of computing something against the obvious alternative that
+gives the same values, interleaved in one process (ABBA blocks), and prints ``mine / other``
+as the median and quartiles of the per-block ratios. Below 1 means the library's choice is
+faster. The choices are:
+
+* ``le swapped``: ``torch.ge(bound, scores)`` for ``scores <= bound`` (the keep-mask,
+  ``functional.at_or_below_bound``) against ``scores <= bound``.
+* ``count bytes``: ``functional.count_true`` against ``mask.sum(dim=-1, dtype=torch.int32)``.
+
+Shapes are SogCLR's two-view rows ``(2, b, 2b)`` at the given batch sizes, dim-free (the
+scores are random). Absolute times on a shared machine are noise; the ratios are the result.
+
+Example::
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
+        python benchmarks/compare_ops.py --batch-sizes 256 1024 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from glofnd_losses import functional
+
+
+def _seconds(operation: Callable[[], object], repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        operation()
+    return time.perf_counter() - start
+
+
+def paired_ratio(mine: Callable[[], object], other: Callable[[], object], blocks: int, repeats: int) -> list[float]:
+    """Per-block ratios ``mine / other`` from ABBA blocks of ``repeats`` calls each."""
+    mine(), other()  # warm-up (allocator, kernels)
+    ratios = []
+    for _ in range(blocks):
+        mine_seconds = _seconds(mine, repeats)
+        other_seconds = _seconds(other, repeats)
+        other_seconds += _seconds(other, repeats)
+        mine_seconds += _seconds(mine, repeats)
+        ratios.append(mine_seconds / other_seconds)
+    return ratios
+
+
+def comparisons(batch: int) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """The library's way and the alternative for each choice, on ``(2, batch, 2 * batch)`` rows."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, batch, 2 * batch, generator=generator) * 2 - 1
+    bound = (torch.rand(batch, generator=generator) * 0.2 + 0.6)[None, :, None]
+    keep = torch.ge(bound, scores)
+    assert torch.equal(functional.at_or_below_bound(scores, bound), scores <= bound)
+    assert torch.equal(functional.count_true(keep), keep.sum(dim=-1, dtype=torch.int32))
+    return {
+        "le swapped": (lambda: functional.at_or_below_bound(scores, bound), lambda: scores <= bound),
+        "count bytes": (lambda: functional.count_true(keep), lambda: keep.sum(dim=-1, dtype=torch.int32)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--blocks", type=int, default=15, help="ABBA blocks per comparison")
+    parser.add_argument("--repeats", type=int, default=5, help="calls per block side")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    summary = f"mine / other, median (quartiles) of {args.blocks} blocks"
+    print(f"torch {torch.__version__}, {args.threads} threads; {summary}")
+    print(f"{'batch':>6} | {'choice':<12} | ratio")
+    for batch in args.batch_sizes:
+        for name, (mine, other) in comparisons(batch).items():
+            ratios = paired_ratio(mine, other, args.blocks, args.repeats)
+            low, _, high = statistics.quantiles(ratios, n=4)
+            print(f"{batch:>6} | {name:<12} | {statistics.median(ratios):.2f} ({low:.2f}-{high:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
