@@ -148,29 +148,38 @@ def test_minibatch_matches_open_clip_on_two_ranks(local_loss: bool, gather_with_
         torch.testing.assert_close(mine[2] * share, text_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("accelerator_path", [False, True], ids=["cpu_path", "accelerator_path"])
+@pytest.mark.parametrize(
+    ("world", "accelerator_path"),
+    [(WORLD, False), (WORLD, True), (3, False)],
+    ids=["cpu_path", "accelerator_path", "three_ranks"],
+)
 @pytest.mark.parametrize("estimator", ["minibatch", "sogclr", "fastclip"])
-def test_two_ranks_equal_one_rank(estimator: str, accelerator_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ranks_equal_one_rank(
+    estimator: str, world: int, accelerator_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # accelerator_path: the branch-free path of accelerators (no host reads), on CPU tensors.
+    # three_ranks: an odd world size (rank offsets, the gathers' order).
     kwargs = {"num_samples": 40, "estimator": estimator, "alpha": 0.1}
     batches = make_pairs(3, 12, 40, seed=2)
     if accelerator_path:
         dist_cases.take_accelerator_path(monkeypatch)
     single = dist_cases.run_clip_steps(GloFNDClipLoss(**kwargs), batches, rank=0, world_size=1)
-    ranks = run_ranks(dist_cases.clip_equivalence_case, WORLD, kwargs, batches, accelerator_path)
-    local = 12 // WORLD
+    ranks = run_ranks(dist_cases.clip_equivalence_case, world, kwargs, batches, accelerator_path)
+    assert len(ranks) == world
+    local = 12 // world
     for step, (image_grad, text_grad, scale_grad) in enumerate(single["grads"]):
         for rank, result in enumerate(ranks):
             part = slice(rank * local, (rank + 1) * local)
-            torch.testing.assert_close(result["grads"][step][0] / WORLD, image_grad[part], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(result["grads"][step][1] / WORLD, text_grad[part], rtol=1e-5, atol=1e-6)
-        mean_scale_grad = sum(result["grads"][step][2] for result in ranks) / WORLD
+            torch.testing.assert_close(result["grads"][step][0] / world, image_grad[part], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(result["grads"][step][1] / world, text_grad[part], rtol=1e-5, atol=1e-6)
+        mean_scale_grad = sum(result["grads"][step][2] for result in ranks) / world
         torch.testing.assert_close(mean_scale_grad, scale_grad, rtol=1e-5, atol=1e-6)
-        mean_value = sum(result["values"][step] for result in ranks) / WORLD
+        mean_value = sum(result["values"][step] for result in ranks) / world
         torch.testing.assert_close(mean_value, single["values"][step], rtol=1e-5, atol=1e-6)
     for name, value in single["state"].items():
         torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6)
-        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+        for rank, result in enumerate(ranks[1:], start=1):
+            assert torch.equal(result["state"][name], ranks[0]["state"][name]), f"{name} differs on rank {rank}"
     assert (single["state"]["state.image_threshold"] < 1).any()
 
 

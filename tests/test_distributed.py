@@ -37,20 +37,22 @@ CASES = {
 
 
 def assert_equivalent(single: dict[str, Any], ranks: list[dict[str, Any]], rtol: float = 1e-5) -> None:
-    local = single["grads"][0][0].shape[0] // WORLD
+    world = len(ranks)
+    local = single["grads"][0][0].shape[0] // world
     atol = rtol / 10
     for step, (grad_a, grad_b) in enumerate(single["grads"]):
         for rank, result in enumerate(ranks):
             part = slice(rank * local, (rank + 1) * local)
             # DDP averages gradients over ranks: rank gradient / world == 1-process gradient.
-            torch.testing.assert_close(result["grads"][step][0] / WORLD, grad_a[part], rtol=rtol, atol=atol)
-            torch.testing.assert_close(result["grads"][step][1] / WORLD, grad_b[part], rtol=rtol, atol=atol)
-        mean_value = sum(result["values"][step] for result in ranks) / WORLD
+            torch.testing.assert_close(result["grads"][step][0] / world, grad_a[part], rtol=rtol, atol=atol)
+            torch.testing.assert_close(result["grads"][step][1] / world, grad_b[part], rtol=rtol, atol=atol)
+        mean_value = sum(result["values"][step] for result in ranks) / world
         torch.testing.assert_close(mean_value, single["values"][step], rtol=rtol, atol=atol)
     for name, value in single["state"].items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(ranks[0]["state"][name], value, rtol=rtol, atol=atol)
-            assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs across ranks"
+            for rank, result in enumerate(ranks[1:], start=1):
+                assert torch.equal(result["state"][name], ranks[0]["state"][name]), f"{name} differs on rank {rank}"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -62,6 +64,19 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(case: str) -> None:
     assert_equivalent(single, ranks)
     if "state.threshold" in single["state"]:
         assert (single["state"]["state.threshold"] < 1).any(), "thresholds never moved: the test would be vacuous"
+
+
+@pytest.mark.parametrize("case", ["sogclr-default", "ntxent-glofnd"])
+def test_three_ranks_equal_one_rank_with_three_times_the_batch(case: str) -> None:
+    # An odd world size: rank offsets, the gathers' order and the duplicate (first and last item
+    # of each global batch: ranks 0 and 2) resolved as with two ranks.
+    name, kwargs = CASES[case]
+    batches = make_batches(steps=4, global_batch=12, dim=8, num_samples=40, seed=5)
+    single = dist_cases.run_steps(dist_cases.make_loss(name, kwargs), batches, rank=0, world_size=1)
+    ranks = run_ranks(dist_cases.equivalence_case, 3, name, kwargs, batches, False)
+    assert len(ranks) == 3
+    assert_equivalent(single, ranks)
+    assert (single["state"]["state.threshold"] < 1).any(), "thresholds never moved: the test would be vacuous"
 
 
 def test_accelerator_path_two_ranks_equal_one_rank() -> None:
