@@ -7,7 +7,8 @@ faster. The choices are:
 
 * ``le swapped``: ``torch.ge(bound, scores)`` for ``scores <= bound`` (the keep-mask,
   ``functional.at_or_below_bound``) against ``scores <= bound``.
-* ``count bytes``: ``functional.count_true`` against ``mask.sum(dim=-1, dtype=torch.int32)``.
+* ``count bytes``: ``functional.count_true`` against ``mask.sum(dim=-1, dtype=torch.int32)``
+  (masks of fewer than 2**20 entries, as at batch 256, take that plain sum too).
 
 Shapes are SogCLR's two-view rows ``(2, b, 2b)`` at the given batch sizes, dim-free (the
 scores are random). Absolute times on a shared machine are noise; the ratios are the result.

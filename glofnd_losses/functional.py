@@ -103,6 +103,7 @@ def select_anchors(scores: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
 
 _COUNT_CHUNK = 128  # columns summed in uint8 (at most 255 without overflow)
+_COUNT_BYTES_FROM = 2**20  # smaller masks: one int32 sum (its copy is small) beats three operators
 
 
 def count_true(mask: torch.Tensor) -> torch.Tensor:
@@ -112,6 +113,8 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     on CPU that temporary costs more than the count. Here the mask is read as bytes and summed in
     ``uint8`` over chunks of 128 entries, then the per-chunk sums are added in int32. A mask laid
     out down its columns (a transposed view's rows) is summed down the memory rows the same way.
+    Masks of fewer than 2**20 entries take the plain sum, which is faster there
+    (``benchmarks/compare_ops.py``).
 
     Args:
         mask: Bool tensor ``(..., C)``.
@@ -122,6 +125,8 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     if host.compiling():
         # A compiled graph fuses the count (no temporary), and inductor's CPU code for the
         # uint8 chunk sums below is wrong (counts off by the row length, torch 2.15).
+        return mask.sum(dim=-1, dtype=torch.int32)
+    if mask.numel() < _COUNT_BYTES_FROM:
         return mask.sum(dim=-1, dtype=torch.int32)
     if last_dim_contiguous(mask):
         return _count_bytes(mask.view(torch.uint8), dim=-1)
