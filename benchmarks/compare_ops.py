@@ -9,6 +9,9 @@ faster. The choices are:
   ``functional.at_or_below_bound``) against ``scores <= bound``.
 * ``count bytes``: ``functional.count_true`` against ``mask.sum(dim=-1, dtype=torch.int32)``
   (masks of fewer than 2**20 entries, as at batch 256, take that plain sum too).
+* ``mask after exp 1%`` / ``15%``: the exponentials multiplied by the keep-mask
+  (``functional.sogclr_rows``) against masking first, ``exp(where(keep, s, -inf) * k)``, with
+  1% and about 15% of the entries masked.
 
 Shapes are SogCLR's two-view rows ``(2, b, 2b)`` at the given batch sizes, dim-free (the
 scores are random). Absolute times on a shared machine are noise; the ratios are the result.
@@ -22,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +33,8 @@ from collections.abc import Callable
 import torch
 
 from glofnd_losses import functional
+
+_SCALE = 10.0  # 1 / temperature
 
 
 def _seconds(operation: Callable[[], object], repeats: int) -> float:
@@ -56,12 +62,26 @@ def comparisons(batch: int) -> dict[str, tuple[Callable[[], object], Callable[[]
     generator = torch.Generator().manual_seed(0)
     scores = torch.rand(2, batch, 2 * batch, generator=generator) * 2 - 1
     bound = (torch.rand(batch, generator=generator) * 0.2 + 0.6)[None, :, None]
-    keep = torch.ge(bound, scores)
+    keep = torch.ge(bound, scores)  # about 15% of the entries masked
+    top_percent = torch.ge(scores.kthvalue(math.ceil(0.99 * scores.shape[-1]), dim=-1, keepdim=True).values, scores)
     assert torch.equal(functional.at_or_below_bound(scores, bound), scores <= bound)
     assert torch.equal(functional.count_true(keep), keep.sum(dim=-1, dtype=torch.int32))
+
+    def mask_after_exp(mask: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object]]:
+        def mine() -> torch.Tensor:
+            return torch.mul(scores, _SCALE).exp_().mul_(mask)
+
+        def other() -> torch.Tensor:
+            return torch.where(mask, scores, float("-inf")).mul_(_SCALE).exp_()
+
+        assert torch.equal(mine(), other())
+        return mine, other
+
     return {
         "le swapped": (lambda: functional.at_or_below_bound(scores, bound), lambda: scores <= bound),
         "count bytes": (lambda: functional.count_true(keep), lambda: keep.sum(dim=-1, dtype=torch.int32)),
+        "mask after exp 1%": mask_after_exp(top_percent),
+        "mask after exp 15%": mask_after_exp(keep),
     }
 
 
@@ -75,12 +95,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     summary = f"mine / other, median (quartiles) of {args.blocks} blocks"
     print(f"torch {torch.__version__}, {args.threads} threads; {summary}")
-    print(f"{'batch':>6} | {'choice':<12} | ratio")
+    print(f"{'batch':>6} | {'choice':<18} | ratio")
     for batch in args.batch_sizes:
         for name, (mine, other) in comparisons(batch).items():
             ratios = paired_ratio(mine, other, args.blocks, args.repeats)
             low, _, high = statistics.quantiles(ratios, n=4)
-            print(f"{batch:>6} | {name:<12} | {statistics.median(ratios):.2f} ({low:.2f}-{high:.2f})", flush=True)
+            print(f"{batch:>6} | {name:<18} | {statistics.median(ratios):.2f} ({low:.2f}-{high:.2f})", flush=True)
 
 
 if __name__ == "__main__":
