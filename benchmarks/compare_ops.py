@@ -25,11 +25,13 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
 from collections.abc import Callable
 
+import speed  # benchmarks/speed.py, beside this script
 import torch
 
 from glofnd_losses import functional
@@ -45,16 +47,10 @@ def _seconds(operation: Callable[[], object], repeats: int) -> float:
 
 
 def paired_ratio(mine: Callable[[], object], other: Callable[[], object], blocks: int, repeats: int) -> list[float]:
-    """Per-block ratios ``mine / other`` from ABBA blocks of ``repeats`` calls each."""
+    """Per-group ratios ``mine / other`` from ``blocks`` groups A B B A of ``repeats`` calls per block."""
     mine(), other()  # warm-up (allocator, kernels)
-    ratios = []
-    for _ in range(blocks):
-        mine_seconds = _seconds(mine, repeats)
-        other_seconds = _seconds(other, repeats)
-        other_seconds += _seconds(other, repeats)
-        mine_seconds += _seconds(mine, repeats)
-        ratios.append(mine_seconds / other_seconds)
-    return ratios
+    sides = [functools.partial(_seconds, operation, repeats) for operation in (mine, other)]
+    return speed.abba_group_ratios(sides, blocks)[1]
 
 
 def comparisons(batch: int) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:

@@ -52,6 +52,7 @@ Run: ``python benchmarks/speed.py --batch-sizes 256 1024 4096`` (add ``--device 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -59,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -255,6 +257,30 @@ def measure(
     }  # fmt: skip
 
 
+def abba_group_ratios(time_blocks: list[Callable[[], float]], groups: int) -> tuple[list[list[float]], list[float]]:
+    """Time two sides in groups of blocks ``A B B A``; each group gives the ratio ``A / B``.
+
+    Each side's two blocks sit symmetrically around the group's middle, so a drift of the
+    machine's speed within a group cancels to first order.
+
+    Args:
+        time_blocks: Two callables (A, then B), each running one block and returning its seconds.
+        groups: Number of groups.
+
+    Returns:
+        Each side's block times, and one ratio per group (A's two blocks over B's two).
+    """
+    seconds: list[list[float]] = [[], []]
+    for _ in range(groups):
+        for side in (0, 1, 1, 0):
+            seconds[side].append(time_blocks[side]())
+    ratios = [
+        (seconds[0][block] + seconds[0][block + 1]) / (seconds[1][block] + seconds[1][block + 1])
+        for block in range(0, 2 * groups, 2)
+    ]
+    return seconds, ratios
+
+
 def measure_paired(
     mine: str,
     peer: str,
@@ -306,14 +332,9 @@ def measure_paired(
     ]
     for workload in workloads:
         workload.timed_steps(steps_per_block)
-    seconds: list[list[float]] = [[], []]
-    for _ in range(blocks // 2):
-        for side in (0, 1, 1, 0):
-            seconds[side].append(workloads[side].timed_steps(steps_per_block))
-    group_ratios = [
-        (seconds[0][group] + seconds[0][group + 1]) / (seconds[1][group] + seconds[1][group + 1])
-        for group in range(0, blocks, 2)
-    ]
+    seconds, group_ratios = abba_group_ratios(
+        [functools.partial(workload.timed_steps, steps_per_block) for workload in workloads], blocks // 2
+    )
     low, high = (
         statistics.quantiles(group_ratios, n=4)[::2]
         if len(group_ratios) >= 4
