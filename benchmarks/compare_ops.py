@@ -12,9 +12,15 @@ faster. The choices are:
 * ``mask after exp 1%`` / ``15%``: the exponentials multiplied by the keep-mask
   (``functional.sogclr_rows``) against masking first, ``exp(where(keep, s, -inf) * k)``, with
   1% and about 15% of the entries masked.
+* ``spread``: each row's score spread (the default threshold rule's step unit) the way
+  ``functional.row_std``'s cost rule picks for these shapes, from the score rows or from the
+  embeddings (``functional.row_std_from_features``), against the other way; the line says which
+  way was picked. ``spread T``: the same on CLIP's text rows in one process, a transposed view
+  of the ``(b, b)`` image rows.
 
-Shapes are SogCLR's two-view rows ``(2, b, 2b)`` at the given batch sizes, dim-free (the
-scores are random). Absolute times on a shared machine are noise; the ratios are the result.
+Shapes are SogCLR's two-view rows ``(2, b, 2b)`` at the given batch sizes, random scores except
+for ``spread``, whose rows are products of random unit embeddings of ``--dim`` dimensions.
+Absolute times on a shared machine are noise; the ratios are the result.
 
 Example::
 
@@ -53,7 +59,21 @@ def paired_ratio(mine: Callable[[], object], other: Callable[[], object], blocks
     return speed.abba_group_ratios(sides, blocks)[1]
 
 
-def comparisons(batch: int) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+def spread_ways(
+    anchors: torch.Tensor, columns: torch.Tensor, scores: torch.Tensor
+) -> tuple[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """``row_std``'s pick of the ways to a row's spread (its name) and the pair (the pick, the other way)."""
+    features = (anchors, columns)
+    picked = functional.std_from_features_is_cheaper(scores, columns.shape[-1])
+    torch.testing.assert_close(functional.row_std(scores), functional.row_std_from_features(*features))
+
+    def other() -> torch.Tensor:
+        return functional.row_std(scores) if picked else functional.row_std_from_features(*features)
+
+    return ("features" if picked else "scores"), (lambda: functional.row_std(scores, features), other)
+
+
+def comparisons(batch: int, dim: int) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """The library's way and the alternative for each choice, on ``(2, batch, 2 * batch)`` rows."""
     generator = torch.Generator().manual_seed(0)
     scores = torch.rand(2, batch, 2 * batch, generator=generator) * 2 - 1
@@ -73,11 +93,18 @@ def comparisons(batch: int) -> dict[str, tuple[Callable[[], object], Callable[[]
         assert torch.equal(mine(), other())
         return mine, other
 
+    embeddings = torch.nn.functional.normalize(torch.randn(2, batch, dim, generator=generator), dim=-1)
+    columns = embeddings.flatten(0, 1)
+    picked, spread = spread_ways(embeddings, columns, embeddings @ columns.T)
+    images, texts = embeddings[0], embeddings[1]
+    picked_text, text_spread = spread_ways(texts[None], images, (images @ texts.T).T[None])
     return {
         "le swapped": (lambda: functional.at_or_below_bound(scores, bound), lambda: scores <= bound),
         "count bytes": (lambda: functional.count_true(keep), lambda: keep.sum(dim=-1, dtype=torch.int32)),
         "mask after exp 1%": mask_after_exp(top_percent),
         "mask after exp 15%": mask_after_exp(keep),
+        f"spread: {picked}": spread,
+        f"spread T: {picked_text}": text_spread,
     }
 
 
@@ -85,18 +112,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--dim", type=int, default=128, help="embedding dimension of the spread pairs")
     parser.add_argument("--blocks", type=int, default=15, help="ABBA blocks per comparison")
     parser.add_argument("--repeats", type=int, default=5, help="calls per block side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     summary = f"mine / other, median (quartiles) of {args.blocks} blocks"
-    print(f"torch {torch.__version__}, {args.threads} threads; {summary}")
-    print(f"{'batch':>6} | {'choice':<18} | ratio")
+    print(f"torch {torch.__version__}, {args.threads} threads, dim {args.dim}; {summary}")
+    print(f"{'batch':>6} | {'choice':<20} | ratio")
     for batch in args.batch_sizes:
-        for name, (mine, other) in comparisons(batch).items():
+        for name, (mine, other) in comparisons(batch, args.dim).items():
             ratios = paired_ratio(mine, other, args.blocks, args.repeats)
             low, _, high = statistics.quantiles(ratios, n=4)
-            print(f"{batch:>6} | {name:<18} | {statistics.median(ratios):.2f} ({low:.2f}-{high:.2f})", flush=True)
+            print(f"{batch:>6} | {name:<20} | {statistics.median(ratios):.2f} ({low:.2f}-{high:.2f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 FUNCTIONAL = (
-    "two_view_scores", "count_above", "row_std", "keep_at_or_below", "count_true", "straddled_quantile",
-    "pooled_quantile", "select_anchors", "keep_nonempty_", "filtered_cross_entropy", "sogclr_rows",
-    "kept_mean_exp",
+    "two_view_features", "count_above", "row_std", "row_std_from_features", "keep_at_or_below", "count_true",
+    "straddled_quantile", "pooled_quantile", "select_anchors", "keep_nonempty_", "filtered_cross_entropy",
+    "sogclr_rows", "kept_mean_exp",
 )  # fmt: skip
 """Functions of :mod:`glofnd_losses.functional` that are timed."""
 

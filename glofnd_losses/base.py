@@ -404,7 +404,8 @@ class GloFNDLossBase(nn.Module):
             offset = distributed.rank() * local_size
         else:
             all_a, all_b, offset = view_a, view_b, 0
-        scores = functional.two_view_scores(view_a, view_b, all_a, all_b)
+        anchors, columns = functional.two_view_features(view_a, view_b, all_a, all_b)
+        scores = anchors @ columns.T
         global_size = all_a.shape[0]
         excluded = functional.two_view_excluded(local_size, global_size, offset, view_a.device)
         negatives = functional.negative_mask(excluded, 2 * global_size)
@@ -414,7 +415,9 @@ class GloFNDLossBase(nn.Module):
             labels = labels.to(view_a.device)
             batch_labels = distributed.gather_rows(labels) if use_gather else labels
             column_labels = torch.cat([batch_labels, batch_labels])
-        rows = BatchRows(scores.detach(), excluded, negatives, labels, column_labels)
+        rows = BatchRows(
+            scores.detach(), excluded, negatives, labels, column_labels, (anchors.detach(), columns.detach())
+        )
         positive_index = functional.two_view_positives(local_size, global_size, offset, view_a.device)
         return TwoViewBatch(scores, rows, positive_index, checked)
 

@@ -240,9 +240,12 @@ class GloFNDClipLoss(GloFNDLossBase):
                 # (its reductions run across the rows), and its gradient adds to the image bank's
                 # without a transpose. The negative mask (all but the diagonal) is its own transpose.
                 text_scores, text_negatives = image_scores.t(), negatives.t()
-            banks = (("image_", image_scores, negatives), ("text_", text_scores, text_negatives))
-            for prefix, bank_scores, bank_negatives in banks:
-                rows = BatchRows(bank_scores.detach()[None], excluded, bank_negatives, labels, column_labels)
+            banks = (
+                ("image_", image_scores, negatives, (images.detach()[None], all_texts.detach())),
+                ("text_", text_scores, text_negatives, (texts.detach()[None], all_images.detach())),
+            )
+            for prefix, bank_scores, bank_negatives, features in banks:
+                rows = BatchRows(bank_scores.detach()[None], excluded, bank_negatives, labels, column_labels, features)
                 kept = self._detect(rows, state_rows, prefix, settings)
                 new_rows.update(kept.detection.new_rows)
                 stats.update(self._stats(prefix, rows, kept))

@@ -36,6 +36,9 @@ class BatchRows:
         negatives: ``(b, C)`` bool negative mask, the same for all ``V`` rows.
         anchor_labels: ``(b,)`` labels of the anchors, or None.
         column_labels: ``(C,)`` labels of the columns, or None.
+        features: Detached ``(anchors, columns)`` embeddings whose product ``anchors @
+            columns.mT`` are the scores (anchors ``(V, b, d)``, columns ``(C, d)``), or None. Lets
+            :func:`~glofnd_losses.functional.row_std` take the cheaper way at large batches.
     """
 
     scores: torch.Tensor
@@ -43,6 +46,7 @@ class BatchRows:
     negatives: torch.Tensor
     anchor_labels: torch.Tensor | None = None
     column_labels: torch.Tensor | None = None
+    features: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_negatives(self) -> int:
@@ -180,7 +184,7 @@ class GloFNDDetector(Detector):
             subgradient = subgradient / self.alpha
         score_std = None
         if self.optimizer.step_unit == "score_std":
-            score_std = functional.row_std(rows.scores).mean(dim=0)
+            score_std = functional.row_std(rows.scores, rows.features).mean(dim=0)
         proposed = thresholds.propose(current, subgradient, step.epoch, self.optimizer, score_std)
         seeding = self.optimizer.init == "minibatch_quantile" and not step.all_seeded
         if not (seeding or self.optimizer.stop_at_batch_quantile):

@@ -34,8 +34,15 @@ def two_view_scores(
     Returns:
         Scores of shape ``(2, b, 2B)``.
     """
-    scores = torch.cat([view_a, view_b]) @ torch.cat([all_a, all_b]).T
-    return scores.view(2, view_a.shape[0], -1)
+    anchors, columns = two_view_features(view_a, view_b, all_a, all_b)
+    return anchors @ columns.T
+
+
+def two_view_features(
+    view_a: torch.Tensor, view_b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of :func:`two_view_scores`: anchors ``(2, b, d)`` and columns ``(2B, d)`` (``[A; B]``)."""
+    return torch.stack([view_a, view_b]), torch.cat([all_a, all_b])
 
 
 def two_view_positives(local_size: int, global_size: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -372,20 +379,69 @@ def straddled_quantile(
     return _interpolate(lower, upper_candidates.amin(dim=(0, 2)), fraction)
 
 
-def row_std(scores: torch.Tensor) -> torch.Tensor:
+_STD_FROM_FEATURES_AT = 8  # from R C >= d^2 (R + C) / 8 for contiguous rows (R rows, C columns), / 16 for strided
+_STD_CANCELS_BELOW = 1e-3  # variance / E[s^2] under which E[s^2] - E[s]^2 loses float32 digits of the spread
+
+
+def row_std(scores: torch.Tensor, features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Standard deviation of each row over all its columns, ``(..., C) -> (...)``.
 
     From the row sum and the row norm (two reductions that write nothing), several times faster
-    on CPU than ``Tensor.std``. Scores are cosines in ``[-1, 1]``, so the float32 cancellation of
-    ``E[s^2] - E[s]^2`` stays far below the spreads it measures.
+    on CPU than ``Tensor.std``. ``E[s^2] - E[s]^2`` cancels in float32 where the spread is small
+    against the scores themselves (a collapsed encoder: every cosine of a row within ~1e-2 of
+    its mean); such rows take the squared deviations from the mean (one more pass; on CPU only
+    when a row needs it).
+
+    Where ``features`` are given and that is cheaper, the spreads come from them
+    (:func:`row_std_from_features`): two reductions over ``R x C`` scores against two GEMMs of
+    ``d^2 (R + C)`` multiply-adds, which win once the rows no longer fit in the CPU's caches
+    (from ``R C >= d^2 (R + C) / 8``, half that for rows laid out down the columns, whose
+    reductions are slower; ``benchmarks/compare_ops.py``). The ways agree to float32 rounding.
+
+    Args:
+        scores: ``(..., R, C)`` rows.
+        features: ``(anchors, columns)`` with ``scores == anchors @ columns.mT`` (anchors
+            ``(..., R, d)``, columns ``(C, d)``), or None.
     """
+    if features is not None and std_from_features_is_cheaper(scores, features[1].shape[-1]):
+        return row_std_from_features(*features)
     count = scores.shape[-1]
     mean = scores.sum(dim=-1) / count
+    mean_square = _row_sum_of_squares(scores) / count
+    variance = mean_square - mean.square()
+    cancels = variance < _STD_CANCELS_BELOW * mean_square
+    if not host.reads_without_sync(scores.device) or bool(cancels.any()):
+        variance = torch.where(cancels, _row_sum_of_squares(scores - mean[..., None]) / count, variance)
+    return (variance.clamp_min(0.0) * (count / max(count - 1, 1))).sqrt()
+
+
+def std_from_features_is_cheaper(scores: torch.Tensor, feature_dim: int) -> bool:
+    """:func:`row_std`'s cost rule: whether ``(..., R, C)`` rows factored through ``feature_dim`` take the features."""
+    count = scores.shape[-1]
+    rows = scores.numel() // max(count, 1)
+    ratio = _STD_FROM_FEATURES_AT if last_dim_contiguous(scores) else 2 * _STD_FROM_FEATURES_AT
+    return ratio * rows * count >= feature_dim * feature_dim * (rows + count)
+
+
+def _row_sum_of_squares(scores: torch.Tensor) -> torch.Tensor:
     if last_dim_contiguous(scores):
-        mean_square = torch.linalg.vector_norm(scores, dim=-1).square() / count
-    else:  # CPU's vector_norm across rows (a transposed view) is over ten times slower than this
-        mean_square = scores.square().sum(dim=-1) / count
-    return ((mean_square - mean.square()).clamp_min(0.0) * (count / max(count - 1, 1))).sqrt()
+        return torch.linalg.vector_norm(scores, dim=-1).square()
+    return scores.square().sum(dim=-1)  # CPU's vector_norm across rows (a transposed view) is over ten times slower
+
+
+def row_std_from_features(anchors: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """:func:`row_std` of ``anchors @ columns.mT`` without forming it, ``(..., R, d), (C, d) -> (..., R)``.
+
+    Row ``i``'s deviations from its mean are ``a_i . (c_j - c_mean)``, so its variance is
+    ``a_i^T S a_i / (C - 1)`` with ``S`` the scatter matrix of the centred columns. Centring first
+    keeps the result accurate relative to the spread itself, also where every score lies in a
+    narrow band (collapsed embeddings) and under reduced-precision matmuls (TF32).
+    """
+    count = columns.shape[-2]
+    centred = columns - columns.mean(dim=-2, keepdim=True)
+    scatter = centred.mT @ centred
+    variance = ((anchors @ scatter) * anchors).sum(dim=-1) / max(count - 1, 1)
+    return variance.clamp_min(0.0).sqrt()
 
 
 def at_or_below_bound(scores: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ instead of selecting anchors with ``nonzero``, and the empty-row fallback runs u
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -247,6 +248,30 @@ def test_accelerator_path_gives_the_cpu_paths_results(
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
+
+
+@pytest.mark.parametrize("name", ["sogclr", "sogclr_no_stop", "ntxent", "clip_minibatch", "clip_fastclip"])
+def test_score_spreads_from_the_features_give_the_results_of_the_scores(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default rule's step unit, each row's score spread, comes from the embeddings at large
+    # batches (functional.row_std's cost rule) and from the score rows elsewhere: the two ways
+    # must train the same thresholds, to float32 rounding.
+    calls: list[int] = []
+    original = functional.row_std_from_features
+
+    def recording(anchors: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        calls.append(len(columns))
+        return original(anchors, columns)
+
+    monkeypatch.setattr(functional, "row_std_from_features", recording)
+    monkeypatch.setattr(functional, "_STD_FROM_FEATURES_AT", 0)
+    from_scores = run(LOSSES[name](), torch.device("cpu"))
+    assert not calls
+    monkeypatch.setattr(functional, "_STD_FROM_FEATURES_AT", math.inf)
+    from_features = run(LOSSES[name](), torch.device("cpu"))
+    assert calls
+    torch.testing.assert_close(from_features, from_scores, rtol=1e-5, atol=1e-6)  # names the differing entry
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

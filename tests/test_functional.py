@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from glofnd_losses import functional
+from glofnd_losses import functional, host
 
 
 def random_rows(
@@ -262,6 +262,37 @@ def test_kept_mean_exp_matches_autograd_including_the_cap() -> None:
 def test_row_std_equals_torch_std() -> None:
     scores = 0.25 * torch.rand(2, 5, 300, generator=torch.Generator().manual_seed(0)) + 0.7  # compressed cosines
     torch.testing.assert_close(functional.row_std(scores), scores.std(dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def collapsed_embeddings(count: int, dim: int, spread: float, seed: int) -> torch.Tensor:
+    """Unit vectors around one shared direction (an untrained encoder): cosines in a narrow band."""
+    shared = torch.randn(dim, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(count, dim, generator=torch.Generator().manual_seed(seed))
+    return F.normalize(shared + spread * noise * shared.norm() / math.sqrt(dim), dim=-1)
+
+
+@pytest.mark.parametrize("spread", [10.0, 0.3, 0.02])
+def test_row_std_from_features_equals_the_std_of_the_product(spread: float) -> None:
+    """Float64 brute force, from spread cosines down to a narrow band near 1 (a collapsed encoder)."""
+    anchors = collapsed_embeddings(2 * 6, 16, spread, seed=0).view(2, 6, 16)
+    columns = collapsed_embeddings(40, 16, spread, seed=1)
+    expected = (anchors.double() @ columns.double().T).std(dim=-1)
+    torch.testing.assert_close(functional.row_std_from_features(anchors, columns).double(), expected, rtol=1e-3, atol=0)
+
+
+def test_row_std_of_collapsed_rows_stays_accurate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where E[s^2] - E[s]^2 cancels in float32 (std ~1e-4 at mean ~0.9996), on the CPU and accelerator paths."""
+    anchors = collapsed_embeddings(2 * 3, 16, 0.02, seed=2).view(2, 3, 16)
+    columns = collapsed_embeddings(64, 16, 0.02, seed=1)
+    scores = anchors @ columns.T
+    expected = (anchors.double() @ columns.double().T).std(dim=-1)
+    for rows in (scores, scores.mT.contiguous().mT):  # contiguous rows, rows down the columns
+        on_cpu = functional.row_std(rows)
+        torch.testing.assert_close(on_cpu.double(), expected, rtol=1e-3, atol=0)
+        with monkeypatch.context() as patch:
+            patch.setattr(host, "reads_without_sync", lambda device: False)
+            assert torch.equal(functional.row_std(rows), on_cpu)
+    torch.testing.assert_close(functional.row_std_from_features(anchors, columns).double(), expected, rtol=1e-3, atol=0)
 
 
 def test_keep_nonempty_falls_back_to_all_negatives_in_place() -> None:
