@@ -295,6 +295,22 @@ def test_row_std_of_collapsed_rows_stays_accurate(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(functional.row_std_from_features(anchors, columns).double(), expected, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_row_std_takes_the_features_by_its_cost_rule(transposed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The features are used where the rule says (seen with features that do not factor the scores)."""
+    scores = 0.25 * torch.rand(1, 300, 300, generator=torch.Generator().manual_seed(0)) + 0.7
+    scores = scores.mT if transposed else scores
+    generator = torch.Generator().manual_seed(1)
+    small_dim = torch.rand(1, 300, 4, generator=generator), torch.rand(300, 4, generator=generator)
+    large_dim = torch.rand(1, 300, 64, generator=generator), torch.rand(300, 64, generator=generator)
+    assert functional.std_from_features_is_cheaper(scores, 4)  # 300 * 300 >= 16 * 600 / 8
+    torch.testing.assert_close(functional.row_std(scores, small_dim), functional.row_std_from_features(*small_dim))
+    assert not functional.std_from_features_is_cheaper(scores, 64)  # 300 * 300 < 4096 * 600 / 16
+    torch.testing.assert_close(functional.row_std(scores, large_dim), scores.std(dim=-1), atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(functional, "_STD_FROM_FEATURES_AT", 0)
+    torch.testing.assert_close(functional.row_std(scores, small_dim), scores.std(dim=-1), atol=1e-5, rtol=1e-4)
+
+
 def test_keep_nonempty_falls_back_to_all_negatives_in_place() -> None:
     excluded = torch.tensor([[0], [1]])  # row 0's negatives are columns 1, 2; row 1's are 0, 2
     keep = torch.tensor([[[False, False, False], [True, False, False]]])
