@@ -231,12 +231,24 @@ class GloFNDLossBase(nn.Module):
         """Whether flagged negatives are removed from the loss in the current step."""
         return self.learning and self.epoch >= self.filter_start_epoch
 
-    def get_extra_state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step}
+    def get_extra_state(self) -> torch.Tensor:
+        """The host-side schedule position, ``[epoch, step]`` as an int64 tensor.
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
+        A tensor, not a dict, so that a state dict holding the loss stays all tensors: safetensors
+        (accelerate's ``save_model`` / ``save_state``) and timm's model EMA refuse other values.
+        """
+        return torch.tensor([self.epoch, self.step], dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor | dict[str, int]) -> None:
+        """Restore :meth:`get_extra_state`'s value (or the ``{"epoch", "step"}`` dict saved before 0.1.0)."""
+        if isinstance(state, dict):
+            epoch, step = state["epoch"], state["step"]
+        else:
+            if state.shape != (2,):
+                raise ValueError(f"the loss's extra state must be [epoch, step], shape (2,); got {tuple(state.shape)}")
+            epoch, step = state.tolist()
+        self.epoch = int(epoch)
+        self.step = int(step)
 
     # ------------------------------------------------------------------ state access
     def _threshold_buffer(self, prefix: str, field: str = "threshold") -> torch.Tensor:

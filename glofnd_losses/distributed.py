@@ -16,7 +16,11 @@ am I) and calls two gathers:
 accelerate state or initialises a process group.
 
 All gathers require the same leading size on every rank (as ``torch.distributed.all_gather``
-does): use ``drop_last=True`` or a ``DistributedSampler`` for the training loader.
+does): use ``drop_last=True`` or a ``DistributedSampler`` for the training loader. Where the
+host reads the tensors without a device sync (CPU, gloo) every gather first compares the sizes
+and raises a ``ValueError`` naming them on every rank (gloo would abort the processes); on an
+accelerator that check would be a host sync per step, and unequal sizes are the backend's
+undefined behaviour, as in open_clip's and lightly's gathers.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from glofnd_losses import host
 
 
 def is_distributed() -> bool:
@@ -42,7 +48,24 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def _check_equal_sizes(tensor: torch.Tensor) -> None:
+    """Raise on every rank if the ranks' leading sizes differ (CPU only: reading them needs no device sync)."""
+    if not host.reads_without_sync(tensor.device):
+        return
+    local = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, local)
+    per_rank = [int(size) for size in sizes]
+    if len(set(per_rank)) > 1:
+        raise ValueError(
+            f"every rank must pass the loss the same batch size (the batch and the per-sample state rows are "
+            f"all-gathered), got {per_rank} on ranks 0..{len(per_rank) - 1}: use drop_last=True or a "
+            "DistributedSampler for the training loader"
+        )
+
+
 def _all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    _check_equal_sizes(tensor)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
@@ -114,6 +137,8 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if _accelerate_agrees():
         from accelerate.utils import gather
+
+        _check_equal_sizes(tensor)
 
         gathered: torch.Tensor = gather(tensor.contiguous())
         return gathered

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,12 +93,32 @@ class PerSampleState(nn.Module):
         self.register_load_state_dict_post_hook(_count_load)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PerSampleState:
-        """Follow device moves but never dtype casts: ``.half()`` must not round thresholds."""
-        for name in self.fields:
+        """Follow device moves but never dtype casts: ``.half()`` must not round thresholds.
+
+        A table on the meta device (a model built under ``torch.device("meta")``) has no values
+        to move: moved off it (``to_empty``) it starts from the fields' initial values.
+        """
+        for name, field in self.fields.items():
             store = self.buffer(name)
             moved_to = fn(store[:1]).device
-            self._buffers[name] = store.to(device=moved_to)
+            if store.is_meta and moved_to.type != "meta":
+                self._buffers[name] = torch.full_like(store, field.init, device=moved_to)
+            else:
+                self._buffers[name] = store.to(device=moved_to)
         return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Load the fields in their declared dtypes, also with ``load_state_dict(..., assign=True)``.
+
+        A plain load copies into the fp32 buffers; ``assign=True`` would keep a checkpoint's
+        tensors as they are, so a checkpoint stored in bf16 would round every later update.
+        ``state_dict`` is the caller's shallow copy: replacing its entries changes nothing of theirs.
+        """
+        for name, field in self.fields.items():
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.dtype != field.dtype:
+                state_dict[prefix + name] = value.to(field.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, fields=({', '.join(self.fields)})"

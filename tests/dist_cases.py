@@ -221,7 +221,7 @@ def deferred_error_case(rank: int, world_size: int, batches: list, bad_rank: int
     take_accelerator_path()
     loss_fn = GloFNDSogCLRLoss(num_samples=40, alpha=0.1)
     run_steps(loss_fn, batches[:-1], rank, world_size)
-    before = {name: value.clone() for name, value in loss_fn.state_dict().items() if isinstance(value, torch.Tensor)}
+    before = {name: value.clone() for name, value in loss_fn.state.state_dict().items()}  # the per-sample rows
     view_a, view_b, indices, _ = batches[-1]
     local = view_a.shape[0] // world_size
     part = slice(rank * local, (rank + 1) * local)
@@ -230,10 +230,26 @@ def deferred_error_case(rank: int, world_size: int, batches: list, bad_rank: int
         local_indices[1] = 40  # == num_samples
     loss = loss_fn(view_a[part].clone().requires_grad_(), view_b[part].clone().requires_grad_(), local_indices)
     loss.backward()  # nothing raised yet: the check's result travels to the host without blocking
-    after = {name: value.clone() for name, value in loss_fn.state_dict().items() if isinstance(value, torch.Tensor)}
+    after = {name: value.clone() for name, value in loss_fn.state.state_dict().items()}
     error = None
     try:
         loss_fn.check_errors()
     except ValueError as raised:
         error = str(raised)
     return {"before": before, "after": after, "error": error}
+
+
+def uneven_batch_case(rank: int, world_size: int, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Rank ``r`` passes ``6 - r`` items; returns what the loss raised and the state after."""
+    loss_fn = make_loss(name, kwargs)
+    before = {key: value.clone() for key, value in loss_fn.state_dict().items()}
+    size = 6 - rank
+    generator = torch.Generator().manual_seed(rank)
+    view_a, view_b = torch.randn(size, 8, generator=generator), torch.randn(size, 8, generator=generator)
+    error = None
+    try:
+        loss_fn(view_a, view_b, torch.arange(size) + 10 * rank)
+    except ValueError as raised:
+        error = str(raised)
+    unchanged = all(torch.equal(value, before[key]) for key, value in loss_fn.state_dict().items())
+    return {"error": error, "state_unchanged": unchanged}

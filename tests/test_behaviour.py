@@ -91,6 +91,84 @@ def test_checkpoint_restore_continues_identically(name: str) -> None:
             assert torch.equal(resumed.state_dict()[key], value), key
 
 
+class EncoderWithLoss(torch.nn.Module):
+    """The Lightning / accelerate pattern: the criterion is a submodule of the trained module."""
+
+    def __init__(self, num_samples: int) -> None:
+        super().__init__()
+        self.projection = torch.nn.Linear(8, 8)
+        self.criterion = GloFNDSogCLRLoss(num_samples, alpha=0.1)
+
+    def train_steps(self, view_a: torch.Tensor, view_b: torch.Tensor, steps: int) -> None:
+        for step in range(steps):
+            indices = torch.arange(step * 10, step * 10 + 10) % view_a.shape[0]
+            self.criterion(self.projection(view_a[indices]), self.projection(view_b[indices]), indices)
+
+
+def test_a_model_holding_the_loss_saves_with_safetensors_and_timm_ema(tmp_path: pytest.TempPathFactory) -> None:
+    # safetensors (accelerate's save_model / save_state) and timm's EMA take tensors only.
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    timm_utils = pytest.importorskip("timm.utils")
+    view_a, view_b = clustered_views(30, dim=8, seed=5)
+    model = EncoderWithLoss(30)
+    model.criterion.set_epoch(2)
+    model.train_steps(view_a, view_b, steps=3)
+    path = str(tmp_path / "model.safetensors")  # type: ignore[operator]
+    safetensors_torch.save_file(model.state_dict(), path)
+    restored = EncoderWithLoss(30)
+    restored.load_state_dict(safetensors_torch.load_file(path))
+    assert (restored.criterion.epoch, restored.criterion.step) == (2, 3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    assert (restored.criterion.thresholds < 1).any(), "nothing was learned: the round trip would be vacuous"
+    ema = timm_utils.ModelEmaV3(model, decay=0.5)
+    model.train_steps(view_a, view_b, steps=1)
+    ema.update(model)  # raised on the dict the schedule position used to be
+    assert torch.equal(ema.module.criterion.threshold_visits, model.criterion.threshold_visits)
+
+
+def test_checkpoints_of_the_old_dict_schedule_position_still_load() -> None:
+    loss_fn = GloFNDSogCLRLoss(30)
+    checkpoint = loss_fn.state_dict()
+    checkpoint["_extra_state"] = {"epoch": 3, "step": 17}  # what get_extra_state returned before 0.1.0
+    loss_fn.load_state_dict(checkpoint)
+    assert (loss_fn.epoch, loss_fn.step) == (3, 17)
+    checkpoint["_extra_state"] = torch.tensor([3, 17, 0])
+    with pytest.raises(ValueError, match=r"extra state must be \[epoch, step\], shape \(2,\); got \(3,\)"):
+        loss_fn.load_state_dict(checkpoint)
+
+
+def test_state_keeps_its_dtypes_when_a_checkpoint_is_assigned() -> None:
+    # load_state_dict(assign=True) keeps the checkpoint's tensors: one stored in bf16 would leave
+    # bf16 thresholds that round every later update by up to 0.004.
+    view_a, view_b = clustered_views(30, dim=8, seed=6)
+    trained = EncoderWithLoss(30)
+    trained.train_steps(view_a, view_b, steps=3)
+    stored = {
+        key: value.bfloat16() if value.is_floating_point() else value for key, value in trained.state_dict().items()
+    }
+    restored = EncoderWithLoss(30)
+    restored.load_state_dict(stored, assign=True)
+    for name, field in restored.criterion.state.fields.items():
+        buffer = restored.criterion.state.buffer(name)
+        assert buffer.dtype == field.dtype, name
+        expected = trained.criterion.state.buffer(name)
+        torch.testing.assert_close(buffer, expected, rtol=1e-2, atol=1e-2, check_dtype=False)
+    assert restored.projection.weight.dtype == torch.bfloat16  # the model's own tensors are assigned as given
+
+
+def test_a_model_built_on_the_meta_device_starts_from_the_initial_state() -> None:
+    with torch.device("meta"):
+        model = EncoderWithLoss(30)
+    model.to_empty(device="cpu")
+    fresh = GloFNDSogCLRLoss(30, alpha=0.1)
+    for name in fresh.state.fields:
+        assert torch.equal(model.criterion.state.buffer(name), fresh.state.buffer(name)), name
+    view_a, view_b = clustered_views(30, dim=8, seed=7)
+    model.train_steps(view_a, view_b, steps=1)
+    assert model.criterion.threshold_visits.sum() == 10
+
+
 BAD_INPUTS = [
     (
         "index too large",

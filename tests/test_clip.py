@@ -232,6 +232,9 @@ def test_features_that_are_not_l2_normalised_are_refused(
         with pytest.raises(ValueError, match=message + r".* got a row of norm 5"):
             loss_fn(images, texts * 5, torch.tensor(10.0), indices=indices)
     for name, value in before.items():
+        if name == "_extra_state" and accelerator_path:  # the step counter counts a step raised later (README)
+            assert loss_fn.step == 1
+            continue
         assert torch.equal(loss_fn.state_dict()[name], value), name
     # Normalised in half precision (open_clip under autocast): accepted.
     loss_fn(images.bfloat16(), F.normalize(texts.bfloat16(), dim=1), torch.tensor(10.0), indices=indices)

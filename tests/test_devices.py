@@ -121,7 +121,7 @@ def run(
         with torch.no_grad():
             forward(loss_fn, view_a, view_b, indices, labels, logit_scale)
         loss_fn.train()
-    results = {f"state.{name}": buffer for name, buffer in loss_fn.state_dict().items() if torch.is_tensor(buffer)}
+    results = {f"state.{name}": buffer for name, buffer in loss_fn.state.state_dict().items()}
     results["losses"] = torch.stack(losses)
     assert view_a.grad is not None
     results["grad_a"] = view_a.grad

@@ -110,7 +110,7 @@ def test_bad_input_on_one_rank_writes_nothing_on_any_rank() -> None:
         assert result["before"].keys() == result["after"].keys()
         for name, value in result["before"].items():
             assert torch.equal(result["after"][name], value), name
-    assert (ranks[0]["before"]["state.threshold"] < 1).any(), "the earlier steps learned: the check is not vacuous"
+    assert (ranks[0]["before"]["threshold"] < 1).any(), "the earlier steps learned: the check is not vacuous"
     assert ranks[0]["error"] is None
     assert ranks[1]["error"] is not None and "indices" in ranks[1]["error"] and "40" in ranks[1]["error"]
 
@@ -149,3 +149,18 @@ def test_ddp_buffer_broadcast_is_disabled_by_the_helper(use_helper: bool) -> Non
     rank1_threshold = run_ranks(dist_cases.ddp_broadcast_case, WORLD, use_helper)[1]
     expected = 0.5 if use_helper else 1.0  # without the helper DDP copies rank 0's buffer over rank 1's
     assert torch.all(rank1_threshold == expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("ntxent", {"num_samples": 40, "gather_distributed": False}),  # only the state rows are gathered
+        ("sogclr", {"num_samples": 40}),
+    ],
+    ids=["ntxent-local", "sogclr"],
+)
+def test_unequal_batch_sizes_across_ranks_raise_a_clear_error(name: str, kwargs: dict[str, Any]) -> None:
+    # gloo aborts the processes on a size mismatch; every rank must raise instead, naming the sizes.
+    for result in run_ranks(dist_cases.uneven_batch_case, WORLD, name, kwargs):
+        assert result["error"] is not None and "same batch size" in result["error"] and "[6, 5]" in result["error"]
+        assert result["state_unchanged"]

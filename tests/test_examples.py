@@ -167,7 +167,7 @@ def test_accelerate_example_one_process_logs_checkpoints_and_resumes_exactly(
     summary = main([*model_args, *ONE_PROCESS_BATCH, *STEPS, *outputs(resumed)] + ["--resume", str(resume_from)])
     assert summary["step"] == 4
     (start,) = dumps(resumed / "dump", "start", 1)
-    assert start["step"] == 2 and start["loss_state"]["_extra_state"]["step"] == 2
+    assert start["step"] == 2 and start["loss_state"]["_extra_state"][1] == 2
     assert_same_state(start["loss_state"], accelerate_checkpoint_loss(first, 2))
     # Same batches and augmentations after the resume: the run ends exactly where the first one did.
     assert_same_state(dumps(resumed / "dump", "end", 1)[0]["loss_state"], end["loss_state"])
@@ -237,7 +237,7 @@ def test_lightly_one_device_checkpoints_and_resumes(examples: dict[str, ModuleTy
     (start,) = dumps(resumed / "dump", "start", 1)
     assert start["step"] == 2
     assert_same_state(start["loss_state"], lightning_checkpoint_loss(checkpoint))
-    assert dumps(resumed / "dump", "end", 1)[0]["loss_state"]["_extra_state"]["step"] == 4
+    assert dumps(resumed / "dump", "end", 1)[0]["loss_state"]["_extra_state"][1] == 4
 
 
 def test_lightly_two_devices_ddp(tmp_path: Path) -> None:
