@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from glofnd_losses import functional
@@ -22,14 +24,16 @@ class GloFNDNTXent(GloFNDLossBase):
 
     Args:
         num_samples: Number of data set items; ``indices`` must lie in ``[0, num_samples)``.
-        temperature: Softmax temperature, as in lightly.
+        temperature: Softmax temperature, as in lightly (> 0).
+        memory_bank_size: lightly's second argument, kept in its place so that lightly's
+            positional calls carry over; must be a bank of 0 items (``0``, ``(0,)`` or ``(0, dim)``).
         gather_distributed: Contrast against the global batch of all ranks (as in lightly). The
-            per-sample state is synced across ranks either way.
+            per-sample state is synced across ranks either way, so every rank must pass the same
+            batch size.
         alpha: Target fraction of each item's negatives flagged as false negatives.
         start_epoch: First 0-based epoch in which thresholds learn and filter.
         detector: ``"glofnd"``, ``"fnc"``, ``"oracle"`` (needs labels) or None.
         threshold_optimizer: GloFND's update rule (default :meth:`ThresholdOptimizer.default`).
-        memory_bank_size: Accepted for signature compatibility with lightly; must be 0.
         start_step: First training step in which thresholds learn (for data without epochs).
         filter_start_epoch: First epoch in which flagged negatives are removed.
 
@@ -47,23 +51,26 @@ class GloFNDNTXent(GloFNDLossBase):
         self,
         num_samples: int,
         temperature: float = 0.5,
+        memory_bank_size: int | Sequence[int] = 0,
         gather_distributed: bool = False,
+        *,
         alpha: float = 0.01,
         start_epoch: int = 0,
         detector: str | None = "glofnd",
         threshold_optimizer: ThresholdOptimizer | None = None,
-        *,
-        memory_bank_size: int | tuple[int, ...] = 0,
         start_step: int = 0,
         filter_start_epoch: int | None = None,
     ) -> None:
-        if memory_bank_size not in (0, None) and memory_bank_size != (0,):
+        bank_size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size or (0,))
+        if bank_size[0] != 0:  # lightly's rule: a bank of 0 items, (0,) or (0, dim), is no bank
             raise ValueError(
                 f"memory_bank_size must be 0: GloFNDNTXent does not support memory banks (banked negatives "
                 f"carry no data set index, so no threshold applies to them), got {memory_bank_size}"
             )
-        if abs(temperature) < 1e-8:
-            raise ValueError(f"temperature must be non-zero, got {temperature}")
+        if not isinstance(gather_distributed, bool):
+            raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
+        if not temperature > 0:  # lightly refuses only |temperature| < 1e-8; a negative one inverts the softmax
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         super().__init__(num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch)
         self.temperature = float(temperature)
         self.gather_distributed = bool(gather_distributed)

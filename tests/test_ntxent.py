@@ -58,7 +58,28 @@ def test_filtered_loss_matches_hand_written_formula() -> None:
     assert loss.item() == pytest.approx(total / 12, rel=1e-5)
 
 
-@pytest.mark.parametrize("bank", [128, (512, 128)])
+@pytest.mark.parametrize("bank", [128, (512, 128), [512, 128]])
 def test_memory_bank_is_rejected(bank: int | tuple[int, int]) -> None:
     with pytest.raises(ValueError, match="memory_bank_size must be 0"):
         GloFNDNTXent(100, memory_bank_size=bank)
+    with pytest.raises(ValueError, match="memory_bank_size must be 0"):  # lightly's positional order
+        GloFNDNTXent(100, 0.1, bank)
+
+
+@pytest.mark.parametrize("no_bank", [0, (0,), (0, 128), [0, 128]])
+def test_lightly_spellings_of_no_memory_bank_are_accepted(no_bank: int | tuple[int, ...]) -> None:
+    NTXentLoss(0.1, no_bank)  # lightly takes each of them
+    assert GloFNDNTXent(100, 0.1, no_bank).temperature == 0.1
+
+
+def test_lightly_positional_arguments_land_in_the_same_parameters() -> None:
+    lightly_loss, ours = NTXentLoss(0.2, 0, True), GloFNDNTXent(100, 0.2, 0, True)
+    assert (ours.temperature, ours.gather_distributed) == (lightly_loss.temperature, lightly_loss.gather_distributed)
+    with pytest.raises(ValueError, match="gather_distributed must be a bool, got 'yes'"):
+        GloFNDNTXent(100, 0.2, 0, "yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.5])
+def test_a_temperature_that_is_not_positive_is_refused(temperature: float) -> None:
+    with pytest.raises(ValueError, match=f"temperature must be > 0, got {temperature}"):
+        GloFNDNTXent(100, temperature)
