@@ -484,16 +484,28 @@ def keep_nonempty_(
     return torch.where(empty, num_negatives, kept_count).to(torch.float32)
 
 
+_DOT_CHUNK = 1 << 18
+"""Elements per partial product of :func:`_dot` on CPU."""
+
+
 def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Sum of the elementwise product of two tensors of one shape.
 
     Two tensors with the same transposed layout (the rows of a transposed view) are read in
     memory order, without a copy; ``reshape(-1)`` would copy each into row order first. Other
     layouts are flattened in row order.
+
+    On CPU the product is summed in parts of ``_DOT_CHUNK`` elements: MKL's float32 ``dot`` keeps
+    a few float32 accumulators, whose error grows with the length (on a 4096 x 4096 CLIP buffer
+    the logit scale's gradient came out 1e-3 off, 1e-8 in parts), and the parts cost no more.
     """
     if first.stride() == second.stride() and _transposed_layout(first):
         first, second = first.mT, second.mT
-    return torch.dot(first.reshape(-1), second.reshape(-1))
+    first, second = first.reshape(-1), second.reshape(-1)
+    if first.device.type != "cpu" or first.numel() <= _DOT_CHUNK:
+        return torch.dot(first, second)
+    parts = [torch.dot(a, b) for a, b in zip(first.split(_DOT_CHUNK), second.split(_DOT_CHUNK))]
+    return torch.stack(parts).sum()
 
 
 def _scores_and_scale_gradients(
@@ -594,7 +606,21 @@ def filtered_cross_entropy(
 
 
 MAX_EXPONENT = 80.0
-"""Cap of :func:`kept_mean_exp`'s exponents: ``exp(80) ~ 5.5e34`` stays finite in float32 even summed."""
+"""Cap of :func:`kept_mean_exp`'s exponents at up to 2,900 columns (``exp(80) ~ 5.5e34``)."""
+
+LOG_SUMMABLE = 88.0
+"""``exp(LOG_SUMMABLE) ~ 1.7e38``: a sum of float32 terms whose total stays below it is finite."""
+
+
+def exponent_cap(columns: int) -> float:
+    """Largest exponent of :func:`kept_mean_exp`'s terms: ``columns`` of them sum finitely in float32.
+
+    The comparison comes first: under ``torch.compile`` with a symbolic batch size it is a guard,
+    and only a batch beyond 2,900 columns takes the logarithm of its (then specialised) size.
+    """
+    if columns <= math.exp(LOG_SUMMABLE - MAX_EXPONENT):
+        return MAX_EXPONENT
+    return LOG_SUMMABLE - math.log(int(columns))
 
 
 class _KeptMeanExp(torch.autograd.Function):
@@ -619,10 +645,11 @@ class _KeptMeanExp(torch.autograd.Function):
         exponentials = torch.addcmul(-scale * positive, scores, scale)  # (s - s_pos) * scale in one pass
         # No gradient through the cap (as autograd's clamp). Capped exponents are rare: on CPU their
         # presence is read first (no device sync) and their mask built only then.
+        cap = exponent_cap(scores.shape[-1])
         capped = None
-        if not host.reads_without_sync(exponentials.device) or bool(exponentials.amax() > MAX_EXPONENT):
-            capped = exponentials > MAX_EXPONENT
-        exponentials.clamp_max_(MAX_EXPONENT).exp_().mul_(keep)
+        if not host.reads_without_sync(exponentials.device) or bool(exponentials.amax() > cap):
+            capped = exponentials > cap
+        exponentials.clamp_max_(cap).exp_().mul_(keep)
         ctx.save_for_backward(scores, scale, positive_index, exponentials, capped, kept_count)
         return exponentials.sum(dim=-1) / kept_count
 
@@ -648,9 +675,10 @@ def kept_mean_exp(
 ) -> torch.Tensor:
     """FastCLIP's per-anchor ``g_i = mean_kept exp((s_ij - s_ii) * scale)``, differentiable in both.
 
-    Exponents are capped at :data:`MAX_EXPONENT`, so that a negative scoring far above the
-    positive at a small temperature (``s_ij - s_ii > 0.8`` at ``tau = 0.01``) cannot overflow;
-    a capped term passes no gradient. The backward is written by hand (one backward pass).
+    Exponents are capped at :func:`exponent_cap` (80, less beyond 2,900 columns), so that
+    negatives scoring far above the positive at a small temperature (``s_ij - s_ii > 0.8`` at
+    ``tau = 0.01``) cannot overflow the row's sum; a capped term passes no gradient. The backward
+    is written by hand (one backward pass).
 
     Args:
         scores: ``(b, C)`` float32 scores, with gradient.
@@ -707,12 +735,23 @@ def sogclr_rows(
         ``(V, b)`` per-row losses and ``(V, b)`` updated ``u'`` (detached).
     """
     # In place on one temporary: every full-size (V, b, C) allocation costs more than its arithmetic on CPU.
-    exp_scores = torch.mul(scores.detach(), 1.0 / temperature).exp_().mul_(keep)
+    exp_scores = torch.mul(scores.detach(), 1.0 / temperature)
+    # Each term is at most exp(1 / tau), but a row of C of them can sum past float32's range (a
+    # collapsed encoder at tau = 1/80 from C = 6,200): there every term is divided by C first.
+    columns = scores.shape[-1]  # compared, not logged: a guard where torch.compile's batch size is symbolic
+    divisor = float(int(columns)) if columns > math.exp(LOG_SUMMABLE - 1.0 / temperature) else 1.0
+    if divisor > 1.0:
+        exp_scores.sub_(math.log(divisor))
+    exp_scores.exp_().mul_(keep)
     estimate = exp_scores.sum(dim=-1) / kept_count
+    kept_share = kept_count
+    if divisor > 1.0:
+        estimate = estimate * divisor  # a mean of terms <= exp(1 / tau): finite
+        kept_share = kept_count / divisor
     u_new = moving_average(u_previous.expand_as(estimate), estimate, gamma, u_initialized.expand_as(estimate))
     u_safe = u_new.clamp_min(torch.finfo(u_new.dtype).tiny)
     positive = scores.gather(-1, positive_index.expand(scores.shape[0], -1)[..., None]).squeeze(-1)
     # sum_c w_c s_c / n with w_c = exp(s_c / tau) / u': one weighted reduction, no weight tensor.
-    surrogate = -positive + (exp_scores * scores).sum(dim=-1) / (u_safe * kept_count)
+    surrogate = -positive + (exp_scores * scores).sum(dim=-1) / (u_safe * kept_share)
     value = -positive.detach() + temperature * torch.log(u_safe)
     return surrogate + (value - surrogate.detach()), u_new

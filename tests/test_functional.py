@@ -249,11 +249,11 @@ def test_kept_mean_exp_matches_autograd_including_the_cap() -> None:
             mean = functional.kept_mean_exp(leaf_scores, scale, positive, keep, kept_count)
         else:
             exponent = (leaf_scores - leaf_scores.gather(-1, positive[:, None])) * scale
-            terms = torch.where(keep, exponent.clamp_max(functional.MAX_EXPONENT).exp(), 0.0)
+            terms = torch.where(keep, exponent.clamp_max(functional.exponent_cap(11)).exp(), 0.0)
             mean = terms.sum(-1) / kept_count
         (mean * weights).sum().backward()
         results.append((mean.detach(), leaf_scores.grad, scale.grad))
-    assert results[0][0][0] > math.exp(functional.MAX_EXPONENT) / kept_count[0]  # the cap was reached
+    assert results[0][0][0] > math.exp(functional.exponent_cap(11)) / kept_count[0]  # the cap was reached
     assert results[0][1][0, 5] == 0  # and passes no gradient
     for fused, reference in zip(*results):
         torch.testing.assert_close(fused, reference)
@@ -337,6 +337,42 @@ def test_two_view_rows_put_positive_and_self_where_the_mask_says() -> None:
         others = [j for j in range(6) if j != anchor]
         torch.testing.assert_close(scores[0, row, [6 + j for j in others]], view_b[others] @ view_a[anchor])
     assert negatives.sum(dim=1).tolist() == [10, 10]
+
+
+def test_kept_mean_exp_of_many_capped_terms_stays_finite() -> None:
+    # 7,000 negatives far above the positive: 7,000 * exp(80) overflows float32, so the cap is lower.
+    scores = torch.ones(2, 7001)
+    scores[:, 0] = -1.0
+    keep = torch.ones(2, 7001, dtype=torch.bool)
+    keep[:, 0] = False
+    mean = functional.kept_mean_exp(scores, torch.tensor(100.0), torch.tensor([0, 0]), keep, keep.sum(-1).float())
+    assert functional.exponent_cap(7001) < functional.MAX_EXPONENT
+    torch.testing.assert_close(mean, torch.full((2,), math.exp(functional.exponent_cap(7001))), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("columns", [200, 7000])  # 7,000 terms of exp(1 / tau) ~ 5.5e34 overflow a float32 sum
+def test_sogclr_rows_of_a_collapsed_encoder_at_the_smallest_temperature_stay_exact(columns: int) -> None:
+    # Every cosine near 1 at tau = 1/80: u, the value and the gradient against float64 (which cannot overflow).
+    generator = torch.Generator().manual_seed(5)
+    scores = (1 - 1e-3 * torch.rand(2, 4, columns, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    positive = torch.tensor([0, 1, 2, 3])
+    keep = torch.ones(2, 4, columns, dtype=torch.bool)
+    keep[:, torch.arange(4), positive] = False
+    keep[:, 0, columns // 2 :] = False  # a row with half its negatives flagged
+    tau = 1 / 80
+    as_float32 = scores.detach().float().requires_grad_(True)
+    per_row, u_new = functional.sogclr_rows(
+        as_float32, positive, keep, keep.sum(-1).float(), torch.zeros(4), torch.zeros(4, dtype=torch.bool), 0.9, tau
+    )
+    per_row.sum().backward()
+    exponentials = torch.where(keep, torch.exp(scores / tau), 0.0)
+    expected_u = exponentials.sum(-1) / keep.sum(-1)
+    expected = -scores.gather(-1, positive.expand(2, -1)[..., None]).squeeze(-1) + tau * torch.log(expected_u)
+    expected.sum().backward()  # with u' = g (first visit) the surrogate's gradient is this objective's
+    assert torch.isfinite(u_new).all() and torch.isfinite(as_float32.grad).all()
+    torch.testing.assert_close(u_new.double(), expected_u.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(per_row.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(as_float32.grad.double(), scores.grad, rtol=1e-4, atol=1e-9)
 
 
 def test_sogclr_rows_gradient_matches_the_global_objective_at_first_visit() -> None:
