@@ -328,8 +328,16 @@ def test_bad_indices_fail_before_anything_is_saved(data: Data, tmp_path: Path, f
         (["--dataset-type", "synthetic"], "needs real samples"),
         (["--train-data", "shards-{0..3}.tar"], "webdataset training needs --glofnd-data-size"),
         (["--glofnd-alpha", "1.5"], "alpha must be in"),
+        (
+            ["--train-data", "cc3m-{0..3}.tar::cc12m-{0..9}.tar", "--glofnd-data-size", "10"],
+            "several webdataset sources joined with '::'",
+        ),
+        (["--train-data", "shards-{0..3}.tar", "--glofnd-key-list", "missing-keys.txt"], "no such file"),
     ],
-    ids=["accum-freq", "siglip", "coca", "synthetic", "webdataset-without-size", "bad-alpha"],
+    ids=[
+        "accum-freq", "siglip", "coca", "synthetic", "webdataset-without-size", "bad-alpha", "joined-sources",
+        "missing-key-list",
+    ],
 )
 def test_unsupported_setups_are_refused_up_front(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str

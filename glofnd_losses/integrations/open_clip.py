@@ -315,8 +315,16 @@ def check_supported(args: argparse.Namespace) -> None:
     kind = _dataset_kind(args)
     if kind == "synthetic":
         raise ValueError("GloFND needs real samples with stable identities: use a CSV or webdataset --train-data")
+    if kind == "webdataset" and "::" in args.train_data:
+        raise ValueError(
+            "GloFND does not support several webdataset sources joined with '::' in --train-data: the sample "
+            "index comes from __key__, and img2dataset numbers every source's keys from 0, so samples of two "
+            "sources would share GloFND state rows; write the sources as one set of shards with unique keys"
+        )
     if args.glofnd_key_list is not None and kind != "webdataset":
         raise ValueError("--glofnd-key-list applies to webdataset training data only")
+    if args.glofnd_key_list is not None and not os.path.isfile(args.glofnd_key_list):
+        raise ValueError(f"--glofnd-key-list: no such file {args.glofnd_key_list!r}")
     if kind == "webdataset" and args.glofnd_data_size is None and args.glofnd_key_list is None:
         raise ValueError(
             "webdataset training needs --glofnd-data-size (the largest numeric sample key + 1; 3318333 for CC3M "
