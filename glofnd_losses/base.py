@@ -240,7 +240,7 @@ class GloFNDLossBase(nn.Module):
         return torch.tensor([self.epoch, self.step], dtype=torch.int64)
 
     def set_extra_state(self, state: torch.Tensor | dict[str, int]) -> None:
-        """Restore :meth:`get_extra_state`'s value (or the ``{"epoch", "step"}`` dict saved before 0.1.0)."""
+        """Restore :meth:`get_extra_state`'s value (or the ``{"epoch", "step"}`` dict of earlier development builds)."""
         if isinstance(state, dict):
             epoch, step = state["epoch"], state["step"]
         else:

@@ -56,7 +56,8 @@ class GloFNDClipLoss(GloFNDLossBase):
       the graph with a zero gradient (DDP needs every parameter used).
     * ``"fastclip"`` (FastCLIP-v3): as ``"sogclr"`` with the learnable global temperature
       ``tau = 1 / logit_scale``: ``sg[tau] * L + rho * tau + tau / 2 * mean_i [log(u^img + eps) +
-      log(u^txt + eps)]``. Keep ``logit_scale`` clamped to ``[0, ln 100]`` as open_clip does.
+      log(u^txt + eps)]``. Keep the model's log-scale parameter clamped to ``[0, ln 100]`` as
+      open_clip does (the ``logit_scale`` passed here, its exponential, then lies in ``[1, 100]``).
 
     In every estimator the gradient with several ranks equals the single-process gradient of
     the global batch under DDP's averaging (the reference code's two-term split halves the

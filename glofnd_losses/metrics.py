@@ -1,6 +1,6 @@
 """False-negative discovery metrics and threshold error against the exact data-set quantile.
 
-Definitions follow the paper's evaluation (DESIGN.md section 2.5):
+Definitions follow the paper's evaluation:
 
 * flagged fraction: the share of the in-batch negatives flagged (:func:`flagged_fraction`);
 * precision and recall per anchor over its in-batch negatives, labels as ground truth (same label

@@ -157,8 +157,8 @@ def threshold_fields(prefix: str, optimizer: ThresholdOptimizer) -> dict[str, Fi
     """Per-sample fields of one threshold bank, named ``{prefix}threshold`` etc.
 
     Adam's two moments are stored only for ``rule="adam"``: the default (SGD) rule keeps a
-    threshold and a visit count per sample (8 bytes), which is also all each rank sends per
-    anchor in the state's all-gather.
+    threshold and a visit count per sample (8 bytes), and the state's all-gather sends these two
+    fields per anchor (as float64, beside the index and a validity flag).
     """
     fields = {
         f"{prefix}threshold": Field(torch.float32, 1.0),
