@@ -361,6 +361,9 @@ class GloFNDLossBase(nn.Module):
             "and the per-sample state is unchanged",
             stacklevel=_caller_stacklevel(),
         )
+        if self.training and distributed.is_distributed():
+            # The others' state all-gather compares the sizes: a rank that skipped it would leave them waiting.
+            distributed.check_equal_sizes(inputs[0])
         zero = inputs[0].new_zeros((), dtype=torch.float32)
         stats = {
             f"{prefix}{name}": zero

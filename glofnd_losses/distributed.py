@@ -48,8 +48,11 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def _check_equal_sizes(tensor: torch.Tensor) -> None:
-    """Raise on every rank if the ranks' leading sizes differ (CPU only: reading them needs no device sync)."""
+def check_equal_sizes(tensor: torch.Tensor) -> None:
+    """Raise on every rank if the ranks' leading sizes differ (CPU only: reading them needs no device sync).
+
+    A collective on CPU (one all-gather of the sizes), nothing elsewhere.
+    """
     if not host.reads_without_sync(tensor.device):
         return
     local = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
@@ -65,7 +68,7 @@ def _check_equal_sizes(tensor: torch.Tensor) -> None:
 
 
 def _all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    _check_equal_sizes(tensor)
+    check_equal_sizes(tensor)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
@@ -138,7 +141,7 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     if _accelerate_agrees():
         from accelerate.utils import gather
 
-        _check_equal_sizes(tensor)
+        check_equal_sizes(tensor)
 
         gathered: torch.Tensor = gather(tensor.contiguous())
         return gathered

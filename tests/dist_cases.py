@@ -239,11 +239,13 @@ def deferred_error_case(rank: int, world_size: int, batches: list, bad_rank: int
     return {"before": before, "after": after, "error": error}
 
 
-def uneven_batch_case(rank: int, world_size: int, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Rank ``r`` passes ``6 - r`` items; returns what the loss raised and the state after."""
+def uneven_batch_case(
+    rank: int, world_size: int, name: str, kwargs: dict[str, Any], sizes: list[int]
+) -> dict[str, Any]:
+    """Rank ``r`` passes ``sizes[r]`` items; returns what the loss raised and whether the state is unchanged."""
     loss_fn = make_loss(name, kwargs)
     before = {key: value.clone() for key, value in loss_fn.state_dict().items()}
-    size = 6 - rank
+    size = sizes[rank]
     generator = torch.Generator().manual_seed(rank)
     view_a, view_b = torch.randn(size, 8, generator=generator), torch.randn(size, 8, generator=generator)
     error = None

@@ -152,15 +152,17 @@ def test_ddp_buffer_broadcast_is_disabled_by_the_helper(use_helper: bool) -> Non
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs"),
+    ("name", "kwargs", "sizes"),
     [
-        ("ntxent", {"num_samples": 40, "gather_distributed": False}),  # only the state rows are gathered
-        ("sogclr", {"num_samples": 40}),
+        ("ntxent", {"num_samples": 40, "gather_distributed": False}, [6, 5]),  # only the state rows are gathered
+        ("ntxent", {"num_samples": 40, "gather_distributed": False}, [1, 2]),  # rank 0 has no negatives
+        ("sogclr", {"num_samples": 40}, [6, 5]),
     ],
-    ids=["ntxent-local", "sogclr"],
+    ids=["ntxent-local", "ntxent-local-one-item", "sogclr"],
 )
-def test_unequal_batch_sizes_across_ranks_raise_a_clear_error(name: str, kwargs: dict[str, Any]) -> None:
-    # gloo aborts the processes on a size mismatch; every rank must raise instead, naming the sizes.
-    for result in run_ranks(dist_cases.uneven_batch_case, WORLD, name, kwargs):
-        assert result["error"] is not None and "same batch size" in result["error"] and "[6, 5]" in result["error"]
+def test_unequal_batch_sizes_across_ranks_raise_a_clear_error(name: str, kwargs: dict[str, Any], sizes: list) -> None:
+    # gloo aborts the processes on a size mismatch (or waits for ever where one rank has no state
+    # rows to send); every rank must raise instead, naming the sizes.
+    for result in run_ranks(dist_cases.uneven_batch_case, WORLD, name, kwargs, sizes):
+        assert result["error"] is not None and "same batch size" in result["error"] and str(sizes) in result["error"]
         assert result["state_unchanged"]
