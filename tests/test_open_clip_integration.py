@@ -27,7 +27,13 @@ import pytest
 import torch
 from PIL import Image
 
-from glofnd_losses.integrations.open_clip import SampleKeyIndex, patch_open_clip_train
+from glofnd_losses import GloFNDClipLoss, ThresholdOptimizer
+from glofnd_losses.integrations.open_clip import (
+    SampleKeyIndex,
+    load_loss_state,
+    patch_open_clip_train,
+    save_loss_state,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "integrations" / "open_clip_train.py"
@@ -350,12 +356,36 @@ def test_unsupported_setups_are_refused_up_front(
     assert not (tmp_path / "logs").exists()
 
 
+def test_a_key_list_longer_than_the_state_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"key{number}\n" for number in range(12)))
+    argv = ["--train-data", "shards-{0..3}.tar", "--glofnd-key-list", str(keys), "--glofnd-data-size", "10"]
+    with patch_open_clip_train(), pytest.raises(SystemExit) as exit_info:
+        open_clip_train.main.main([*argv, "--logs", str(tmp_path / "logs"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "12 keys" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_disable_hands_everything_to_open_clip_and_the_patches_are_undone() -> None:
     with patch_open_clip_train():
         args = open_clip_train.main.parse_args(["--train-data", "train.csv", "--accum-freq", "4", "--glofnd-disable"])
     assert args.accum_freq == 4 and args.glofnd_disable
     assert open_clip_train.main.parse_args is open_clip_train.params.parse_args
     assert open_clip_train.main.train_one_epoch is open_clip_train.train.train_one_epoch
+
+
+def test_a_state_saved_under_another_threshold_rule_is_refused_by_name(tmp_path: Path) -> None:
+    path = str(tmp_path / "epoch_1.glofnd.pth")
+    save_loss_state(GloFNDClipLoss(10, estimator="fastclip"), path, checkpoint_epoch=1)
+    paper_rule = GloFNDClipLoss(10, estimator="fastclip", threshold_optimizer=ThresholdOptimizer.paper())
+    before = {name: value.clone() for name, value in paper_rule.state_dict().items()}
+    with pytest.raises(ValueError, match=r"--glofnd-threshold-rule, --glofnd-threshold-update.*--glofnd-fresh-state"):
+        load_loss_state(paper_rule, path)
+    assert all(torch.equal(value, before[name]) for name, value in paper_rule.state_dict().items())
+    assert load_loss_state(GloFNDClipLoss(10, estimator="fastclip"), path) == 1
 
 
 def test_sample_key_index(tmp_path: Path) -> None:

@@ -323,8 +323,10 @@ def check_supported(args: argparse.Namespace) -> None:
         )
     if args.glofnd_key_list is not None and kind != "webdataset":
         raise ValueError("--glofnd-key-list applies to webdataset training data only")
-    if args.glofnd_key_list is not None and not os.path.isfile(args.glofnd_key_list):
-        raise ValueError(f"--glofnd-key-list: no such file {args.glofnd_key_list!r}")
+    if args.glofnd_key_list is not None:
+        if not os.path.isfile(args.glofnd_key_list):
+            raise ValueError(f"--glofnd-key-list: no such file {args.glofnd_key_list!r}")
+        _key_index(args)  # duplicate keys, more keys than --glofnd-data-size: refused before anything is written
     if kind == "webdataset" and args.glofnd_data_size is None and args.glofnd_key_list is None:
         raise ValueError(
             "webdataset training needs --glofnd-data-size (the largest numeric sample key + 1; 3318333 for CC3M "
@@ -661,6 +663,14 @@ def load_loss_state(loss: GloFNDClipLoss, path: str) -> int | None:
         raise ValueError(
             f"{path} was saved by a loss with {saved}, this run has {current} "
             "(--glofnd-data-size, --glofnd-estimator, --glofnd-detector)"
+        )
+    saved_fields, current_fields = sorted(payload["state_dict"]), sorted(loss.state_dict())
+    if saved_fields != current_fields:
+        raise ValueError(
+            f"{path} holds the loss state entries {saved_fields}, this run's loss has {current_fields}: "
+            "the threshold rule (--glofnd-threshold-rule, --glofnd-threshold-update) decides which are stored, "
+            "so resume with the rule the state was saved with (or remove the file and pass "
+            "--glofnd-fresh-state to start GloFND anew)"
         )
     loss.load_state_dict(payload["state_dict"])
     checkpoint_epoch = payload.get("checkpoint_epoch")
