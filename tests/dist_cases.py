@@ -60,6 +60,21 @@ def take_accelerator_path(monkeypatch: pytest.MonkeyPatch | None = None) -> None
         monkeypatch.setattr(host, "reads_without_sync", lambda device: False)
 
 
+def count_accelerate_gathers() -> list[int]:
+    """Wrap ``accelerate.utils.gather`` (still run) with a spy; the returned list grows by one per call."""
+    import accelerate.utils
+
+    calls: list[int] = []
+    real_gather = accelerate.utils.gather
+
+    def counting_gather(tensor: Any) -> Any:
+        calls.append(1)
+        return real_gather(tensor)
+
+    accelerate.utils.gather = counting_gather
+    return calls
+
+
 def equivalence_case(
     rank: int,
     world_size: int,
@@ -85,11 +100,13 @@ def equivalence_case(
         os.environ.update({"LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
         PartialState(cpu=True)
         used_accelerate = distributed._accelerate_agrees()
+    accelerate_gathers = count_accelerate_gathers() if use_accelerate else []
     loss_fn = make_loss(name, kwargs)
     if compiled:
         loss_fn.compile()
     result = run_steps(loss_fn, batches, rank, world_size)
     result["used_accelerate"] = used_accelerate
+    result["accelerate_gathers"] = len(accelerate_gathers)
     result["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     return result
 

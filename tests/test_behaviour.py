@@ -271,14 +271,40 @@ def test_a_batch_of_one_item_gives_zero_like_lightly_and_open_clip(name: str) ->
 @pytest.mark.parametrize("name", sorted(LOSSES))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_give_finite_losses_and_fp32_thresholds(name: str, dtype: torch.dtype) -> None:
-    loss_fn = LOSSES[name](50, alpha=0.1)
+    # The loss is computed in float32: half-precision inputs give the loss of their float32 values.
     view_a, view_b = clustered_views(16, dim=8, seed=4)
-    a = view_a.to(dtype).requires_grad_(True)
-    loss = loss_fn(a, view_b.to(dtype), torch.arange(16))
-    loss.backward()
-    assert torch.isfinite(loss) and a.grad is not None and torch.isfinite(a.grad).all()
-    assert a.grad.dtype == dtype
-    assert loss_fn.thresholds.dtype == torch.float32
+    view_a, view_b = view_a.to(dtype), view_b.to(dtype)
+    results = []
+    for inputs in ((view_a, view_b), (view_a.float(), view_b.float())):
+        loss_fn = LOSSES[name](50, alpha=0.1)
+        a = inputs[0].clone().requires_grad_(True)
+        loss = loss_fn(a, inputs[1], torch.arange(16))
+        loss.backward()
+        assert a.grad is not None and a.grad.dtype == inputs[0].dtype
+        assert loss_fn.thresholds.dtype == torch.float32
+        results.append((loss.detach(), a.grad.float(), loss_fn.thresholds))
+    assert torch.isfinite(results[0][0]) and torch.isfinite(results[0][1]).all()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][2], results[1][2])
+    torch.testing.assert_close(results[0][1], results[1][1].to(dtype).float())  # the gradient is cast back
+    assert (results[0][2] < 1).any(), "no threshold moved: the comparison would be vacuous"
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_cpu_autocast_computes_the_loss_in_float32(name: str) -> None:
+    view_a, view_b = clustered_views(16, dim=8, seed=4)
+    projection = torch.nn.Linear(8, 8)
+    results = []
+    for autocast in (True, False):
+        loss_fn = LOSSES[name](50, alpha=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out_a, out_b = projection(view_a), projection(view_b)
+            loss = loss_fn(out_a, out_b, torch.arange(16))
+        assert (out_a.dtype == torch.bfloat16) == autocast and loss.dtype == torch.float32
+        results.append((loss.detach(), loss_fn.thresholds, out_a.float().detach(), out_b.float().detach()))
+    # With autocast the projections are rounded to bf16; from there the loss is float32 maths.
+    reference = LOSSES[name](50, alpha=0.1)(results[0][2], results[0][3], torch.arange(16))
+    assert torch.equal(results[0][0], reference.detach())
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -293,6 +319,12 @@ def test_anchor_with_every_negative_flagged_stays_finite(name: str) -> None:
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
     assert loss_fn.last_stats["flagged_fraction"] == 1.0
+    # Such an anchor keeps all its negatives: every row does here, so this is the plain loss.
+    plain = LOSSES[name](8, detector=None).eval()
+    plain_a = view_a.clone().requires_grad_(True)
+    plain_loss = plain(plain_a, view_b, torch.arange(4))
+    plain_loss.backward()
+    assert torch.equal(loss, plain_loss) and torch.equal(a.grad, plain_a.grad)
 
 
 # The default's stop at the batch quantile needs the quantile at every step; without it, only the
@@ -467,3 +499,11 @@ def test_flagged_fraction_metric_agrees_with_the_step_diagnostic() -> None:
     assert 0 < float(fraction) < 1
     torch.testing.assert_close(fraction, loss_fn.last_stats["flagged_fraction"])
     assert float(metrics.flagged_fraction(flagged.float(), negatives.float())) == float(fraction)
+    # The other diagnostics by hand: kept negatives per row (a row with every negative flagged keeps
+    # them all), the share filtered out, the batch's mean threshold.
+    kept = (negatives & ~flagged).sum(-1)
+    kept = torch.where(kept == 0, negatives.sum(-1), kept).float()
+    stats = loss_fn.last_stats
+    torch.testing.assert_close(stats["kept_negatives"], kept.mean())
+    torch.testing.assert_close(stats["filtered_fraction"], 1 - kept.sum() / (32 * 30))
+    torch.testing.assert_close(stats["mean_threshold"], loss_fn.thresholds.mean())

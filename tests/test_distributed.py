@@ -101,6 +101,33 @@ def test_compiled_two_ranks_equal_one_eager_rank() -> None:
     assert (single["state"]["state.threshold"] < 1).any(), "thresholds never moved: the test would be vacuous"
 
 
+def test_ntxent_without_gather_contrasts_locally_and_keeps_one_state_on_every_rank() -> None:
+    # gather_distributed=False: each rank's loss is the single-process loss of its own batch, and
+    # the state holds both ranks' rows (rank 0's samples are 0..19, rank 1's 20..39).
+    kwargs = {"num_samples": 40, "alpha": 0.1, "gather_distributed": False}
+    generator = torch.Generator().manual_seed(6)
+    batches = []
+    for view_a, view_b, _, labels in make_batches(steps=3, global_batch=12, dim=8, num_samples=40, seed=6):
+        own_samples = [torch.randperm(20, generator=generator)[:6] + 20 * rank for rank in range(WORLD)]
+        batches.append((view_a, view_b, torch.cat(own_samples), labels))
+    ranks = run_ranks(dist_cases.equivalence_case, WORLD, "ntxent", kwargs, batches, False)
+    singles = [
+        dist_cases.run_steps(dist_cases.make_loss("ntxent", kwargs), [
+            (view_a[part], view_b[part], indices[part], labels[part]) for view_a, view_b, indices, labels in batches
+        ], rank=0, world_size=1)
+        for part in (slice(0, 6), slice(6, 12))
+    ]  # fmt: skip
+    for result, single in zip(ranks, singles):
+        torch.testing.assert_close(torch.stack(result["values"]), torch.stack(single["values"]), rtol=1e-6, atol=0)
+    rank_of_sample = torch.arange(40) // 20
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), name
+        if name.startswith("state."):
+            expected = torch.where(rank_of_sample == 0, singles[0]["state"][name], singles[1]["state"][name])
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=0)
+    assert (ranks[0]["state"]["state.threshold"][20:] < 1).any(), "rank 1's rows never moved: the test is vacuous"
+
+
 def test_bad_input_on_one_rank_writes_nothing_on_any_rank() -> None:
     # On an accelerator an index out of range is found on the device and raised later (no host
     # sync in the step); the step's state update is dropped on every rank, not only the bad one.
@@ -121,6 +148,7 @@ def test_accelerate_gather_is_used_and_agrees() -> None:
     single = dist_cases.run_steps(dist_cases.make_loss(name, kwargs), batches, rank=0, world_size=1)
     ranks = run_ranks(dist_cases.equivalence_case, WORLD, name, kwargs, batches, True)
     assert all(result["used_accelerate"] for result in ranks)
+    assert [result["accelerate_gathers"] for result in ranks] == [6, 6], "the labels and the state rows, per step"
     assert_equivalent(single, ranks)
 
 

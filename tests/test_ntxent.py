@@ -35,6 +35,8 @@ def test_equals_lightly_while_thresholds_warm_up() -> None:
         criterion.set_epoch(epoch)
         out0, out1 = torch.randn(10, 8, generator=generator), torch.randn(10, 8, generator=generator)
         torch.testing.assert_close(criterion(out0, out1, torch.arange(10)), lightly_loss(out0, out1))
+        if epoch > 0:  # flagged by the learning thresholds, but nothing filtered yet
+            assert criterion.last_stats["flagged_fraction"] > 0 and criterion.last_stats["filtered_fraction"] == 0
     assert (criterion.thresholds[:10] < 1).all()
 
 
@@ -56,6 +58,29 @@ def test_filtered_loss_matches_hand_written_formula() -> None:
             total += -positive + math.log(math.exp(positive) + negative_sum)
     assert criterion.last_stats["filtered_fraction"] > 0
     assert loss.item() == pytest.approx(total / 12, rel=1e-5)
+
+
+def test_oracle_drops_exactly_the_same_label_negatives() -> None:
+    criterion = GloFNDNTXent(20, temperature=0.5, detector="oracle")
+    generator = torch.Generator().manual_seed(3)
+    out0, out1 = torch.randn(8, 4, generator=generator), torch.randn(8, 4, generator=generator)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2])
+    loss = criterion(out0, out1, torch.arange(8), labels=labels)
+    a, b = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    total = 0.0
+    for i in range(8):
+        others = [j for j in range(8) if j != i]
+        for anchor, same, other in ((a[i], a, b), (b[i], b, a)):
+            negatives = [(float(anchor @ view[j]), int(labels[j])) for view in (other, same) for j in others]
+            kept = [score for score, label in negatives if label != labels[i]] or [score for score, _ in negatives]
+            positive = float(anchor @ other[i]) / 0.5
+            negative_sum = len(negatives) / len(kept) * sum(math.exp(score / 0.5) for score in kept)
+            total += -positive + math.log(math.exp(positive) + negative_sum)
+    assert loss.item() == pytest.approx(total / 16, rel=1e-5)
+    stats = criterion.last_stats
+    assert float(stats["fn_precision"]) == 1.0 and float(stats["fn_recall"]) == 1.0
+    same_label_share = 4 * sum(int((labels == labels[i]).sum()) - 1 for i in range(8)) / (16 * 14)  # 2 rows x 2 views
+    assert float(stats["flagged_fraction"]) == pytest.approx(same_label_share)
 
 
 @pytest.mark.parametrize("bank", [128, (512, 128), [512, 128]])

@@ -97,6 +97,23 @@ def test_no_detector_and_before_start_leave_the_loss_unfiltered() -> None:
     assert torch.equal(plain.u, late.u)
 
 
+def test_start_step_counts_the_loss_s_training_steps() -> None:
+    # Data without epochs: thresholds learn from the loss's third training step (step 2), not before.
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 5, generator=generator), torch.randn(8, 5, generator=generator)) for _ in range(3)]
+    plain = GloFNDSogCLRLoss(10, detector=None)
+    late = GloFNDSogCLRLoss(10, alpha=0.2, start_step=2)
+    late.eval()
+    late(*batches[0], torch.arange(8))  # an eval step is not a training step
+    late.train()
+    for step, (z1, z2) in enumerate(batches):
+        value, plain_value = late(z1, z2, torch.arange(8)), plain(z1, z2, torch.arange(8))
+        if step < 2:
+            assert torch.equal(value, plain_value) and torch.all(late.thresholds == 1.0), step
+    assert late.step == 3 and (late.thresholds[:8] < 1).all()
+    assert float(late.last_stats["flagged_fraction"]) > 0
+
+
 def test_alpha_zero_never_filters() -> None:
     loss_fn = GloFNDSogCLRLoss(10, alpha=0.0, threshold_optimizer=ThresholdOptimizer(rule="sgd", lr=1.0))
     generator = torch.Generator().manual_seed(2)

@@ -68,6 +68,17 @@ def test_minibatch_quantile_seeds_the_first_visit_only(rule: str) -> None:
         assert new.exp_avg is None and new.exp_avg_sq is None
 
 
+def test_default_rule_steps_0_2_std_over_the_root_of_the_visits_floored_at_0_1() -> None:
+    # README: steps of 0.2 / sqrt(visits) score standard deviations, floored at 0.1, per unit of G / alpha.
+    rows = ThresholdRows(torch.full((3,), 0.5), torch.tensor([1, 4, 16], dtype=torch.int32), None, None)
+    score_std = torch.tensor([0.1, 0.1, 0.3])
+    far_below = torch.full((3,), -1.0)  # the stop at the batch quantile does not bind
+    new = thresholds.step(rows, torch.ones(3), far_below, 0, ThresholdOptimizer.default(), score_std)
+    expected = torch.tensor([0.5 - 0.2 * 0.1, 0.5 - 0.2 / 2 * 0.1, 0.5 - 0.1 * 0.3])  # 0.2 / 4 < 0.1: the floor
+    torch.testing.assert_close(new.threshold, expected)
+    assert new.visits.tolist() == [2, 5, 17]
+
+
 def test_without_a_batch_quantile_a_seeded_rule_steps_every_row() -> None:
     # None tells the rule that no row is on its first visit (the loss knows every sample was seen).
     optimizer = ThresholdOptimizer(rule="sgd", lr=0.5, init="minibatch_quantile")
