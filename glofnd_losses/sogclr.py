@@ -86,7 +86,8 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
             start_epoch,
             start_step,
             filter_start_epoch,
-            extra_fields={"u": Field(torch.float32, 0.0), "u_initialized": Field(torch.bool, 0.0)},
+            # A 0/1 byte, not bool: weight-averaging callbacks (Lightning's WeightAveraging) subtract buffers.
+            extra_fields={"u": Field(torch.float32, 0.0), "u_initialized": Field(torch.uint8, 0.0)},
         )
         self.temperature = float(temperature)
         self.gamma = float(gamma)
@@ -132,7 +133,7 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
                 kept.mask,
                 kept.count,
                 state_rows["u"],
-                state_rows["u_initialized"],
+                state_rows["u_initialized"].bool(),
                 self.gamma,
                 self.temperature,
             )

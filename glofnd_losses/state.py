@@ -43,7 +43,9 @@ class Field:
     """Declaration of one per-sample field.
 
     Attributes:
-        dtype: Storage dtype (``float32``, ``int32`` or ``bool``; all pack exactly into float64).
+        dtype: Storage dtype (``float32``, ``int32``, ``uint8`` or ``bool``; all pack exactly into
+            float64). Flags kept as ``uint8``, not ``bool``, survive weight averaging, which
+            subtracts buffers.
         init: Initial value of every row.
     """
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from glofnd_losses import GloFNDNTXent
+from glofnd_losses import GloFNDNTXent, GloFNDSogCLRLoss
 from glofnd_losses.integrations.lightly import GloFNDCallback
 
 NUM_ITEMS = 32  # data set items; the loss has one more row, MARKER, that no batch ever touches
@@ -28,12 +28,16 @@ def tiny_loader(batch_size: int = 8, seed: int = 0) -> DataLoader:
 
 
 class TinySimCLR(pl.LightningModule):
-    """A linear encoder with GloFNDNTXent; ``use_callback`` toggles the GloFND wiring."""
+    """A linear encoder with GloFNDNTXent (or GloFNDSogCLRLoss); ``use_callback`` toggles the GloFND wiring."""
 
-    def __init__(self, use_callback: bool = True, start_epoch: int = 0) -> None:
+    def __init__(self, use_callback: bool = True, start_epoch: int = 0, sogclr: bool = False) -> None:
         super().__init__()
         self.encoder = nn.Linear(6, 4)
-        self.criterion = GloFNDNTXent(NUM_ITEMS + 1, gather_distributed=True, alpha=0.1, start_epoch=start_epoch)
+        self.criterion: GloFNDNTXent | GloFNDSogCLRLoss = (
+            GloFNDSogCLRLoss(NUM_ITEMS + 1, alpha=0.1, start_epoch=start_epoch)
+            if sogclr
+            else GloFNDNTXent(NUM_ITEMS + 1, gather_distributed=True, alpha=0.1, start_epoch=start_epoch)
+        )
         self.use_callback = use_callback
         self.marker_at_start: float | None = None
         self.epochs_seen: list[int] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -171,8 +172,8 @@ def test_with_index_on_a_lightly_dataset_with_the_default_collate() -> None:
         assert torch.equal(targets, indices % 3) and list(filenames) == [str(i) for i in indices.tolist()]
 
 
-@pytest.mark.parametrize("averaging_first", [True, False])
-def test_weight_averaging_does_not_replace_the_loss_state(averaging_first: bool) -> None:
+@pytest.mark.parametrize(("averaging_first", "sogclr"), [(True, False), (False, False), (True, True)])
+def test_weight_averaging_does_not_replace_the_loss_state(averaging_first: bool, sogclr: bool) -> None:
     # Lightning's WeightAveraging copies every buffer of the module from its averaged copy when
     # training ends: the loss state must stay the one training left, whatever the callback order.
     from pytorch_lightning.callbacks import WeightAveraging
@@ -182,7 +183,7 @@ def test_weight_averaging_does_not_replace_the_loss_state(averaging_first: bool)
             self.state = {name: value.clone() for name, value in module.criterion.state.named_buffers()}
 
     torch.manual_seed(0)
-    module = TinySimCLR(use_callback=False)
+    module = TinySimCLR(use_callback=False, sogclr=sogclr)  # SogCLR: a 0/1 flag per sample, averaged too
     probe = LastTrainingState()
     glofnd, averaging = GloFNDCallback(), WeightAveraging()
     callbacks = [averaging, glofnd] if averaging_first else [glofnd, averaging]
@@ -190,3 +191,40 @@ def test_weight_averaging_does_not_replace_the_loss_state(averaging_first: bool)
     assert (probe.state["threshold"] < 1).any() and int(probe.state["threshold_visits"].max()) >= 2
     for name, value in module.criterion.state.named_buffers():
         assert torch.equal(value, probe.state[name]), name
+
+
+def test_weight_averaging_checkpoints_carry_the_schedule_position(tmp_path: Path) -> None:
+    # WeightAveraging writes its averaged copy's state_dict: its loss must be at training's epoch and step.
+    from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
+
+    torch.manual_seed(0)
+    module = TinySimCLR(start_epoch=1)
+    saving = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    trainer(max_steps=6, callbacks=[WeightAveraging(), saving], enable_checkpointing=True).fit(module, tiny_loader())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert "current_model_state" in checkpoint, "WeightAveraging did not write the checkpoint: the test is vacuous"
+    assert checkpoint["state_dict"]["criterion._extra_state"].tolist() == [1, 6]
+
+
+def test_resuming_from_the_last_batch_of_an_epoch_sets_the_next_epoch(tmp_path: Path) -> None:
+    # Lightning resumes such a checkpoint at the next epoch without calling on_train_epoch_start.
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    class EpochTrace(TinySimCLR):
+        def on_train_epoch_start(self) -> None:
+            self.epochs_seen.append(self.criterion.epoch)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.seen.append((self.current_epoch, self.criterion.epoch))
+            return super().training_step(batch, batch_idx)
+
+    for max_steps, resume in ((4, None), (8, "last")):  # 4 batches per epoch
+        module = EpochTrace(start_epoch=1)
+        module.seen = []
+        saving = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=4)
+        trainer(max_steps=max_steps, callbacks=[saving], enable_checkpointing=True).fit(
+            module, tiny_loader(), ckpt_path=resume
+        )
+    assert module.epochs_seen == [], "Lightning called on_train_epoch_start: the case is not the one tested"
+    assert module.seen == [(1, 1)] * 4
+    assert (module.criterion.thresholds[:MARKER] < 1).any()  # learned from epoch 1 = start_epoch

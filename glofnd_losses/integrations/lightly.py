@@ -205,14 +205,20 @@ class GloFNDCallback(pl.Callback):
       wraps the module in ``DistributedDataParallel``, so DDP neither broadcasts the loss state
       at wrapping nor before every forward (the state is already identical on every rank; the
       broadcast would only cost time and bandwidth).
-    * ``on_train_epoch_start``: ``loss.set_epoch(trainer.current_epoch)`` for every loss, so
-      ``start_epoch`` and ``filter_start_epoch`` work (also after resuming mid-epoch).
+    * ``on_train_epoch_start`` and ``on_train_batch_start``: ``loss.set_epoch(trainer.current_epoch)``
+      for every loss, so ``start_epoch`` and ``filter_start_epoch`` work, also after resuming
+      (from a checkpoint saved on an epoch's last batch Lightning starts the next epoch without
+      ``on_train_epoch_start``).
     * With Lightning's ``WeightAveraging`` (EMA, SWA) among the callbacks: that callback copies
       *every* buffer of the module from its averaged copy when training ends, which would replace
       the loss's per-sample state (thresholds, visit counts) by averaged or stale values. The
       state as training left it is kept at the end of each training epoch and put back in
       ``on_fit_end``, which runs after every callback's ``on_train_end``. Validation runs with
-      the averaged module, loss state included, as ``WeightAveraging`` intends.
+      the averaged module, loss state included, as ``WeightAveraging`` intends. The averaged
+      copy's losses follow the epoch and step of training, so the checkpoints it writes (the
+      averaged module's ``state_dict``) resume and validate at the right point of the schedule.
+      Lightning's older ``StochasticWeightAveraging`` runs one more training epoch to recompute
+      BatchNorm statistics, which the losses count and learn from: use ``WeightAveraging``.
 
     The loss state needs nothing here: it is made of buffers of the module, so it is in every
     Lightning checkpoint and restored with it.
@@ -240,6 +246,7 @@ class GloFNDCallback(pl.Callback):
         super().__init__()
         self.ignored_buffers: list[str] = []
         self._guards_weight_averaging = False
+        self._averaging_callbacks: list[pl.Callback] = []
         self._trained_states: list[dict[str, torch.Tensor]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -250,11 +257,26 @@ class GloFNDCallback(pl.Callback):
             )
         self.ignored_buffers = ignore_loss_buffers_in_ddp(pl_module)
         callbacks: list[pl.Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer.__init__
-        self._guards_weight_averaging = any(_averages_weights(callback) for callback in callbacks)
+        self._averaging_callbacks = [callback for callback in callbacks if _averages_weights(callback)]
+        self._guards_weight_averaging = bool(self._averaging_callbacks)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for loss in glofnd_losses_in(pl_module):
             loss.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        for loss in glofnd_losses_in(pl_module):
+            if loss.epoch != trainer.current_epoch:  # resumed from an epoch's last batch
+                loss.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        live = glofnd_losses_in(pl_module)
+        for callback in self._averaging_callbacks:
+            averaged = getattr(callback, "_average_model", None)  # WeightAveraging's copy, made in its setup
+            if averaged is None:
+                continue
+            for loss, copy in zip(live, glofnd_losses_in(averaged)):
+                copy.epoch, copy.step = loss.epoch, loss.step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._guards_weight_averaging:
