@@ -142,7 +142,6 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
         from accelerate.utils import gather
 
         check_equal_sizes(tensor)
-
         gathered: torch.Tensor = gather(tensor.contiguous())
         return gathered
     return _all_gather_cat(tensor)

@@ -206,6 +206,7 @@ def test_weight_averaging_checkpoints_carry_the_schedule_position(tmp_path: Path
     assert checkpoint["state_dict"]["criterion._extra_state"].tolist() == [1, 6]
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # the resumed run's own
 def test_resuming_from_the_last_batch_of_an_epoch_sets_the_next_epoch(tmp_path: Path) -> None:
     # Lightning resumes such a checkpoint at the next epoch without calling on_train_epoch_start.
     from pytorch_lightning.callbacks import ModelCheckpoint
