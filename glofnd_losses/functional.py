@@ -612,13 +612,18 @@ LOG_SUMMABLE = 88.0
 """``exp(LOG_SUMMABLE) ~ 1.7e38``: a sum of float32 terms whose total stays below it is finite."""
 
 
-def exponent_cap(columns: int) -> float:
-    """Largest exponent of :func:`kept_mean_exp`'s terms: ``columns`` of them sum finitely in float32.
+def row_sum_may_overflow(columns: int, largest_exponent: float) -> bool:
+    """Whether a row of ``columns`` float32 terms up to ``exp(largest_exponent)`` can sum past float32's range.
 
-    The comparison comes first: under ``torch.compile`` with a symbolic batch size it is a guard,
-    and only a batch beyond 2,900 columns takes the logarithm of its (then specialised) size.
+    A comparison of the size, not its logarithm: under ``torch.compile`` with a symbolic batch
+    size it is a guard, and the size is specialised only where the answer is yes (rare).
     """
-    if columns <= math.exp(LOG_SUMMABLE - MAX_EXPONENT):
+    return bool(columns > math.exp(LOG_SUMMABLE - largest_exponent))
+
+
+def exponent_cap(columns: int) -> float:
+    """Largest exponent of :func:`kept_mean_exp`'s terms: ``columns`` of them sum finitely in float32."""
+    if not row_sum_may_overflow(columns, MAX_EXPONENT):
         return MAX_EXPONENT
     return LOG_SUMMABLE - math.log(int(columns))
 
@@ -738,8 +743,8 @@ def sogclr_rows(
     exp_scores = torch.mul(scores.detach(), 1.0 / temperature)
     # Each term is at most exp(1 / tau), but a row of C of them can sum past float32's range (a
     # collapsed encoder at tau = 1/80 from C = 6,200): there every term is divided by C first.
-    columns = scores.shape[-1]  # compared, not logged: a guard where torch.compile's batch size is symbolic
-    divisor = float(int(columns)) if columns > math.exp(LOG_SUMMABLE - 1.0 / temperature) else 1.0
+    columns = scores.shape[-1]
+    divisor = float(int(columns)) if row_sum_may_overflow(columns, 1.0 / temperature) else 1.0
     if divisor > 1.0:
         exp_scores.sub_(math.log(divisor))
     exp_scores.exp_().mul_(keep)
