@@ -81,26 +81,48 @@ CASES = {
     "fastclip_plain": "GloFNDClipLoss fastclip (no detector)",
     "fastclip_glofnd": "GloFNDClipLoss fastclip (GloFND)",
 }
+LADDER_CASES = {
+    "sogclr_frozen": "GloFNDSogCLRLoss (GloFND, filter only)",
+    "sogclr_paper": "GloFNDSogCLRLoss (GloFND, paper's rule)",
+    "clip_minibatch_frozen": "GloFNDClipLoss minibatch (GloFND, filter only)",
+    "clip_minibatch_paper": "GloFNDClipLoss minibatch (GloFND, paper's rule)",
+    "fastclip_frozen": "GloFNDClipLoss fastclip (GloFND, filter only)",
+    "fastclip_paper": "GloFNDClipLoss fastclip (GloFND, paper's rule)",
+}
+"""Rungs of ``benchmarks/cost_ladder.py`` (not in this script's default run): ``filter only`` is the
+steady state's loss in ``eval()`` mode (the learned thresholds mask the negatives, nothing is
+learned or written), ``paper's rule`` learns with ``ThresholdOptimizer.paper()`` (no score spread,
+no stop at the batch quantile)."""
+ALL_CASES = {**CASES, **LADDER_CASES}
 CLIP_CASES = {
     "open_clip", "clip_minibatch_plain", "clip_minibatch", "clip_minibatch_reductions", "fastclip_plain",
-    "fastclip_glofnd",
+    "fastclip_glofnd", "clip_minibatch_frozen", "clip_minibatch_paper", "fastclip_frozen", "fastclip_paper",
 }  # fmt: skip
 
 
 def build(case: str, num_samples: int) -> Any:
     from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
 
+    optimizer = ThresholdOptimizer.paper() if case.endswith("_paper") else None
     if case == "open_clip":
         from open_clip.loss import ClipLoss
 
         return ClipLoss()
     if case.startswith("clip_minibatch"):
         return GloFNDClipLoss(
-            num_samples, estimator="minibatch", alpha=1e-3, detector=None if "plain" in case else "glofnd"
+            num_samples,
+            estimator="minibatch",
+            alpha=1e-3,
+            detector=None if "plain" in case else "glofnd",
+            threshold_optimizer=optimizer,
         )
     if case.startswith("fastclip"):
         return GloFNDClipLoss(
-            num_samples, estimator="fastclip", alpha=1e-3, detector=None if "plain" in case else "glofnd"
+            num_samples,
+            estimator="fastclip",
+            alpha=1e-3,
+            detector=None if "plain" in case else "glofnd",
+            threshold_optimizer=optimizer,
         )
     if case == "lightly_ntxent":
         from lightly.loss import NTXentLoss
@@ -112,7 +134,7 @@ def build(case: str, num_samples: int) -> Any:
         return GloFNDSogCLRLoss(num_samples, detector=None)
     if case == "sogclr_glofnd_no_stop":
         return GloFNDSogCLRLoss(num_samples, alpha=0.01, threshold_optimizer=ThresholdOptimizer.clipped())
-    return GloFNDSogCLRLoss(num_samples, alpha=0.01)
+    return GloFNDSogCLRLoss(num_samples, alpha=0.01, threshold_optimizer=optimizer)
 
 
 def settle(loss_fn: Any) -> None:
@@ -179,6 +201,8 @@ class Workload:
             if self.compiled:  # the steady state is a phase of its own (no first-visit work): compile it untimed
                 for _ in range(2):
                     self.step(self.draw())
+        if self.case.endswith("_frozen"):
+            self.loss_fn.eval()  # filters with the learned thresholds, learns and writes nothing
         return self
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -462,7 +486,7 @@ def main() -> None:
         help="measured processes keep freed memory for reuse (glibc settings; see the module docstring)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every loss (see the module docstring)")
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES), help="cases to measure")
+    parser.add_argument("--cases", nargs="+", choices=sorted(ALL_CASES), default=list(CASES), help="cases to measure")
     parser.add_argument(
         "--paired-blocks",
         type=int,
@@ -513,7 +537,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "device": device_name, "allocator": allocator, "mode": mode, "batches": {}, "scaling": {}
     }  # fmt: skip
-    cases = [case for case in CASES if case in args.cases]
+    cases = [case for case in ALL_CASES if case in args.cases]
     header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9} | {'topk rows':>9} | {'ops':>5}"
     print(header + "\n" + "-" * len(header))
     for batch in args.batch_sizes:
@@ -529,7 +553,7 @@ def main() -> None:
         results["batches"][batch] = rows
         for case, row in rows.items():
             print(
-                f"{batch:>6} | {CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f} "
+                f"{batch:>6} | {ALL_CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f} "
                 f"| {row['quantile_rows']:>9.3f} | {row['ops']:>5.0f}"
             )
     pairs = [

@@ -76,7 +76,7 @@ def main() -> None:
     from glofnd_losses import detectors, functional
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", nargs="+", choices=sorted(speed.CASES), default=["sogclr_glofnd"])
+    parser.add_argument("--case", nargs="+", choices=sorted(speed.ALL_CASES), default=["sogclr_glofnd"])
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -97,7 +97,7 @@ def main() -> None:
         workload.timed_steps(3)
         clock.reset()
         step_seconds = workload.timed_steps(args.steps)
-        print(f"\n{speed.CASES[case]}, batch {args.batch}: forward + backward {1e3 * step_seconds:.2f} ms per step")
+        print(f"\n{speed.ALL_CASES[case]}, batch {args.batch}: forward + backward {1e3 * step_seconds:.2f} ms per step")
         for label, seconds in clock.seconds.most_common():
             calls = clock.calls[label] / args.steps
             print(f"  {label:<24} {1e3 * seconds / args.steps:8.3f} ms per step  ({calls:.1f} calls)")
