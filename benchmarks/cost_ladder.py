@@ -43,12 +43,7 @@ EXTRA_PAIRS = (("CLIP minibatch, paper's rule / open_clip", "clip_minibatch_pape
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096])
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--num-samples", type=int, default=100_000)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--keep-freed-memory", action="store_true", help="as speed.py's flag")
+    speed.add_machine_arguments(parser)
     parser.add_argument("--paired-blocks", type=int, default=16, help="timed blocks per side, even")
     parser.add_argument("--steps-per-block", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the ratios as JSON")
@@ -59,9 +54,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     child_env: dict[str, str] | None = {**os.environ, **speed.KEEP_FREED_MEMORY} if args.keep_freed_memory else None
-    device_name = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    device_name = speed.device_label(args.device)
     print(
         f"device: {device_name}, torch {torch.__version__}, dim {args.dim}; time ratios against the same loss "
         f"without a detector, paired ({args.paired_blocks // 2} groups of A B B A blocks of {args.steps_per_block} "

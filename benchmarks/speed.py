@@ -468,22 +468,32 @@ def combine_rounds(runs: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments this script shares with the scripts that run its cases (``cost_ladder.py``)."""
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--num-samples", type=int, default=100_000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process (median taken)")
-    parser.add_argument("--rounds", type=int, default=3, help="processes per case, interleaved (median taken)")
-    parser.add_argument(
-        "--scaling-batch", type=int, default=512, help="batch of the data set size sweep (<= 1000; 0: no sweep)"
-    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--keep-freed-memory",
         action="store_true",
-        help="measured processes keep freed memory for reuse (glibc settings; see the module docstring)",
+        help="measured processes keep freed memory for reuse (glibc settings; see speed.py's docstring)",
+    )
+
+
+def device_label(device: str) -> str:
+    """The measuring machine, as the reports name it."""
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_machine_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process (median taken)")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per case, interleaved (median taken)")
+    parser.add_argument(
+        "--scaling-batch", type=int, default=512, help="batch of the data set size sweep (<= 1000; 0: no sweep)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every loss (see the module docstring)")
     parser.add_argument("--cases", nargs="+", choices=sorted(ALL_CASES), default=list(CASES), help="cases to measure")
@@ -525,9 +535,7 @@ def main() -> None:
         )  # fmt: skip
         return
 
-    device_name = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    device_name = device_label(args.device)
     allocator = "glibc keeps freed memory" if args.keep_freed_memory else "default allocator settings"
     mode = "torch.compile (inductor), every loss" if args.compile else "eager"
     print(
