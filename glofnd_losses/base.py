@@ -1,8 +1,10 @@
-"""Shared machinery of the GloFND losses: schedule, state, validation, detection, diagnostics.
+"""Shared machinery of the GloFND losses: schedule, state, validation, the step around the engine.
 
-Subclasses (the SogCLR, NT-Xent and CLIP losses) compute their similarity rows and loss; this
-class owns everything else: when thresholds learn and when they filter, the per-sample state and
-its one sync per step, input validation without host syncs, and the ``last_stats`` diagnostics.
+A loss's ``forward`` is a short sequence: begin the step (host settings), check the inputs,
+gather, run its banks through :mod:`glofnd_losses.engine`, apply its formula to the banks'
+results, commit the state rows, keep the diagnostics. Subclasses declare their per-sample fields
+(:meth:`GloFNDLossBase.add_state`) and their formulas; this class owns when thresholds learn and
+filter, the per-sample state and its one sync per step, and input validation without host syncs.
 """
 
 from __future__ import annotations
@@ -19,31 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from glofnd_losses import distributed, functional, host, validation
-from glofnd_losses.detectors import BatchRows, Detection, Detector, Step, make_detector
+from glofnd_losses import distributed, engine, functional, host, validation
+from glofnd_losses.detectors import Detector, Step, make_detector
 from glofnd_losses.host import LatchedHostFlag
 from glofnd_losses.state import Field, PerSampleState
 from glofnd_losses.thresholds import ThresholdOptimizer
 
 SEEDING_CHECK_INTERVAL = 256
 """Training steps between two non-blocking checks of whether every sample has been visited."""
-
-
-@dataclass
-class KeptNegatives:
-    """The negatives a loss keeps for one bank of rows, and what the detector flagged.
-
-    Attributes:
-        mask: ``(V, b, C)`` bool negatives kept in the loss (at least one per row).
-        count: ``(V, b)`` float32 kept negatives per row.
-        unflagged_count: ``(V, b)`` int32 negatives per row the detector did not flag.
-        detection: The detector's output (thresholds, updated state rows).
-    """
-
-    mask: torch.Tensor
-    count: torch.Tensor
-    unflagged_count: torch.Tensor
-    detection: Detection
 
 
 @dataclass(frozen=True)
@@ -78,21 +63,18 @@ class CheckedIndices:
 
 
 @dataclass
-class TwoViewBatch:
-    """The normalised, gathered inputs of a two-view (unimodal) loss.
+class TwoViewInputs:
+    """The normalised, gathered inputs of a two-view (unimodal) loss, as the engine's bank.
 
     Attributes:
-        scores: ``(2, b, 2B)`` float32 cosine rows with gradient (see
-            :func:`glofnd_losses.functional.two_view_scores`).
-        rows: The detached rows for the detector.
-        positive_index: ``(2, b)`` positive column of each row.
+        bank: Both views' local rows ``(2, b, d)`` against the global ``[A; B]`` columns.
         checked: The local data set indices and their check results.
+        global_size: Items in the global batch.
     """
 
-    scores: torch.Tensor
-    rows: BatchRows
-    positive_index: torch.Tensor
+    bank: engine.Bank
     checked: CheckedIndices
+    global_size: int
 
 
 class GloFNDLossBase(nn.Module):
@@ -110,8 +92,10 @@ class GloFNDLossBase(nn.Module):
             filter; for iterable data sets without epochs. Both conditions must hold.
         filter_start_epoch: First epoch in which flagged negatives leave the loss; defaults to
             ``start_epoch``; a later value warms the thresholds up first.
+        chunk_size: Anchors per chunk of the score rows (see :mod:`glofnd_losses.engine`); None
+            picks it from a memory budget so that peak memory stays flat as the batch grows; a
+            value at least the batch size computes the rows in one piece.
         banks: Threshold bank prefixes (one per anchor modality).
-        extra_fields: Further per-sample fields of the subclass (e.g. SogCLR's ``u``).
 
     Examples:
         See :class:`~glofnd_losses.GloFNDSogCLRLoss` and :class:`~glofnd_losses.GloFNDNTXent`.
@@ -126,8 +110,8 @@ class GloFNDLossBase(nn.Module):
         start_epoch: int,
         start_step: int,
         filter_start_epoch: int | None,
+        chunk_size: int | None = None,
         banks: Sequence[str] = ("",),
-        extra_fields: dict[str, Field] | None = None,
     ) -> None:
         super().__init__()
         num_samples = _positive_int(num_samples)
@@ -148,11 +132,13 @@ class GloFNDLossBase(nn.Module):
         self.start_epoch = start_epoch
         self.start_step = start_step
         self.filter_start_epoch = filter_start_epoch
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int (anchors per chunk) or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
         self.banks = tuple(banks)
         fields: dict[str, Field] = {}
         for prefix in self.banks:
             fields.update(self.detector.fields(prefix))
-        fields.update(extra_fields or {})
         self.state = PerSampleState(num_samples, fields)
         self.epoch = 0
         self.step = 0
@@ -166,6 +152,10 @@ class GloFNDLossBase(nn.Module):
         # A loop that never calls set_epoch stays in epoch 0: warned once after an epoch's worth of samples.
         self._epoch_was_set = False
         self._samples_in_epoch_zero = 0
+
+    def add_state(self, name: str, dtype: torch.dtype, init: float) -> None:
+        """Declare a per-sample field of the loss (one row per data set item, synced by index)."""
+        self.state.add(name, Field(dtype, init))
 
     # ------------------------------------------------------------------ schedule
     def set_epoch(self, epoch: int) -> None:
@@ -239,14 +229,12 @@ class GloFNDLossBase(nn.Module):
         """
         return torch.tensor([self.epoch, self.step], dtype=torch.int64)
 
-    def set_extra_state(self, state: torch.Tensor | dict[str, int]) -> None:
-        """Restore :meth:`get_extra_state`'s value (or the ``{"epoch", "step"}`` dict of earlier development builds)."""
-        if isinstance(state, dict):
-            epoch, step = state["epoch"], state["step"]
-        else:
-            if state.shape != (2,):
-                raise ValueError(f"the loss's extra state must be [epoch, step], shape (2,); got {tuple(state.shape)}")
-            epoch, step = state.tolist()
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Restore :meth:`get_extra_state`'s value."""
+        if not isinstance(state, torch.Tensor) or state.shape != (2,):
+            shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"the loss's extra state must be [epoch, step], a tensor of shape (2,); got {shape}")
+        epoch, step = state.tolist()
         self.epoch = int(epoch)
         self.step = int(step)
 
@@ -327,26 +315,20 @@ class GloFNDLossBase(nn.Module):
                 self._check_seeding()
             self._count_samples_without_epoch(local_size)
 
-    # ------------------------------------------------------------------ detection
-    def _detect(
-        self, rows: BatchRows, state_rows: dict[str, torch.Tensor], prefix: str, settings: StepSettings
-    ) -> KeptNegatives:
-        """Run the detector (learning from the batch if training) and build the loss's keep-mask."""
-        detection = self.detector.detect(rows, state_rows, prefix, settings.detector_step)
-        if detection.thresholds is None and detection.flagged is None:
-            full_count = torch.full(
-                rows.scores.shape[:2], rows.num_negatives, dtype=torch.int32, device=rows.scores.device
-            )
-            return KeptNegatives(rows.negatives.expand_as(rows.scores), full_count.float(), full_count, detection)
-        unflagged, unflagged_count = detection.unflagged, detection.unflagged_count
-        if unflagged is None or unflagged_count is None:
-            unflagged = detection.kept(rows)
-            unflagged_count = functional.count_true(unflagged)
-        if not settings.filtering:
-            full_count = torch.full_like(unflagged_count, rows.num_negatives)
-            return KeptNegatives(rows.negatives.expand_as(rows.scores), full_count.float(), unflagged_count, detection)
-        kept_count = functional.keep_nonempty_(unflagged, unflagged_count, rows.excluded, rows.num_negatives)
-        return KeptNegatives(unflagged, kept_count, unflagged_count, detection)
+    # ------------------------------------------------------------------ the engine
+    def _run_bank(
+        self,
+        bank: engine.Bank,
+        formula: engine.Formula,
+        state_rows: dict[str, torch.Tensor],
+        settings: StepSettings,
+        scale: torch.Tensor,
+    ) -> engine.BankResult:
+        """Run one bank of rows through the engine with this loss's detector and schedule."""
+        work = engine.Pass(
+            bank, formula, self.detector, state_rows, settings.detector_step, settings.filtering, self.chunk_size
+        )
+        return engine.run(work, scale)
 
     def _loss_without_negatives(self, inputs: Sequence[torch.Tensor], checked: CheckedIndices) -> torch.Tensor:
         """The loss of a batch whose contrast set is a single item: 0, and the state is unchanged.
@@ -376,30 +358,8 @@ class GloFNDLossBase(nn.Module):
             loss = loss + 0.0 * value.float().sum()
         return loss
 
-    def _stats(self, prefix: str, rows: BatchRows, kept: KeptNegatives) -> dict[str, torch.Tensor]:
-        """Per-step diagnostics as detached 0-d tensors (no host sync)."""
-        num_rows = float(rows.scores.shape[0] * rows.scores.shape[1])
-        total = num_rows * rows.num_negatives
-        kept_sum = kept.count.sum()
-        stats = {
-            f"{prefix}flagged_fraction": 1.0 - kept.unflagged_count.sum() / total,
-            f"{prefix}filtered_fraction": 1.0 - kept_sum / total,
-            f"{prefix}kept_negatives": kept_sum / num_rows,
-        }
-        if kept.detection.thresholds is not None:
-            stats[f"{prefix}mean_threshold"] = kept.detection.thresholds.mean()
-        if rows.anchor_labels is not None and rows.column_labels is not None:
-            from glofnd_losses.metrics import batch_precision_recall
-
-            same = rows.anchor_labels[:, None] == rows.column_labels[None, :]
-            flagged = rows.negatives & ~kept.detection.kept(rows)
-            precision, recall = batch_precision_recall(flagged, rows.negatives & same)
-            stats[f"{prefix}fn_precision"] = precision
-            stats[f"{prefix}fn_recall"] = recall
-        return {name: value.detach() for name, value in stats.items()}
-
     # ------------------------------------------------------------------ two-view inputs
-    def _two_view_batch(
+    def _two_view_inputs(
         self,
         view_a: torch.Tensor,
         view_b: torch.Tensor,
@@ -407,8 +367,9 @@ class GloFNDLossBase(nn.Module):
         labels: torch.Tensor | None,
         names: tuple[str, str],
         gather: bool,
-    ) -> TwoViewBatch:
-        """Validate, normalise in fp32, gather (with gradient) and build the similarity rows."""
+        row_weight: float,
+    ) -> TwoViewInputs:
+        """Validate, normalise in fp32 and gather (with gradient) the two views as one bank."""
         checked = self._validate([(names[0], view_a), (names[1], view_b)], indices)
         view_a = nn.functional.normalize(view_a.float(), dim=1)
         view_b = nn.functional.normalize(view_b.float(), dim=1)
@@ -420,21 +381,24 @@ class GloFNDLossBase(nn.Module):
         else:
             all_a, all_b, offset = view_a, view_b, 0
         anchors, columns = functional.two_view_features(view_a, view_b, all_a, all_b)
-        scores = anchors @ columns.T
         global_size = all_a.shape[0]
-        excluded = functional.two_view_excluded(local_size, global_size, offset, view_a.device)
-        negatives = functional.negative_mask(excluded, 2 * global_size)
         column_labels = None
         if labels is not None:
             validation.check_index_shape(labels, local_size, name="labels")
             labels = labels.to(view_a.device)
             batch_labels = distributed.gather_rows(labels) if use_gather else labels
             column_labels = torch.cat([batch_labels, batch_labels])
-        rows = BatchRows(
-            scores.detach(), excluded, negatives, labels, column_labels, (anchors.detach(), columns.detach())
+        bank = engine.Bank(
+            "",
+            anchors,
+            columns,
+            functional.two_view_excluded(local_size, global_size, offset, view_a.device),
+            functional.two_view_positives(local_size, global_size, offset, view_a.device),
+            row_weight,
+            labels,
+            column_labels,
         )
-        positive_index = functional.two_view_positives(local_size, global_size, offset, view_a.device)
-        return TwoViewBatch(scores, rows, positive_index, checked)
+        return TwoViewInputs(bank, checked, global_size)
 
     def _loss_settings(self) -> str:
         """The subclass's own settings, first in its ``repr``."""
@@ -447,6 +411,7 @@ class GloFNDLossBase(nn.Module):
             + f"num_samples={self.num_samples}, alpha={self.alpha}, detector={self.detector.name!r}, "
             + f"start_epoch={self.start_epoch}, start_step={self.start_step}, "
             + f"filter_start_epoch={self.filter_start_epoch}"
+            + (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "")
         )
 
 

@@ -7,31 +7,15 @@ from typing import Any, Literal
 
 import torch
 
-from glofnd_losses import distributed, functional, validation
-from glofnd_losses.base import GloFNDLossBase, KeptNegatives, StepSettings, autocast_disabled
-from glofnd_losses.detectors import BatchRows
+from glofnd_losses import distributed, engine, functional, validation
+from glofnd_losses.base import GloFNDLossBase, StepSettings, autocast_disabled
+from glofnd_losses.engine import RowInputs
+from glofnd_losses.functional import RowTerms
 from glofnd_losses.schedules import cosine_gamma
-from glofnd_losses.state import Field
 from glofnd_losses.thresholds import ThresholdOptimizer
 
 Estimator = Literal["minibatch", "sogclr", "fastclip"]
 _U_EPS = 1e-14
-
-
-def _global_rows(
-    scores: torch.Tensor, positive_index: torch.Tensor, keep: torch.Tensor, kept_count: torch.Tensor,
-    u_previous: torch.Tensor, gamma: float, logit_scale: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """FastCLIP's per-anchor ratio ``g / (u' + eps)`` and the updated ``u'`` for one modality.
-
-    ``g_i = mean_kept exp((s_ij - s_ii) * logit_scale)`` (the positive inside the exponential,
-    :func:`~glofnd_losses.functional.kept_mean_exp`), ``u' = (1 - gamma) u + gamma sg[g]``,
-    re-initialised to ``sg[g]`` where the old ``u`` is below 1e-35, infinite or NaN.
-    """
-    estimate = functional.kept_mean_exp(scores, logit_scale, positive_index, keep, kept_count)
-    fresh = (u_previous < 1e-35) | ~torch.isfinite(u_previous)
-    u_new = torch.where(fresh, estimate.detach(), (1.0 - gamma) * u_previous + gamma * estimate.detach())
-    return estimate / (u_new + _U_EPS), u_new
 
 
 class GloFNDClipLoss(GloFNDLossBase):
@@ -77,6 +61,8 @@ class GloFNDClipLoss(GloFNDLossBase):
         gamma_decay_epochs: Length of the schedule in epochs.
         start_step: First training step in which thresholds learn.
         filter_start_epoch: First epoch in which flagged negatives are removed.
+        chunk_size: Anchors per chunk of the score rows; None (default) keeps each chunk's scores
+            within a fixed memory budget, so peak memory stays flat as the batch grows.
 
     Examples:
         >>> import torch
@@ -108,6 +94,7 @@ class GloFNDClipLoss(GloFNDLossBase):
         gamma_decay_epochs: int = 18,
         start_step: int = 0,
         filter_start_epoch: int | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         if estimator not in ("minibatch", "sogclr", "fastclip"):
             raise ValueError(f"estimator must be 'minibatch', 'sogclr' or 'fastclip', got {estimator!r}")
@@ -117,13 +104,13 @@ class GloFNDClipLoss(GloFNDLossBase):
             raise ValueError(f"gamma must be in (0, 1] or None (cosine schedule), got {gamma}")
         if not 0 < gamma_min <= 1:
             raise ValueError(f"gamma_min must be in (0, 1], got {gamma_min}")
-        extra = {}
-        if estimator != "minibatch":
-            extra = {"u_image": Field(torch.float32, 0.0), "u_text": Field(torch.float32, 0.0)}
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch,
-            banks=("image_", "text_"), extra_fields=extra,
+            chunk_size, banks=("image_", "text_"),
         )  # fmt: skip
+        if estimator != "minibatch":
+            self.add_state("u_image", torch.float32, 0.0)
+            self.add_state("u_text", torch.float32, 0.0)
         self.estimator: Estimator = estimator
         self.temperature = float(temperature)
         self.rho = float(rho)
@@ -201,106 +188,97 @@ class GloFNDClipLoss(GloFNDLossBase):
             checked = self._validate(
                 [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
             )
-            images, texts = image_features.float(), text_features.float()
-            scale = torch.as_tensor(logit_scale, device=images.device).float()  # open_clip accepts a float too
-            if scale.numel() != 1:
-                raise ValueError(
-                    "logit_scale must be a scalar (a float, or a tensor of one element such as open_clip's "
-                    f"logit_scale.exp()), got shape {tuple(scale.shape)}"
-                )
-            scale = scale.reshape(())  # a (1,) scale must not make the loss (1,)
-            local_size = images.shape[0]
-            if distributed.is_distributed():
-                all_images, all_texts = distributed.gather_with_grad(images), distributed.gather_with_grad(texts)
-                offset = distributed.rank() * local_size
-            else:
-                all_images, all_texts, offset = images, texts, 0
-            global_size = all_images.shape[0]
-            if global_size == 1:
+            scale = _logit_scale(logit_scale, image_features.device)
+            banks = self._banks(image_features.float(), text_features.float(), labels)
+            if banks[0].columns.shape[0] == 1:
                 loss = self._loss_without_negatives([image_features, text_features, scale], checked)
                 return self._output(loss, output_dict)
-            excluded = functional.cross_modal_excluded(local_size, offset, images.device)
-            negatives = functional.negative_mask(excluded, global_size)
-            positive_index = torch.arange(local_size, device=images.device) + offset
-            column_labels = None
-            if labels is not None:
-                validation.check_index_shape(labels, local_size, name="labels")
-                labels = labels.to(images.device)
-                column_labels = distributed.gather_rows(labels) if distributed.is_distributed() else labels
             state_rows = self.state.read(checked.indices)
-            new_rows: dict[str, torch.Tensor] = {}
-            stats: dict[str, torch.Tensor] = {}
-            terms = []
-            image_scores = images @ all_texts.T
-            if distributed.is_distributed():  # the local texts against every image: rows of their own
-                text_scores, text_negatives = texts @ all_images.T, negatives
-            else:
-                # One process: the text rows are the columns of the (square) image rows, read in
-                # place. A contiguous copy would cost a transposing copy each way, each as slow as
-                # the GEMM on CPU; the text bank's elementwise work follows the view's layout
-                # (its reductions run across the rows), and its gradient adds to the image bank's
-                # without a transpose. The negative mask (all but the diagonal) is its own transpose.
-                text_scores, text_negatives = image_scores.t(), negatives.t()
-            banks = (
-                ("image_", image_scores, negatives, (images.detach()[None], all_texts.detach())),
-                ("text_", text_scores, text_negatives, (texts.detach()[None], all_images.detach())),
-            )
-            for prefix, bank_scores, bank_negatives, features in banks:
-                rows = BatchRows(bank_scores.detach()[None], excluded, bank_negatives, labels, column_labels, features)
-                kept = self._detect(rows, state_rows, prefix, settings)
-                new_rows.update(kept.detection.new_rows)
-                stats.update(self._stats(prefix, rows, kept))
-                terms.append(
-                    self._modality_term(
-                        prefix, bank_scores, positive_index, kept, state_rows, scale, new_rows, settings
-                    )
-                )
-            loss = self._combine(terms, scale, new_rows)
-        self._end_step(checked, new_rows, stats, local_size)
+            image, text = (self._run_bank(bank, self._formula(bank, settings), state_rows, settings,
+                                          self._exponent_scale(scale)) for bank in banks)  # fmt: skip
+            loss = self._combine(image, text, scale)
+        new_rows = {**image.new_rows, **text.new_rows, **image.outputs, **text.outputs}
+        self._end_step(checked, new_rows, {**image.stats, **text.stats}, image_features.shape[0])
         return self._output(loss, output_dict)
+
+    def _banks(
+        self, images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[engine.Bank, engine.Bank]:
+        """Image rows against the global texts and text rows against the global images."""
+        local_size = images.shape[0]
+        if distributed.is_distributed():
+            all_images, all_texts = distributed.gather_with_grad(images), distributed.gather_with_grad(texts)
+        else:
+            all_images, all_texts = images, texts
+        offset = distributed.rank() * local_size
+        excluded = functional.cross_modal_excluded(local_size, offset, images.device)
+        positive_index = excluded.T
+        column_labels = None
+        if labels is not None:
+            validation.check_index_shape(labels, local_size, name="labels")
+            labels = labels.to(images.device)
+            column_labels = distributed.gather_rows(labels) if distributed.is_distributed() else labels
+        # The minibatch loss averages the two directions; the global estimators add them.
+        row_weight = 1.0 / (2 * local_size) if self.estimator == "minibatch" else 1.0 / local_size
+        return (
+            engine.Bank("image_", images[None], all_texts, excluded, positive_index, row_weight, labels, column_labels),
+            engine.Bank("text_", texts[None], all_images, excluded, positive_index, row_weight, labels, column_labels),
+        )
 
     @staticmethod
     def _output(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _modality_term(
-        self,
-        prefix: str,
-        scores: torch.Tensor,
-        positive_index: torch.Tensor,
-        kept: KeptNegatives,
-        state_rows: dict[str, torch.Tensor],
-        scale: torch.Tensor,
-        new_rows: dict[str, torch.Tensor],
-        settings: StepSettings,
-    ) -> torch.Tensor:
-        """Per-anchor loss term ``(b,)`` of one modality; records the updated ``u`` in ``new_rows``.
+    def _exponent_scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
+        """The inverse temperature inside the exponentials: fixed for ``"sogclr"``, learned otherwise."""
+        if self.estimator == "sogclr":
+            return torch.full_like(logit_scale, 1.0 / self.temperature).detach()
+        return logit_scale
 
-        ``scores`` are the modality's ``(b, C)`` rows (in one process the text rows are a transposed view).
-        """
+    def _formula(self, bank: engine.Bank, settings: StepSettings) -> engine.Formula:
+        """The row formula of a bank: cross-entropy, or FastCLIP's ratio with its ``u`` update."""
         if self.estimator == "minibatch":
-            return functional.filtered_cross_entropy(
-                scores[None], scale, positive_index, kept.mask, kept.count, scores.shape[-1] - 1
-            )[0]
-        u_name = "u_image" if prefix == "image_" else "u_text"
+            return _cross_entropy
+        u_name = "u_image" if bank.prefix == "image_" else "u_text"
         gamma = settings.gamma
         assert gamma is not None  # set by this class's _begin_step
-        inverse_temperature = scale if self.estimator == "fastclip" else torch.full_like(scale, 1 / self.temperature)
-        ratio, u_new = _global_rows(
-            scores, positive_index, kept.mask[0], kept.count[0], state_rows[u_name], gamma, inverse_temperature
-        )
-        new_rows[u_name] = u_new
+
+        def ratio(rows: RowInputs) -> RowTerms:
+            """FastCLIP's ``g / (u' + eps)``, ``u' = (1 - gamma) u + gamma sg[g]`` (``sg[g]`` where ``u`` is unset)."""
+            terms = functional.kept_mean_exp_rows(rows.scores, rows.scale, rows.positive_index, rows.keep,
+                                                  rows.kept_count)  # fmt: skip
+            estimate, u_previous = terms.value[0], rows.state_rows[u_name]
+            fresh = (u_previous < 1e-35) | ~torch.isfinite(u_previous)
+            u_new = torch.where(fresh, estimate, (1.0 - gamma) * u_previous + gamma * estimate)
+            denominator = u_new + _U_EPS
+            return RowTerms(terms.value / denominator, terms.grad_scores.div_(denominator[:, None]), {u_name: u_new})
+
         return ratio
 
-    def _combine(
-        self, terms: list[torch.Tensor], scale: torch.Tensor, new_rows: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        image_term, text_term = terms
+    def _combine(self, image: engine.BankResult, text: engine.BankResult, scale: torch.Tensor) -> torch.Tensor:
+        """The estimator's loss from the two banks' terms."""
+        total = image.loss + text.loss
         if self.estimator == "minibatch":
-            return (image_term.mean() + text_term.mean()) / 2
-        total = (image_term + text_term).mean()
+            return total
         if self.estimator == "sogclr":
             return total + 0.0 * scale  # keep logit_scale in the graph for DDP
         tau = 1.0 / scale
-        log_u = torch.log(new_rows["u_image"] + _U_EPS) + torch.log(new_rows["u_text"] + _U_EPS)
+        log_u = torch.log(image.outputs["u_image"] + _U_EPS) + torch.log(text.outputs["u_text"] + _U_EPS)
         return tau.detach() * total + self.rho * tau + tau * 0.5 * log_u.mean()
+
+
+def _cross_entropy(rows: RowInputs) -> RowTerms:
+    return functional.cross_entropy_rows(
+        rows.scores, rows.scale, rows.positive_index, rows.keep, rows.kept_count, rows.num_negatives
+    )
+
+
+def _logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """open_clip's exponentiated scale as a 0-d float32 tensor (open_clip accepts a float too)."""
+    scale = torch.as_tensor(logit_scale, device=device).float()
+    if scale.numel() != 1:
+        raise ValueError(
+            "logit_scale must be a scalar (a float, or a tensor of one element such as open_clip's "
+            f"logit_scale.exp()), got shape {tuple(scale.shape)}"
+        )
+    return scale.reshape(())  # a (1,) scale must not make the loss (1,)

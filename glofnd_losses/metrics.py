@@ -21,10 +21,10 @@ import torch
 _SMOOTH = 1e-9
 
 
-def batch_precision_recall(
+def per_anchor_precision_recall(
     flagged: torch.Tensor, true_false_negatives: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean per-anchor precision and recall of the flagged negatives (tensors, no host sync).
+    """Per-anchor precision and recall of the flagged negatives, pooled over the anchor's rows.
 
     Args:
         flagged: ``(V, b, C)`` bool predictions (only negatives may be True).
@@ -32,15 +32,31 @@ def batch_precision_recall(
             the anchor's label).
 
     Returns:
-        Two 0-d float32 tensors: mean precision and mean recall over the ``b`` anchors.
+        Two ``(b,)`` float32 tensors. An anchor with no prediction has precision 1, one with no
+        true false negative recall 1.
     """
     truth = true_false_negatives.expand_as(flagged)
     # Per-anchor counts are exact in float32 (far below 2**24); no float64, which MPS lacks.
     true_positives = (flagged & truth).sum(dim=(0, 2)).to(torch.float32)
     predicted = flagged.sum(dim=(0, 2)).to(torch.float32)
     actual = truth.sum(dim=(0, 2)).to(torch.float32)
-    precision = (true_positives + _SMOOTH) / (predicted + _SMOOTH)
-    recall = (true_positives + _SMOOTH) / (actual + _SMOOTH)
+    return (true_positives + _SMOOTH) / (predicted + _SMOOTH), (true_positives + _SMOOTH) / (actual + _SMOOTH)
+
+
+def batch_precision_recall(
+    flagged: torch.Tensor, true_false_negatives: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-anchor precision and recall of the flagged negatives (tensors, no host sync).
+
+    Args:
+        flagged: ``(V, b, C)`` bool predictions (only negatives may be True).
+        true_false_negatives: ``(b, C)`` or ``(V, b, C)`` bool ground truth.
+
+    Returns:
+        Two 0-d float32 tensors: mean precision and mean recall over the ``b`` anchors
+        (:func:`per_anchor_precision_recall`).
+    """
+    precision, recall = per_anchor_precision_recall(flagged, true_false_negatives)
     return precision.mean(), recall.mean()
 
 

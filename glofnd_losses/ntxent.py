@@ -8,6 +8,8 @@ import torch
 
 from glofnd_losses import functional
 from glofnd_losses.base import GloFNDLossBase, autocast_disabled
+from glofnd_losses.engine import RowInputs
+from glofnd_losses.functional import RowTerms
 from glofnd_losses.thresholds import ThresholdOptimizer
 
 
@@ -36,6 +38,8 @@ class GloFNDNTXent(GloFNDLossBase):
         threshold_optimizer: GloFND's update rule (default :meth:`ThresholdOptimizer.default`).
         start_step: First training step in which thresholds learn (for data without epochs).
         filter_start_epoch: First epoch in which flagged negatives are removed.
+        chunk_size: Anchors per chunk of the score rows; None (default) keeps each chunk's scores
+            within a fixed memory budget, so peak memory stays flat as the batch grows.
 
     Examples:
         >>> import torch
@@ -60,6 +64,7 @@ class GloFNDNTXent(GloFNDLossBase):
         threshold_optimizer: ThresholdOptimizer | None = None,
         start_step: int = 0,
         filter_start_epoch: int | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         bank_size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size or (0,))
         if bank_size[0] != 0:  # lightly's rule: a bank of 0 items, (0,) or (0, dim), is no bank
@@ -71,7 +76,9 @@ class GloFNDNTXent(GloFNDLossBase):
             raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
         if not temperature > 0:  # lightly refuses only |temperature| < 1e-8; a negative one inverts the softmax
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        super().__init__(num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch)
+        super().__init__(
+            num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size
+        )
         self.temperature = float(temperature)
         self.gather_distributed = bool(gather_distributed)
 
@@ -100,20 +107,20 @@ class GloFNDNTXent(GloFNDLossBase):
         """
         settings = self._begin_step()
         with autocast_disabled(out0.device.type):
-            batch = self._two_view_batch(out0, out1, indices, labels, ("out0", "out1"), self.gather_distributed)
-            if batch.rows.num_negatives == 0:
-                return self._loss_without_negatives([out0, out1], batch.checked)
-            state_rows = self.state.read(batch.checked.indices)
-            kept = self._detect(batch.rows, state_rows, "", settings)
-            per_row = functional.filtered_cross_entropy(
-                batch.scores,
-                1.0 / self.temperature,
-                batch.positive_index,
-                kept.mask,
-                kept.count,
-                batch.rows.num_negatives,
-            )
-            loss = per_row.mean()
-            stats = self._stats("", batch.rows, kept)
-        self._end_step(batch.checked, kept.detection.new_rows, stats, out0.shape[0])
-        return loss
+            names = ("out0", "out1")
+            rows = 2 * out0.shape[0]
+            inputs = self._two_view_inputs(out0, out1, indices, labels, names, self.gather_distributed, 1.0 / rows)
+            if inputs.global_size == 1:
+                return self._loss_without_negatives([out0, out1], inputs.checked)
+            state_rows = self.state.read(inputs.checked.indices)
+            inverse_temperature = inputs.bank.anchors.new_full((), 1.0 / self.temperature)
+            result = self._run_bank(inputs.bank, cross_entropy, state_rows, settings, inverse_temperature)
+        self._end_step(inputs.checked, result.new_rows, result.stats, out0.shape[0])
+        return result.loss
+
+
+def cross_entropy(rows: RowInputs) -> RowTerms:
+    """NT-Xent's row formula: :func:`~glofnd_losses.functional.cross_entropy_rows` on a chunk."""
+    return functional.cross_entropy_rows(
+        rows.scores, rows.scale, rows.positive_index, rows.keep, rows.kept_count, rows.num_negatives
+    )

@@ -6,7 +6,8 @@ import torch
 
 from glofnd_losses import functional
 from glofnd_losses.base import GloFNDLossBase, autocast_disabled
-from glofnd_losses.state import Field
+from glofnd_losses.engine import RowInputs
+from glofnd_losses.functional import RowTerms
 from glofnd_losses.thresholds import ThresholdOptimizer
 
 MIN_TEMPERATURE = 1 / 80
@@ -45,6 +46,8 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         start_step: First training step in which thresholds learn (for data without epochs).
         filter_start_epoch: First epoch in which flagged negatives are removed (default
             ``start_epoch``).
+        chunk_size: Anchors per chunk of the score rows; None (default) keeps each chunk's scores
+            within a fixed memory budget, so peak memory stays flat as the batch grows.
 
     Examples:
         >>> import torch
@@ -70,6 +73,7 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         *,
         start_step: int = 0,
         filter_start_epoch: int | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         if not temperature >= MIN_TEMPERATURE:
             raise ValueError(
@@ -79,16 +83,11 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         super().__init__(
-            num_samples,
-            alpha,
-            detector,
-            threshold_optimizer,
-            start_epoch,
-            start_step,
-            filter_start_epoch,
-            # A 0/1 byte, not bool: weight-averaging callbacks (Lightning's WeightAveraging) subtract buffers.
-            extra_fields={"u": Field(torch.float32, 0.0), "u_initialized": Field(torch.uint8, 0.0)},
+            num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size
         )
+        self.add_state("u", torch.float32, 0.0)
+        # A 0/1 byte, not bool: weight-averaging callbacks (Lightning's WeightAveraging) subtract buffers.
+        self.add_state("u_initialized", torch.uint8, 0.0)
         self.temperature = float(temperature)
         self.gamma = float(gamma)
 
@@ -122,25 +121,28 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         """
         settings = self._begin_step()
         with autocast_disabled(z1.device.type):
-            batch = self._two_view_batch(z1, z2, indices, labels, ("z1", "z2"), gather=True)
-            if batch.rows.num_negatives == 0:
-                return self._loss_without_negatives([z1, z2], batch.checked)
-            state_rows = self.state.read(batch.checked.indices)
-            kept = self._detect(batch.rows, state_rows, "", settings)
-            per_row, u_new = functional.sogclr_rows(
-                batch.scores,
-                batch.positive_index,
-                kept.mask,
-                kept.count,
-                state_rows["u"],
-                state_rows["u_initialized"].bool(),
-                self.gamma,
-                self.temperature,
-            )
-            new_rows = dict(kept.detection.new_rows)
-            new_rows["u"] = u_new.mean(dim=0)
+            inputs = self._two_view_inputs(z1, z2, indices, labels, ("z1", "z2"), True, 1.0 / z1.shape[0])
+            if inputs.global_size == 1:
+                return self._loss_without_negatives([z1, z2], inputs.checked)
+            state_rows = self.state.read(inputs.checked.indices)
+            scale = inputs.bank.anchors.new_full((), 1.0 / self.temperature)  # not learned here: no gradient
+            result = self._run_bank(inputs.bank, self._rows, state_rows, settings, scale)
+            new_rows = {**result.new_rows, "u": result.outputs["u"]}
             new_rows["u_initialized"] = torch.ones_like(state_rows["u_initialized"])
-            loss = per_row.sum(dim=0).mean()
-            stats = self._stats("", batch.rows, kept)
-        self._end_step(batch.checked, new_rows, stats, z1.shape[0])
-        return loss
+        self._end_step(inputs.checked, new_rows, result.stats, z1.shape[0])
+        return result.loss
+
+    def _rows(self, rows: RowInputs) -> RowTerms:
+        """SogCLR's row formula (:func:`~glofnd_losses.functional.sogclr_rows`); ``u`` is the mean over the views."""
+        terms, u_new = functional.sogclr_rows(
+            rows.scores,
+            rows.positive_index,
+            rows.keep,
+            rows.kept_count,
+            rows.state_rows["u"],
+            rows.state_rows["u_initialized"].bool(),
+            self.gamma,
+            self.temperature,
+        )
+        terms.outputs["u"] = u_new.mean(dim=0)
+        return terms

@@ -87,9 +87,9 @@ class PerSampleState(nn.Module):
         if num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         self.num_samples = int(num_samples)
-        self.fields = dict(fields)
-        for name, field in self.fields.items():
-            self.register_buffer(name, torch.full((self.num_samples,), field.init, dtype=field.dtype), persistent=True)
+        self.fields: dict[str, Field] = {}
+        for name, field in fields.items():
+            self.add(name, field)
         self.loads = 0
         """How many times a state was loaded into this table (through any parent module or directly)."""
         self.register_load_state_dict_post_hook(_count_load)
@@ -121,6 +121,13 @@ class PerSampleState(nn.Module):
             if isinstance(value, torch.Tensor) and value.dtype != field.dtype:
                 state_dict[prefix + name] = value.to(field.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def add(self, name: str, field: Field) -> None:
+        """Declare one more field: a persistent buffer of ``num_samples`` rows at ``field.init``."""
+        if name in self.fields:
+            raise ValueError(f"per-sample field {name!r} is declared twice")
+        self.fields[name] = field
+        self.register_buffer(name, torch.full((self.num_samples,), field.init, dtype=field.dtype), persistent=True)
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, fields=({', '.join(self.fields)})"

@@ -66,11 +66,8 @@ class ThresholdOptimizer:
             batch quantile, so a step never carries it past the point where the batch's
             subgradient changes sign. With ``normalize_grad`` an upward step can be
             ``lr / alpha`` long when the scores jump (a fast-changing encoder): this keeps it
-            from overshooting to 1 and then recovering only at the downward rate. On CPU the
-            quantile is computed only for the anchors whose step may pass it (a ``topk`` for
-            those that cross it, two masked reductions or a short ``topk`` for those next to
-            it); on an accelerator, where selecting rows would need a host sync, a per-row
-            ``topk`` at every step.
+            from overshooting to 1 and then recovering only at the downward rate. Costs a
+            ``topk`` of each anchor's ``alpha`` tail per step.
         grad_clip: Clip the (normalised) subgradient to ``[-grad_clip, grad_clip]`` before the
             step, bounding a step at ``lr * grad_clip``. With ``normalize_grad`` the downward
             subgradient is at most 1, so ``grad_clip >= 1`` only shortens upward steps (scores
@@ -122,6 +119,14 @@ class ThresholdOptimizer:
             raise ValueError(f"step_unit must be 'similarity' or 'score_std', got {self.step_unit!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+
+    def needs_batch_quantile(self, all_seeded: bool) -> bool:
+        """Whether a step needs the batch quantile (the stop, or a first visit to seed).
+
+        Args:
+            all_seeded: Every sample is known to have been visited (no first visit is left).
+        """
+        return self.stop_at_batch_quantile or (self.init == "minibatch_quantile" and not all_seeded)
 
     @classmethod
     def paper(cls) -> ThresholdOptimizer:
@@ -211,7 +216,7 @@ def step(
     optimizer: ThresholdOptimizer,
     score_std: torch.Tensor | None = None,
 ) -> ThresholdRows:
-    """One update of the thresholds of a batch's anchors: :func:`propose`, then :func:`finish`.
+    """One update of the thresholds of a batch's anchors: :func:`_propose`, then :func:`_stop_and_seed`.
 
     Args:
         rows: Current rows (threshold, per-sample visit count, Adam's moments for ``rule="adam"``).
@@ -230,10 +235,10 @@ def step(
         to the batch quantile and takes no step; Adam's bias correction and the step-size
         decay count the visits after it.
     """
-    return finish(rows, propose(rows, subgradient, epoch, optimizer, score_std), batch_quantile, optimizer)
+    return _stop_and_seed(rows, _propose(rows, subgradient, epoch, optimizer, score_std), batch_quantile, optimizer)
 
 
-def propose(
+def _propose(
     rows: ThresholdRows,
     subgradient: torch.Tensor,
     epoch: int,
@@ -278,14 +283,14 @@ def propose(
     return ThresholdRows(threshold, visits.to(rows.visits.dtype), exp_avg, exp_avg_sq)
 
 
-def finish(
+def _stop_and_seed(
     rows: ThresholdRows, proposed: ThresholdRows, batch_quantile: torch.Tensor | None, optimizer: ThresholdOptimizer
 ) -> ThresholdRows:
     """Apply the stop at the batch quantile and the first-visit seed to a proposed step.
 
     Args:
         rows: Rows before the step.
-        proposed: :func:`propose`'s result.
+        proposed: :func:`_propose`'s result.
         batch_quantile: As in :func:`step`. Where the proposed threshold is known not to pass
             the quantile, ``proposed.threshold`` itself may stand in for it (the stop is then a
             no-op), except on a first visit with a seeded start.

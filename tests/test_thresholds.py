@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glofnd_losses import functional, thresholds
-from glofnd_losses.detectors import BatchRows, GloFNDDetector, Step
+from glofnd_losses.detectors import GloFNDDetector, ScoreChunk, Step
 from glofnd_losses.thresholds import ThresholdOptimizer, ThresholdRows
 
 
@@ -127,12 +127,12 @@ def test_bad_optimizer_settings_are_named(kwargs: dict, message: str) -> None:
 
 
 def test_normalize_grad_divides_the_subgradient_by_alpha() -> None:
-    from glofnd_losses.detectors import BatchRows, GloFNDDetector, Step
+    from glofnd_losses.detectors import GloFNDDetector, ScoreChunk, Step
     from glofnd_losses.functional import negative_mask
 
     scores = torch.tensor([[[0.9, 0.5, 0.2, 0.7]]])
     excluded = torch.tensor([[0]])
-    rows = BatchRows(scores, excluded, negative_mask(excluded, 4))
+    rows = ScoreChunk(scores, excluded, negative_mask(excluded, 4))
     state = {"threshold": torch.tensor([0.6]), "threshold_visits": torch.tensor([1], dtype=torch.int32)}
     optimizer = ThresholdOptimizer(rule="sgd", lr=0.01, normalize_grad=True)
     detection = GloFNDDetector(alpha=0.25, optimizer=optimizer).detect(rows, state, "", Step(learn=True, epoch=0))
@@ -151,80 +151,37 @@ def test_stop_at_batch_quantile_keeps_a_step_from_overshooting() -> None:
     torch.testing.assert_close(new.threshold, torch.tensor([0.4, 0.7, 0.55]))
 
 
-def dense_default_detection(
-    rows: BatchRows, state: dict[str, torch.Tensor], alpha: float, optimizer: ThresholdOptimizer
+def hand_default_detection(
+    scores: torch.Tensor, excluded: torch.Tensor, state: dict[str, torch.Tensor], alpha: float
 ) -> ThresholdRows:
-    """What the detector does on an accelerator: every row's quantile, then the step."""
+    """The default rule written out: subgradient / alpha, spread, pooled quantile, one step."""
     current = ThresholdRows.from_state(state, "")
-    subgradient = functional.threshold_subgradient(
-        rows.scores, rows.excluded, current.threshold, alpha, rows.num_negatives
-    )
-    score_std = functional.row_std(rows.scores).mean(dim=0)
-    proposed = thresholds.propose(current, subgradient / alpha, 0, optimizer, score_std)
-    quantile = functional.pooled_quantile(rows.scores, rows.excluded, alpha, rows.num_negatives)
-    return thresholds.finish(current, proposed, quantile, optimizer)
+    negatives = scores.shape[-1] - excluded.shape[-1]
+    subgradient = functional.threshold_subgradient(scores, excluded, current.threshold, alpha, negatives)
+    score_std = scores.std(dim=-1).mean(dim=0)
+    quantile = functional.pooled_quantile(scores, excluded, alpha, negatives)
+    return thresholds.step(current, subgradient / alpha, quantile, 0, ThresholdOptimizer.default(), score_std)
 
 
 @pytest.mark.parametrize("views", [1, 2])
-def test_quantile_only_for_rows_that_need_it_is_exact(
-    views: int, straddling_by: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # On CPU the default rule computes the batch quantile only for first visits and for anchors whose
-    # step may pass it. Scores rounded to 1/64 (many ties, thresholds landing on score values) and a
-    # drift that makes some steps pass the quantile: every step must equal the all-rows computation,
-    # whichever way the anchors next to their quantile find it (the straddling_by fixture).
+def test_detector_takes_the_default_rule_step_and_flags_above_the_new_threshold(views: int) -> None:
+    # Scores rounded to 1/64 (many ties, thresholds landing on score values) and a drift that makes
+    # some steps pass the batch quantile, over 30 steps from the first visit.
     alpha, anchors, columns = 0.05, 24, 80
-    optimizer = ThresholdOptimizer.default()
-    detector = GloFNDDetector(alpha, optimizer)
-    rows_per_call: list[int] = []
-    original = functional.pooled_quantile
-
-    def recording(scores: torch.Tensor, *args: object) -> torch.Tensor:
-        rows_per_call.append(scores.shape[1])
-        return original(scores, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(functional, "pooled_quantile", recording)
+    detector = GloFNDDetector(alpha, ThresholdOptimizer.default())
     generator = torch.Generator().manual_seed(views)
     excluded = torch.stack([torch.arange(anchors), torch.arange(anchors) + anchors], dim=1)
+    negatives = functional.negative_mask(excluded, columns)
     state = {"threshold": torch.ones(anchors), "threshold_visits": torch.zeros(anchors, dtype=torch.int32)}
-    selected_later = 0
     for step_number in range(30):
         drift = 0.3 * math.sin(step_number / 4)
         noise = torch.randn(views, anchors, columns, generator=generator) * 0.2
         scores = ((noise + drift).clamp(-1, 1) * 64).round() / 64
-        rows = BatchRows(scores, excluded, functional.negative_mask(excluded, columns))
-        expected = dense_default_detection(rows, state, alpha, optimizer)
-        rows_per_call.clear()
-        detection = detector.detect(rows, state, "", Step(learn=True, epoch=0))
-        assert detection.thresholds is not None and detection.unflagged is not None
+        expected = hand_default_detection(scores, excluded, state, alpha)
+        detection = detector.detect(ScoreChunk(scores, excluded, negatives), state, "", Step(learn=True, epoch=0))
+        assert detection.thresholds is not None and detection.flagged is not None
         assert torch.equal(detection.thresholds, expected.threshold), step_number
-        keep = functional.keep_at_or_below(scores, excluded, expected.threshold)
-        assert torch.equal(detection.unflagged, keep)
-        assert torch.equal(detection.unflagged_count, keep.sum(dim=-1, dtype=torch.int32))
+        assert torch.equal(detection.flagged, (scores > expected.threshold[None, :, None]) & negatives)
         for name, value in expected.to_state("").items():
             assert torch.equal(detection.new_rows[name], value), name
         state = detection.new_rows
-        if step_number == 0:
-            assert rows_per_call == [anchors]  # every anchor's first visit
-        else:
-            assert sum(rows_per_call) < anchors  # not every row needed it
-            selected_later += sum(rows_per_call)
-    assert selected_later > 0  # and the stop was checked by a quantile after the first visits
-
-
-def test_may_pass_quantile_covers_every_step_past_the_quantile() -> None:
-    # Brute force: for thresholds on and between score values, every anchor whose new threshold is past
-    # its pooled batch quantile (in its direction of travel) is selected, and most others are not.
-    generator = torch.Generator().manual_seed(0)
-    alpha, negatives = 0.1, 30
-    scores = (torch.rand(2, 200, negatives, generator=generator) * 16).round() / 16
-    excluded = torch.zeros(200, 0, dtype=torch.int64)
-    quantile = functional.pooled_quantile(scores, excluded, alpha, negatives)
-    new = (torch.rand(200, generator=generator) * 18).round() / 16 - 1 / 16
-    upward = torch.rand(200, generator=generator) < 0.5
-    above = (scores > new[None, :, None]).sum(dim=(0, 2))
-    selected = functional.may_pass_quantile(above, upward, alpha, 2 * negatives)
-    passed = torch.where(upward, new > quantile, new < quantile)
-    assert passed.any() and (~passed).any()
-    assert not (passed & ~selected).any()
-    assert (~selected).sum() > 50

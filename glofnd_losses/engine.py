@@ -1,0 +1,281 @@
+"""The chunked engine: every loss of the package runs its score rows through it.
+
+A :class:`Bank` is one set of anchor rows (``(V, b, d)``: ``V`` rows per anchor) against one set
+of columns (``(C, d)``, the gathered batch). The engine takes the anchors in chunks; for a chunk
+it computes the float32 scores, lets the detector flag (and learn), builds the keep-mask, and
+asks the loss's formula for each row's value and its gradient with respect to the row's scores.
+Then, while the chunk is still at hand, it adds the chunk's share of the feature gradients
+(``dS @ columns`` to the anchors, ``dS^T @ anchors`` to the columns) and of the scale's gradient,
+and drops every ``c x C`` intermediate. Every quantity of the method belongs to one anchor's rows
+(its counts, spread, batch quantile, log-sum-exp or ``u`` terms), so chunking is exact.
+
+The backward of :class:`_ChunkedLoss` only scales those gradients by the incoming one: no
+recomputation, and the same three matrix products per bank as autograd through a dense loss.
+Peak memory is ``O(chunk x C + (b + C) x d)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from glofnd_losses import functional
+from glofnd_losses.detectors import Detection, Detector, ScoreChunk, Step
+from glofnd_losses.functional import RowTerms
+
+SCORE_CHUNK_BYTES = 32 * 2**20
+"""Default size of one chunk's float32 scores (``V x c x C x 4`` bytes); the chunk's other
+intermediates (masks, exponentials, their gradient) take about three times as much again."""
+
+Formula = Callable[["RowInputs"], RowTerms]
+"""A loss's formula: per-row values and score gradients of a chunk (see :class:`RowInputs`)."""
+
+
+@dataclass
+class Bank:
+    """One set of anchor rows against one set of columns.
+
+    Attributes:
+        prefix: Name prefix of the bank's threshold fields (``""``, ``"image_"``, ``"text_"``).
+        anchors: ``(V, b, d)`` float32 anchor embeddings (with gradient where the loss needs one).
+        columns: ``(C, d)`` float32 column embeddings.
+        excluded: ``(b, E)`` columns of each anchor that are not negatives.
+        positive_index: ``(V, b)`` positive column of each row.
+        row_weight: Weight of every row's value in the loss (e.g. ``1 / rows`` for a mean).
+        anchor_labels: ``(b,)`` labels of the anchors, or None.
+        column_labels: ``(C,)`` labels of the columns, or None.
+    """
+
+    prefix: str
+    anchors: torch.Tensor
+    columns: torch.Tensor
+    excluded: torch.Tensor
+    positive_index: torch.Tensor
+    row_weight: float
+    anchor_labels: torch.Tensor | None = None
+    column_labels: torch.Tensor | None = None
+
+
+@dataclass
+class RowInputs:
+    """What a formula sees of a chunk.
+
+    Attributes:
+        scores: ``(V, c, C)`` float32 scores (detached).
+        positive_index: ``(V, c)`` positive column of each row.
+        keep: ``(V, c, C)`` bool negatives kept in the loss (at least one per row).
+        kept_count: ``(V, c)`` float32 kept negatives per row.
+        state_rows: The chunk anchors' stored per-sample rows (``(c,)`` each).
+        scale: 0-d inverse temperature.
+        num_negatives: Negatives per row before filtering.
+    """
+
+    scores: torch.Tensor
+    positive_index: torch.Tensor
+    keep: torch.Tensor
+    kept_count: torch.Tensor
+    state_rows: dict[str, torch.Tensor]
+    scale: torch.Tensor
+    num_negatives: int
+
+
+@dataclass
+class BankResult:
+    """What the engine returns for a bank.
+
+    Attributes:
+        loss: 0-d ``sum(row_weight * value)`` with the gradients of the formula.
+        new_rows: Per-sample fields the detector learned, ``(b,)`` each.
+        outputs: Per-anchor results of the formula, ``(b,)`` each.
+        stats: Per-step diagnostics (detached 0-d tensors, named with the bank's prefix).
+    """
+
+    loss: torch.Tensor
+    new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Pass:
+    """Everything a bank's pass needs besides the tensors that receive gradients.
+
+    Attributes:
+        bank: The bank.
+        formula: The loss's per-row formula.
+        detector: The loss's detector.
+        state_rows: Stored rows of the bank's anchors, ``(b,)`` each.
+        step: What the detector knows about the step.
+        filtering: Whether flagged negatives leave the loss.
+        chunk_size: Anchors per chunk, or None for :data:`SCORE_CHUNK_BYTES`.
+    """
+
+    bank: Bank
+    formula: Formula
+    detector: Detector
+    state_rows: dict[str, torch.Tensor]
+    step: Step
+    filtering: bool
+    chunk_size: int | None
+
+
+def chunk_anchors(chunk_size: int | None, views: int, columns: int, anchors: int) -> int:
+    """Anchors per chunk: ``chunk_size``, or as many as keep the chunk's scores under the budget."""
+    if chunk_size is None:
+        chunk_size = SCORE_CHUNK_BYTES // (4 * views * max(columns, 1))
+    return max(1, min(int(chunk_size), anchors))
+
+
+def run(work: Pass, scale: torch.Tensor) -> BankResult:
+    """The bank's loss term, learned state rows, formula outputs and diagnostics.
+
+    Args:
+        work: The pass.
+        scale: 0-d float32 inverse temperature; its gradient is the loss's where it requires one.
+    """
+    result = BankResult(torch.zeros(()))
+    bank = work.bank
+    loss: torch.Tensor = _ChunkedLoss.apply(bank.anchors, bank.columns, scale, work, result)
+    result.loss = loss
+    return result
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """A bank's loss, with the gradients of its inputs computed chunk by chunk in the forward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, work: Pass, result: BankResult
+    ) -> torch.Tensor:
+        wanted = ctx.needs_input_grad[:3]
+        gradients = _Gradients.zeros(anchors, columns, scale, wanted)
+        totals = _Totals()
+        size = chunk_anchors(work.chunk_size, anchors.shape[0], columns.shape[0], anchors.shape[1])
+        for start in range(0, anchors.shape[1], size):
+            _chunk(work, anchors, columns, scale, start, min(start + size, anchors.shape[1]), gradients, totals)
+        result.new_rows, result.outputs = totals.per_anchor(totals.new_rows), totals.per_anchor(totals.outputs)
+        num_negatives = columns.shape[0] - work.bank.excluded.shape[1]
+        result.stats = totals.stats(work.bank.prefix, anchors.shape[0] * anchors.shape[1], num_negatives)
+        ctx.save_for_backward(*gradients.tensors())
+        ctx.wanted = wanted
+        return totals.loss * work.bank.row_weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_loss if wanted else None for wanted in ctx.wanted]
+        return (*grads, None, None)
+
+
+@dataclass
+class _Gradients:
+    """Gradients of the bank's weighted loss, filled chunk by chunk (None where not wanted)."""
+
+    anchors: torch.Tensor | None
+    columns: torch.Tensor | None
+    scale: torch.Tensor | None
+
+    @classmethod
+    def zeros(
+        cls, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, wanted: tuple[bool, ...]
+    ) -> _Gradients:
+        tensors = (anchors, columns, scale)
+        return cls(*(torch.zeros_like(tensor) if need else None for tensor, need in zip(tensors, wanted)))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [tensor for tensor in (self.anchors, self.columns, self.scale) if tensor is not None]
+
+    def add(self, grad_scores: torch.Tensor, scores: torch.Tensor, anchors: torch.Tensor, columns: torch.Tensor,
+            scale: torch.Tensor, rows: slice) -> None:  # fmt: skip
+        """Add a chunk's share: ``grad_scores`` ``(V, c, C)`` is ``d loss / d scores`` of its rows."""
+        if self.anchors is not None:
+            self.anchors[:, rows] = grad_scores @ columns
+        if self.columns is not None:
+            self.columns.addmm_(grad_scores.flatten(0, 1).mT, anchors.flatten(0, 1))
+        if self.scale is not None:
+            # The loss depends on the scale only through the logits scale * s: d / d scale is
+            # sum(d loss / d s * s) / scale.
+            self.scale += (grad_scores * scores).sum() / scale
+
+
+@dataclass
+class _Totals:
+    """Sums and per-anchor pieces gathered over the chunks."""
+
+    loss: torch.Tensor | float = 0.0
+    new_rows: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    outputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    flagged: torch.Tensor | float = 0.0
+    kept: torch.Tensor | float = 0.0
+    thresholds: list[torch.Tensor] = field(default_factory=list)
+    precision: list[torch.Tensor] = field(default_factory=list)
+    recall: list[torch.Tensor] = field(default_factory=list)
+
+    @staticmethod
+    def per_anchor(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not pieces or not pieces[0]:
+            return {}
+        return {name: torch.cat([piece[name] for piece in pieces]) for name in pieces[0]}
+
+    def stats(self, prefix: str, rows: int, num_negatives: int) -> dict[str, torch.Tensor]:
+        """Diagnostics of the bank over ``rows`` rows of ``num_negatives`` negatives each."""
+        total = float(rows * num_negatives)
+        stats: dict[str, Any] = {
+            "flagged_fraction": self.flagged / total,
+            "filtered_fraction": 1.0 - self.kept / total,
+            "kept_negatives": self.kept / rows,
+        }
+        if self.thresholds:
+            stats["mean_threshold"] = torch.cat([part.flatten() for part in self.thresholds]).mean()
+        if self.precision:
+            stats["fn_precision"] = torch.cat(self.precision).mean()
+            stats["fn_recall"] = torch.cat(self.recall).mean()
+        return {f"{prefix}{name}": torch.as_tensor(value).detach() for name, value in stats.items()}
+
+
+def _chunk(work: Pass, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, start: int, stop: int,
+           gradients: _Gradients, totals: _Totals) -> None:  # fmt: skip
+    """One chunk of anchors: scores, detection, keep-mask, formula, gradients; nothing ``c x C`` is kept."""
+    bank, rows = work.bank, slice(start, stop)
+    chunk_anchors_ = anchors[:, rows]
+    scores = chunk_anchors_ @ columns.mT
+    excluded = bank.excluded[rows]
+    labels = None if bank.anchor_labels is None else bank.anchor_labels[rows]
+    chunk = ScoreChunk(scores, excluded, functional.negative_mask(excluded, scores.shape[-1]), labels,
+                       bank.column_labels)  # fmt: skip
+    state_rows = {name: values[rows] for name, values in work.state_rows.items()}
+    detection = work.detector.detect(chunk, state_rows, bank.prefix, work.step)
+    keep = chunk.negatives.expand_as(scores)
+    if detection.flagged is not None and work.filtering:
+        keep = keep & ~detection.flagged
+    keep, kept_count = functional.keep_nonempty(keep, chunk.negatives)
+    terms = work.formula(
+        RowInputs(scores, bank.positive_index[:, rows], keep, kept_count, state_rows, scale, chunk.num_negatives)
+    )
+    totals.loss = totals.loss + terms.value.sum()
+    totals.new_rows.append(detection.new_rows)
+    totals.outputs.append(terms.outputs)
+    totals.kept = totals.kept + kept_count.sum()
+    if detection.flagged is not None:
+        totals.flagged = totals.flagged + detection.flagged.sum()
+        _record_quality(chunk, detection, totals)
+    if detection.thresholds is not None:
+        totals.thresholds.append(detection.thresholds)
+    grad_scores = terms.grad_scores.mul_(bank.row_weight)
+    gradients.add(grad_scores, scores, chunk_anchors_, columns, scale, rows)
+
+
+def _record_quality(chunk: ScoreChunk, detection: Detection, totals: _Totals) -> None:
+    """Per-anchor precision and recall of the flagged negatives, where labels are given."""
+    same = chunk.same_label()
+    if same is None or detection.flagged is None:
+        return
+    from glofnd_losses.metrics import per_anchor_precision_recall
+
+    precision, recall = per_anchor_precision_recall(detection.flagged, same)
+    totals.precision.append(precision)
+    totals.recall.append(recall)
