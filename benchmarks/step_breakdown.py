@@ -3,8 +3,8 @@
 Runs one ``benchmarks/speed.py`` case in its steady state (the same data, warm-up and settled
 state as there) and wraps the functions below with a clock, so that each line is the time spent
 inside that function per step, wherever in the step it is called, its callees included: lines
-overlap (``detect`` contains the functional calls the detector makes, ``count_above`` contains
-a ``count_true``; ``forward + backward`` is the whole step). The wrappers add a few
+overlap (``detect`` contains the functional calls the detector makes, ``threshold_subgradient``
+contains a ``count_above``; ``forward + backward`` is the whole step). The wrappers add a few
 microseconds per call, so read the figures at batch 1024 and up, and compare the lines of one case
 only: the cases run one after the other and this machine's speed drifts between them. This is a
 diagnostic for where to look, not a benchmark (``speed.py``'s paired ratios compare cases).
@@ -28,9 +28,8 @@ from typing import Any
 import torch
 
 FUNCTIONAL = (
-    "two_view_features", "count_above", "row_std", "row_std_from_features", "keep_at_or_below", "count_true",
-    "straddled_quantile", "pooled_quantile", "select_anchors", "keep_nonempty_", "filtered_cross_entropy",
-    "sogclr_rows", "kept_mean_exp",
+    "negative_mask", "threshold_subgradient", "row_std", "pooled_quantile", "minibatch_quantile", "keep_nonempty",
+    "cross_entropy_rows", "sogclr_rows", "kept_mean_exp_rows",
 )  # fmt: skip
 """Functions of :mod:`glofnd_losses.functional` that are timed."""
 

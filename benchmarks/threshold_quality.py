@@ -37,7 +37,7 @@ test, ``start_epoch=0``) whose thresholds update in place; ``set_epoch`` is call
 
 Baseline: FNC's threshold, the per-row mini-batch ``(1 - alpha)``-quantile
 (:func:`glofnd_losses.functional.minibatch_quantile` over the rows of
-:func:`glofnd_losses.functional.two_view_scores`, each anchor's own two columns excluded via
+:func:`glofnd_losses.functional.two_view_features`, each anchor's own two columns excluded via
 :func:`~glofnd_losses.functional.two_view_excluded`),
 on the same batches. ``FNC (per row)`` scores each view row's own quantile (what FNC uses);
 ``FNC (mean of 2 rows)`` scores the mean of an anchor's two rows (close to the quantile of the
@@ -301,7 +301,8 @@ def run_fnc(scenario: Scenario, orders: Sequence[torch.Tensor], cfg: Config) -> 
         indices: list[torch.Tensor] = []
         for index in batches(order, size):
             a, b = view_a[index], view_b[index]
-            scores = functional.two_view_scores(a, b, a, b)
+            anchors, columns = functional.two_view_features(a, b, a, b)
+            scores = anchors @ columns.T
             per_row.append(functional.minibatch_quantile(scores, excluded, cfg.alpha, num_negatives))
             indices.append(index)
         quantiles = torch.cat(per_row, dim=1)  # (2, items seen this epoch)

@@ -567,7 +567,8 @@ def minibatch_thresholds(
         order = torch.randperm(num_items, generator=generator)
         for batch in order[: num_items // batch_size * batch_size].view(-1, batch_size).to(view_a.device):
             a, b = view_a[batch], view_b[batch]
-            scores = functional.two_view_scores(a, b, a, b)
+            anchors, columns = functional.two_view_features(a, b, a, b)
+            scores = anchors @ columns.T
             thresholds.append(functional.minibatch_quantile(scores, excluded, alpha, 2 * (batch_size - 1)))
             items.append(batch)
     return torch.cat(thresholds, dim=1), torch.cat(items)

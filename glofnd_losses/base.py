@@ -132,7 +132,9 @@ class GloFNDLossBase(nn.Module):
         self.start_epoch = start_epoch
         self.start_step = start_step
         self.filter_start_epoch = filter_start_epoch
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive int (anchors per chunk) or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
         self.banks = tuple(banks)

@@ -9,8 +9,8 @@ Then, while the chunk is still at hand, it adds the chunk's share of the feature
 and drops every ``c x C`` intermediate. Every quantity of the method belongs to one anchor's rows
 (its counts, spread, batch quantile, log-sum-exp or ``u`` terms), so chunking is exact.
 
-The backward of :class:`_ChunkedLoss` only scales those gradients by the incoming one: no
-recomputation, and the same three matrix products per bank as autograd through a dense loss.
+The backward only scales those gradients by the incoming one: no recomputation, and the same
+three matrix products per bank as autograd through a dense loss.
 Peak memory is ``O(chunk x C + (b + C) x d)``.
 """
 
@@ -132,43 +132,60 @@ def chunk_anchors(chunk_size: int | None, views: int, columns: int, anchors: int
 def run(work: Pass, scale: torch.Tensor) -> BankResult:
     """The bank's loss term, learned state rows, formula outputs and diagnostics.
 
+    The chunks run without autograd; the loss term then carries the gradients they computed
+    (:class:`_WithGradients`), so a backward costs one multiplication per input.
+
     Args:
         work: The pass.
         scale: 0-d float32 inverse temperature; its gradient is the loss's where it requires one.
     """
-    result = BankResult(torch.zeros(()))
     bank = work.bank
-    loss: torch.Tensor = _ChunkedLoss.apply(bank.anchors, bank.columns, scale, work, result)
-    result.loss = loss
-    return result
-
-
-class _ChunkedLoss(torch.autograd.Function):
-    """A bank's loss, with the gradients of its inputs computed chunk by chunk in the forward."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, work: Pass, result: BankResult
-    ) -> torch.Tensor:
-        wanted = ctx.needs_input_grad[:3]
-        gradients = _Gradients.zeros(anchors, columns, scale, wanted)
+    inputs = (bank.anchors, bank.columns, scale)
+    wanted = [torch.is_grad_enabled() and tensor.requires_grad for tensor in inputs]
+    with torch.no_grad():
+        anchors, columns, scale_value = (tensor.detach() for tensor in inputs)
+        gradients = _Gradients.zeros(anchors, columns, scale_value, wanted)
         totals = _Totals()
         size = chunk_anchors(work.chunk_size, anchors.shape[0], columns.shape[0], anchors.shape[1])
         for start in range(0, anchors.shape[1], size):
-            _chunk(work, anchors, columns, scale, start, min(start + size, anchors.shape[1]), gradients, totals)
-        result.new_rows, result.outputs = totals.per_anchor(totals.new_rows), totals.per_anchor(totals.outputs)
-        num_negatives = columns.shape[0] - work.bank.excluded.shape[1]
-        result.stats = totals.stats(work.bank.prefix, anchors.shape[0] * anchors.shape[1], num_negatives)
-        ctx.save_for_backward(*gradients.tensors())
-        ctx.wanted = wanted
-        return totals.loss * work.bank.row_weight
+            stop = min(start + size, anchors.shape[1])
+            _chunk(work, anchors, columns, scale_value, start, stop, gradients, totals)
+        value = torch.as_tensor(totals.loss) * bank.row_weight
+    num_negatives = columns.shape[0] - bank.excluded.shape[1]
+    loss: torch.Tensor = _WithGradients.apply(value, *inputs, gradients.anchors, gradients.columns, gradients.scale)
+    return BankResult(
+        loss,
+        totals.per_anchor(totals.new_rows),
+        totals.per_anchor(totals.outputs),
+        totals.stats(bank.prefix, anchors.shape[0] * anchors.shape[1], num_negatives),
+    )
+
+
+class _WithGradients(torch.autograd.Function):
+    """``value`` as a function of the inputs whose gradients the engine has already computed."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        value: torch.Tensor,
+        anchors: torch.Tensor,
+        columns: torch.Tensor,
+        scale: torch.Tensor,
+        grad_anchors: torch.Tensor | None,
+        grad_columns: torch.Tensor | None,
+        grad_scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        gradients = (grad_anchors, grad_columns, grad_scale)
+        ctx.present = [gradient is not None for gradient in gradients]
+        ctx.save_for_backward(*(gradient for gradient in gradients if gradient is not None))
+        return value.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_loss if wanted else None for wanted in ctx.wanted]
-        return (*grads, None, None)
+        grads = [next(saved) * grad_loss if present else None for present in ctx.present]
+        return (None, *grads, None, None, None)
 
 
 @dataclass
@@ -180,14 +197,9 @@ class _Gradients:
     scale: torch.Tensor | None
 
     @classmethod
-    def zeros(
-        cls, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, wanted: tuple[bool, ...]
-    ) -> _Gradients:
+    def zeros(cls, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, wanted: list[bool]) -> _Gradients:
         tensors = (anchors, columns, scale)
         return cls(*(torch.zeros_like(tensor) if need else None for tensor, need in zip(tensors, wanted)))
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [tensor for tensor in (self.anchors, self.columns, self.scale) if tensor is not None]
 
     def add(self, grad_scores: torch.Tensor, scores: torch.Tensor, anchors: torch.Tensor, columns: torch.Tensor,
             scale: torch.Tensor, rows: slice) -> None:  # fmt: skip

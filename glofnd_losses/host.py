@@ -5,8 +5,8 @@ and a CUDA event marks when the copy has landed; the host polls the event instea
 CPU tensors are available at once (reading them is no device sync). Other accelerators copy
 synchronously, which is correct but blocks.
 
-:func:`reads_without_sync` is the one place that decides whether the losses may read a tensor's
-value on the host in the training step (CPU) or must not (accelerators).
+:func:`reads_without_sync` is the one place that decides whether the input checks may read a
+tensor's value on the host in the training step (CPU) or must not (accelerators).
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ def reads_without_sync(device: torch.device) -> bool:
     """Whether the host can read a tensor on ``device`` without a device synchronisation.
 
     True on CPU only, and not while ``torch.compile`` traces the loss (a read would break the
-    graph). Where it is True the losses read small results to take shortcuts with the same
-    outcome: input checks that raise at once, the batch quantile computed only for the anchors
-    selected with ``nonzero``, rare fallbacks (a row with every negative flagged, a capped
-    exponent) applied only when they occur. Elsewhere they take the branch-free path. Called
-    through the module (``host.reads_without_sync``) so that tests can run the accelerator path
-    on CPU tensors by patching it.
+    graph). Only the input checks ask: where it is True they raise at once, elsewhere their result
+    travels to the host without blocking (:mod:`glofnd_losses.validation`); and the gathers
+    compare the ranks' batch sizes first on CPU. The loss math itself is one program on every
+    device. Called through the module (``host.reads_without_sync``) so that tests can run the
+    deferred checks on CPU tensors by patching it.
 
     Examples:
         >>> import torch

@@ -127,14 +127,17 @@ def test_a_model_holding_the_loss_saves_with_safetensors_and_timm_ema(tmp_path: 
     assert torch.equal(ema.module.criterion.threshold_visits, model.criterion.threshold_visits)
 
 
-def test_checkpoints_of_the_old_dict_schedule_position_still_load() -> None:
+def test_a_schedule_position_of_another_shape_is_refused_by_name() -> None:
     loss_fn = GloFNDSogCLRLoss(30)
     checkpoint = loss_fn.state_dict()
-    checkpoint["_extra_state"] = {"epoch": 3, "step": 17}  # what get_extra_state returned before 0.1.0
+    checkpoint["_extra_state"] = torch.tensor([3, 17])
     loss_fn.load_state_dict(checkpoint)
     assert (loss_fn.epoch, loss_fn.step) == (3, 17)
     checkpoint["_extra_state"] = torch.tensor([3, 17, 0])
-    with pytest.raises(ValueError, match=r"extra state must be \[epoch, step\], shape \(2,\); got \(3,\)"):
+    with pytest.raises(ValueError, match=r"extra state must be \[epoch, step\], a tensor of shape \(2,\); got \(3,\)"):
+        loss_fn.load_state_dict(checkpoint)
+    checkpoint["_extra_state"] = {"epoch": 3, "step": 17}  # a development build's form, never released
+    with pytest.raises(ValueError, match="a tensor of shape"):
         loss_fn.load_state_dict(checkpoint)
 
 

@@ -1,8 +1,7 @@
-"""Accelerator paths: no host reads in the training step, and CUDA against CPU.
+"""Accelerators: no host reads in the training step, and CUDA against CPU.
 
-The losses take a different path on accelerators than on the CPU: input checks are deferred
-(their result travels to the host without blocking), every anchor's batch quantile is computed
-instead of selecting anchors with ``nonzero``, and the empty-row fallback runs unconditionally.
+The losses run one program on every device; only the input checks differ: on an accelerator they
+are deferred (their result travels to the host without blocking), on CPU tensors they raise at once.
 
 * On the ``meta`` device (always available, so in CI) tensors carry no data: any ``.item()``,
   ``bool(tensor)``, ``nonzero``, boolean-mask indexing or copy to the host raises. A training step
@@ -11,7 +10,7 @@ instead of selecting anchors with ``nonzero``, and the empty-row fallback runs u
   nothing to copy). ``torch.quantile`` (which syncs on CUDA) is made to raise. What ``meta`` cannot
   see: host-to-device copies of CPU data, which the CUDA test below catches.
 * On CPU with :func:`~glofnd_losses.host.reads_without_sync` patched to False (so in CI): the
-  accelerator path's numbers, which must be the CPU path's bit for bit.
+  deferred checks' run, whose numbers must be the eager run's bit for bit.
 * On CUDA (only where a GPU is present): the same steps under
   ``torch.cuda.set_sync_debug_mode("error")``, fp16/bf16 autocast, and thresholds, ``u`` and
   gradients against the same steps on the CPU.
@@ -20,7 +19,6 @@ instead of selecting anchors with ``nonzero``, and the empty-row fallback runs u
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -169,17 +167,16 @@ def test_a_host_read_in_the_step_is_caught_on_meta(monkeypatch: pytest.MonkeyPat
     """The check above can fail: a blocking read on the accelerator path raises on ``meta``."""
     monkeypatch.setattr(host, "PendingHostValue", RecordedHostValue)
     monkeypatch.setattr(validation, "PendingHostValue", RecordedHostValue)
-    loss_fn = LOSSES["sogclr"]()
-    original = loss_fn._stats
+    original = functional.keep_nonempty
 
-    def stats_with_a_host_read(*args: object) -> dict[str, torch.Tensor]:
-        stats = original(*args)  # type: ignore[arg-type]
-        float(stats["flagged_fraction"])  # what a careless logger would do inside forward
-        return stats
+    def keep_nonempty_with_a_host_read(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keep, kept_count = original(*args)
+        float(kept_count.sum())  # what a careless logger would do inside forward
+        return keep, kept_count
 
-    monkeypatch.setattr(loss_fn, "_stats", stats_with_a_host_read)
+    monkeypatch.setattr(functional, "keep_nonempty", keep_nonempty_with_a_host_read)
     with pytest.raises(RuntimeError, match="meta"):
-        run(loss_fn, torch.device("meta"))
+        run(LOSSES["sogclr"](), torch.device("meta"))
 
 
 class Float64Forbidden(TorchDispatchMode):
@@ -204,28 +201,12 @@ def test_one_process_step_needs_no_float64(name: str, device: str, monkeypatch: 
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_accelerator_path_gives_the_cpu_paths_results(
-    name: str, straddling_by: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The branch-free path every accelerator takes (deferred input checks, every anchor's batch
-    # quantile, the empty-row fallback and the exponent cap applied unconditionally), run on CPU
-    # tensors: the numbers must be those of the CPU path, bit for bit (same device, same kernels).
-    # The CPU path finds the quantile of anchors next to it either way (the straddling_by fixture).
-    straddled_calls: list[int] = []
-    original_straddled = functional.straddled_quantile
-
-    def recording_straddled(scores: torch.Tensor, *args: Any) -> torch.Tensor:
-        straddled_calls.append(scores.shape[1])
-        return original_straddled(scores, *args)
-
-    monkeypatch.setattr(functional, "straddled_quantile", recording_straddled)
-    loss_fn = LOSSES[name]()
-    expected = run(loss_fn, torch.device("cpu"))
-    optimizer = getattr(loss_fn.detector, "optimizer", None)
-    if straddling_by == "topk" or not (optimizer is not None and optimizer.stop_at_batch_quantile):
-        assert not straddled_calls
-    else:  # the branch under test ran
-        assert straddled_calls, "no anchor straddled its quantile: the reductions branch went untested"
+def test_deferred_input_checks_give_the_eager_checks_results(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Accelerators check inputs on the device and raise later (no host read in the step); CPU
+    # tensors are checked at once. Everything else is one program: the numbers must be equal, bit
+    # for bit (same device, same kernels), and every anchor's batch quantile is taken at every
+    # learning step of the default rule.
+    expected = run(LOSSES[name](), torch.device("cpu"))
     deferred_checks: list[int] = []
     quantile_rows: list[int] = []
     original_bits, original_quantile = validation.value_error_bits, functional.pooled_quantile
@@ -248,30 +229,6 @@ def test_accelerator_path_gives_the_cpu_paths_results(
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
-
-
-@pytest.mark.parametrize("name", ["sogclr", "sogclr_no_stop", "ntxent", "clip_minibatch", "clip_fastclip"])
-def test_score_spreads_from_the_features_give_the_results_of_the_scores(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The default rule's step unit, each row's score spread, comes from the embeddings at large
-    # batches (functional.row_std's cost rule) and from the score rows elsewhere: the two ways
-    # must train the same thresholds, to float32 rounding.
-    calls: list[int] = []
-    original = functional.row_std_from_features
-
-    def recording(anchors: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        calls.append(len(columns))
-        return original(anchors, columns)
-
-    monkeypatch.setattr(functional, "row_std_from_features", recording)
-    monkeypatch.setattr(functional, "_STD_FROM_FEATURES_AT", 0)
-    from_scores = run(LOSSES[name](), torch.device("cpu"))
-    assert not calls
-    monkeypatch.setattr(functional, "_STD_FROM_FEATURES_AT", math.inf)
-    from_features = run(LOSSES[name](), torch.device("cpu"))
-    assert calls
-    torch.testing.assert_close(from_features, from_scores, rtol=1e-5, atol=1e-6)  # names the differing entry
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
