@@ -1,7 +1,9 @@
 """GloFND inside open_clip's training script (``open_clip_train``, open_clip_torch 3.x).
 
-:func:`patch_open_clip_train` swaps six names that ``open_clip_train.main`` imports into its own
-namespace (never their home modules) for the duration of a ``with`` block:
+``python -m glofnd_losses.integrations.open_clip <open_clip_train flags> --glofnd-...`` runs
+``open_clip_train.main`` with :func:`patch_open_clip_train` (docs/open_clip.md has the launch
+commands). The patches swap six names that ``open_clip_train.main`` imports into its own namespace
+(never their home modules) for the duration of a ``with`` block:
 
 * ``parse_args``: the ``--glofnd-*`` flags (:func:`add_glofnd_arguments`) are parsed with
   ``parse_known_args``, everything else goes to open_clip's parser; unsupported set-ups are
@@ -39,8 +41,9 @@ distillation, SigLIP and CoCa are open_clip's business as usual).
 The modules: :mod:`~glofnd_losses.integrations.open_clip.flags` (the flags, the checks, the loss
 they describe), :mod:`~glofnd_losses.integrations.open_clip.indices` (sample indices from the
 data), :mod:`~glofnd_losses.integrations.open_clip.loss_proxy` (the loss open_clip's loop calls),
-:mod:`~glofnd_losses.integrations.open_clip.checkpoint_files` (the state files) and
-:mod:`~glofnd_losses.integrations.open_clip.patches` (the patches).
+:mod:`~glofnd_losses.integrations.open_clip.checkpoint_files` (the state files),
+:mod:`~glofnd_losses.integrations.open_clip.patches` (the patches) and
+:mod:`~glofnd_losses.integrations.open_clip.cli` (the command line).
 
 Examples:
     >>> from glofnd_losses.integrations.open_clip import patch_open_clip_train
