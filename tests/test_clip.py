@@ -1,4 +1,9 @@
-"""GloFNDClipLoss against open_clip's ClipLoss and a per-anchor implementation of DESIGN.md 2.2."""
+"""GloFNDClipLoss against open_clip's ClipLoss and a per-anchor implementation of its three estimators.
+
+The estimators: CLIP's mini-batch cross-entropy, FastCLIP-v1 (SogCLR's moving average ``u`` per sample
+and modality, fixed temperature) and FastCLIP-v3 (learned temperature), each with GloFND's per-sample
+thresholds removing the negatives above them.
+"""
 
 from __future__ import annotations
 

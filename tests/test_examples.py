@@ -44,7 +44,8 @@ TWO_PROCESS_BATCH = ["--batch-size", "16"]  # per process: the same global batch
 def examples() -> Iterator[dict[str, ModuleType]]:
     sys.path.insert(0, str(EXAMPLES))
     try:
-        yield {name: importlib.import_module(name) for name in ("train_sogclr", "train_clip", "lightly_simclr")}
+        names = ("train_sogclr", "train_clip", "lightly_simclr", "simclr_model")
+        yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(EXAMPLES))
 
@@ -246,6 +247,28 @@ def test_lightly_two_devices_ddp(tmp_path: Path) -> None:
         [*script, *LIGHTLY, *TWO_PROCESS_BATCH, *STEPS, "--out", str(tmp_path), "--dump-state", str(tmp_path / "dump")]
     )
     check_two_process_run(tmp_path, lightning_checkpoint_loss(tmp_path / "checkpoints" / "last.ckpt"), "threshold")
+
+
+# ------------------------------------------------------------------------------------------ the SimCLR model
+@pytest.mark.parametrize("name", ["resnet18", "resnet10t"])
+def test_small_image_stem_keeps_full_resolution(examples: dict[str, ModuleType], name: str) -> None:
+    build_simclr_model = examples["simclr_model"].build_simclr_model
+    model = build_simclr_model(name, in_chans=1, small_images=True, hidden_dim=32, output_dim=16)
+    conv1 = model.backbone.conv1
+    assert isinstance(conv1, torch.nn.Conv2d) and conv1.kernel_size == (3, 3) and conv1.stride == (1, 1)
+    assert isinstance(model.backbone.maxpool, torch.nn.Identity)
+    images = torch.randn(2, 1, 28, 28)
+    stem = model.backbone.act1(model.backbone.bn1(conv1(images)))
+    assert stem.shape[-2:] == (28, 28)
+    assert model(images).shape == (2, 16) and model.embed(images).shape == (2, 512)
+
+
+def test_imagenet_stem_by_default_and_no_stem_to_replace(examples: dict[str, ModuleType]) -> None:
+    build_simclr_model = examples["simclr_model"].build_simclr_model
+    model = build_simclr_model("resnet10t", in_chans=3)
+    assert isinstance(model.backbone.maxpool, torch.nn.MaxPool2d)
+    with pytest.raises(ValueError, match="small_images=False"):
+        build_simclr_model("mobilenetv3_small_050", small_images=True)
 
 
 # ------------------------------------------------------------------------------------------ docstrings

