@@ -17,6 +17,10 @@ peer-ours (``speed.abba_group_ratios``); each group gives one ratio, ours over t
 median over the groups is reported with its quartiles (``speed.paired_summary``). A slow phase of
 a shared machine then slows both sides of a ratio alike.
 
+After the timed steps, each side's loss alone (forward and backward on one batch's projections,
+held fixed: ``--loss-repeats`` timings, median) gives the ratio the losses alone would make of the
+peer's step, ``1 + (ours - peer's) / peer's step``: a step ratio far from it is the machine's noise.
+
 ``--chunk-size N`` passes ``chunk_size=N`` to ``GloFNDNTXent`` where its constructor accepts it.
 ``--autocast bf16`` runs the forward under ``torch.autocast`` in bfloat16 (both sides).
 
@@ -36,6 +40,7 @@ import copy
 import functools
 import inspect
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -105,8 +110,7 @@ class Side:
         return self.views[:, rows].flatten(0, 1), self.indices[rows]  # view 0's batch, then view 1's
 
     def step(self, images: torch.Tensor, indices: torch.Tensor) -> None:
-        device_type = torch.device(self.device).type
-        with torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
+        with self.autocast_context():
             projection_0, projection_1 = self.model(images).chunk(2)
             args = (projection_0, projection_1, indices) if self.takes_indices else (projection_0, projection_1)
             loss = self.loss_fn(*args)
@@ -126,6 +130,29 @@ class Side:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
+    def loss_seconds(self, repeats: int) -> float:
+        """Median seconds of the loss alone (forward and backward) on one batch's projections, held fixed."""
+        images, indices = self.draw()
+        with torch.no_grad(), self.autocast_context():
+            projections = self.model(images).chunk(2)
+        times = []
+        for _ in range(repeats):
+            leaves = [projection.detach().requires_grad_() for projection in projections]
+            if self.cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with self.autocast_context():
+                loss = self.loss_fn(*leaves, indices) if self.takes_indices else self.loss_fn(*leaves)
+            loss.backward()
+            if self.cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def autocast_context(self) -> torch.autocast:
+        device_type = torch.device(self.device).type
+        return torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None)
 
 
 def measure(batch: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,6 +178,11 @@ def measure(batch: int, args: argparse.Namespace) -> dict[str, Any]:
     row["mine_step_seconds"] = row["mine_seconds"] / args.steps
     row["peer_step_seconds"] = row["peer_seconds"] / args.steps
     row["group_ratios"] = group_ratios
+    row["mine_block_seconds"], row["peer_block_seconds"] = seconds
+    # The loss alone, ours and the peer's, on one batch's projections: what of the step's
+    # difference the losses explain (the rest is the machine's noise).
+    row["mine_loss_seconds"], row["peer_loss_seconds"] = (side.loss_seconds(args.loss_repeats) for side in sides)
+    row["ratio_from_losses"] = 1 + (row["mine_loss_seconds"] - row["peer_loss_seconds"]) / row["peer_step_seconds"]
     row["losses_finite"] = all(bool(torch.isfinite(torch.stack(side.losses)).all()) for side in sides)
     row["learning"], row["filtering"] = bool(ours_loss.learning), bool(ours_loss.filtering)
     row["accepts_chunk_size"] = accepts
@@ -167,6 +199,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps per side (default: by device)")
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none", help="forward under autocast")
     parser.add_argument("--chunk-size", type=int, default=None, help="to GloFNDNTXent, where it accepts it")
+    parser.add_argument(
+        "--loss-repeats", type=int, default=5, help="timings of the loss alone per side (median), after the steps"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="write the ratios as JSON")
     args = parser.parse_args()
@@ -196,7 +231,8 @@ def main() -> None:
     }  # fmt: skip
     header = (
         f"{'batch':>6} | {'GloFNDNTXent ms/step':>20} | {'NTXentLoss ms/step':>18} | "
-        f"{'ratio (quartiles)':>19} | target <= {TIME_TARGET:.2f}x (bar {TIME_BAR:.2f}x)"
+        f"{'ratio (quartiles)':>19} | target <= {TIME_TARGET:.2f}x (bar {TIME_BAR:.2f}x) | "
+        f"{'loss alone ms, ours / peer':>26} | {'ratio from losses':>17}"
     )
     print(header + "\n" + "-" * len(header))
     for batch in args.batch_sizes:
@@ -206,7 +242,9 @@ def main() -> None:
         results["batches"][str(batch)] = row
         print(
             f"{batch:>6} | {1e3 * row['mine_step_seconds']:>20.1f} | {1e3 * row['peer_step_seconds']:>18.1f} | "
-            f"{speed.paired_cell(row):>19} | {row['verdict']}",
+            f"{speed.paired_cell(row):>19} | {row['verdict']:<30} | "
+            f"{1e3 * row['mine_loss_seconds']:>12.2f} / {1e3 * row['peer_loss_seconds']:<11.2f} | "
+            f"{row['ratio_from_losses']:>16.4f}x",
             flush=True,
         )
     if args.out:
