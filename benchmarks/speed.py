@@ -171,10 +171,13 @@ class Workload:
     ``num_samples`` at every draw).
     """
 
-    def __init__(self, case: str, batch: int, dim: int, num_samples: int, device: str, compiled: bool) -> None:
+    def __init__(
+        self, case: str, batch: int, dim: int, num_samples: int, device: str, compiled: bool, loss_fn: Any = None
+    ) -> None:
         torch.manual_seed(0)
         self.case, self.batch, self.device, self.num_samples = case, batch, device, num_samples
-        loss_fn = build(case, num_samples)
+        if loss_fn is None:  # another script may hand in the case's loss built its own way (large_batch.py)
+            loss_fn = build(case, num_samples)
         if hasattr(loss_fn, "to"):
             loss_fn = loss_fn.to(device)
         if compiled:
@@ -252,6 +255,29 @@ class Workload:
         return (time.perf_counter() - start) / count
 
 
+class PeakMemory:
+    """The peak extra memory of this process from its creation on, in MiB (see the module doc).
+
+    On CUDA, ``torch.cuda.max_memory_allocated`` over what was allocated at creation (the peak
+    statistics are reset); on CPU, the growth of the process's peak RSS (``ru_maxrss``) over its
+    value at creation, so a process measures one case: its high-water mark never comes down.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline_cuda = torch.cuda.memory_allocated()
+
+    def mib(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.baseline_cuda) / 2**20
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.baseline_rss) / 1024
+
+
 def measure(
     case: str, batch: int, dim: int, num_samples: int, device: str, repeats: int, compiled: bool = False
 ) -> dict[str, float]:
@@ -261,19 +287,11 @@ def measure(
     ``topk``) was computed (2 at most: CLIP's two banks); ``ops`` the ATen operators per step.
     """
     workload = Workload(case, batch, dim, num_samples, device, compiled)
-    cuda = workload.cuda
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline_cuda = torch.cuda.memory_allocated()
+    peak = PeakMemory(device)
     workload.warm_up()
     counter = None if compiled else QuantileRowCounter()  # replacing a function a graph calls would recompile it
     times = [workload.timed_steps(1) for _ in range(repeats)]
-    if cuda:
-        peak_mib = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
+    peak_mib = peak.mib()
     quantile_rows = float("nan") if counter is None else counter.rows / (repeats * batch)
     ops = float("nan") if compiled else count_ops(workload.step, [workload.draw() for _ in range(OP_COUNT_STEPS)])
     return {
@@ -359,6 +377,12 @@ def measure_paired(
     seconds, group_ratios = abba_group_ratios(
         [functools.partial(workload.timed_steps, steps_per_block) for workload in workloads], blocks // 2
     )
+    return paired_summary(seconds, group_ratios)
+
+
+def paired_summary(seconds: list[list[float]], group_ratios: list[float]) -> dict[str, float]:
+    """What :func:`abba_group_ratios` gave, as reported: the median ratio over the groups and its
+    quartiles (the range below 4 groups), and each side's median block time."""
     low, high = (
         statistics.quantiles(group_ratios, n=4)[::2]
         if len(group_ratios) >= 4
@@ -412,11 +436,15 @@ def paired_cell(row: dict[str, float]) -> str:
     return f"{row['ratio']:.2f}x ({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f})"
 
 
-def run_child(child_args: list[str], env: dict[str, str] | None) -> dict[str, float]:
-    """Run this script with ``child_args`` in a fresh process; its last output line is a JSON dict."""
-    command = [sys.executable, __file__, *child_args, "--threads", str(torch.get_num_threads())]
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+def run_child(child_args: list[str], env: dict[str, str] | None, script: str = __file__) -> dict[str, Any]:
+    """Run ``script`` (this one by default) with ``child_args`` in a fresh process, with this
+    process's torch thread count; its last output line is a JSON dict."""
+    command = [sys.executable, script, *child_args, "--threads", str(torch.get_num_threads())]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    if completed.returncode:  # the child's traceback, rather than only its exit status
+        sys.stderr.write(completed.stderr)
+        completed.check_returncode()
+    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
     return result
 
 
