@@ -11,9 +11,8 @@ ratios), on ``speed.py``'s steady state (thresholds learned, every sample visite
   more comparison pass for the subgradient's count, the moments read and written. The least a
   learned per-sample threshold costs in this package.
 * ``default rule``: ``ThresholdOptimizer.default()``: the paper's passes plus the score spread (the
-  step unit) and the stop at the batch quantile (a ``topk`` or two masked reductions for the
-  anchors whose step may pass it), the parts that BENCHMARKS.md section 1 shows keep thresholds
-  on a moving encoder.
+  step unit) and the stop at the batch quantile (a ``topk`` of every anchor's tail), the parts
+  that BENCHMARKS.md section 1 shows keep thresholds on a moving encoder.
 
 For CLIP "minibatch" the paper's rule is also paired against open_clip's ``ClipLoss``, the peer
 of ``speed.py``'s "Clip minibatch / open_clip".

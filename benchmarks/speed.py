@@ -26,11 +26,9 @@ GloFND cases are timed in the steady state, after the first epoch: the data set 
 worth of fixed random embeddings, reshuffled into new batches at every step; after some warm-up
 epochs (thresholds learned) every sample is marked visited and ``set_epoch`` lets the loss find
 out, so no first-visit work is done. The ``(first epoch)`` case times steps on never-seen samples.
-The ``rule w/o stop`` case is ``ThresholdOptimizer.clipped()``. The ``SHORT_TOPK=0`` case runs
-with ``functional.SHORT_TOPK = 0``: the anchors next to their quantile take two masked reductions
-even where a short ``topk`` is the default (CLIP's alpha), for the paired ratio of the two ways.
-``topk rows`` counts the anchors per anchor and step whose batch quantile took a ``topk`` (on CPU
-the default's stop computes it only for anchors whose step may pass it). ``ops`` is the number of
+The ``rule w/o stop`` case is ``ThresholdOptimizer.clipped()``. ``topk rows`` counts the anchors
+per anchor and step whose batch quantile took a ``topk`` (the default rule's stop: every anchor at
+every learning step). ``ops`` is the number of
 ATen operators a step dispatches (forward and backward, views included): a host-side cost
 independent of the batch size (on a GPU, most of them launch a kernel).
 
@@ -65,8 +63,6 @@ from typing import Any
 
 import torch
 
-from glofnd_losses import functional
-
 CASES = {
     "lightly_ntxent": "lightly NTXentLoss",
     "glofnd_ntxent": "GloFNDNTXent (GloFND filtering)",
@@ -77,7 +73,6 @@ CASES = {
     "open_clip": "open_clip ClipLoss",
     "clip_minibatch_plain": "GloFNDClipLoss minibatch (no detector)",
     "clip_minibatch": "GloFNDClipLoss minibatch (GloFND)",
-    "clip_minibatch_reductions": "GloFNDClipLoss minibatch (GloFND, SHORT_TOPK=0)",
     "fastclip_plain": "GloFNDClipLoss fastclip (no detector)",
     "fastclip_glofnd": "GloFNDClipLoss fastclip (GloFND)",
 }
@@ -95,7 +90,7 @@ learned or written), ``paper's rule`` learns with ``ThresholdOptimizer.paper()``
 no stop at the batch quantile)."""
 ALL_CASES = {**CASES, **LADDER_CASES}
 CLIP_CASES = {
-    "open_clip", "clip_minibatch_plain", "clip_minibatch", "clip_minibatch_reductions", "fastclip_plain",
+    "open_clip", "clip_minibatch_plain", "clip_minibatch", "fastclip_plain",
     "fastclip_glofnd", "clip_minibatch_frozen", "clip_minibatch_paper", "fastclip_frozen", "fastclip_paper",
 }  # fmt: skip
 
@@ -192,7 +187,6 @@ class Workload:
         self.compiled = compiled
         self.cuda = device.startswith("cuda")
         self.draws = 0
-        self.short_topk = 0 if case.endswith("_reductions") else None  # functional.SHORT_TOPK during its steps
 
     def warm_up(self) -> Workload:
         """Untimed steps up to the state to time (the first one reaches the peak memory)."""
@@ -221,16 +215,7 @@ class Workload:
         return out0, out1, self.pool_indices[rows]
 
     def step(self, batch_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        """One forward + backward (with this case's ``functional.SHORT_TOPK``, restored after)."""
-        default_short_topk = functional.SHORT_TOPK
-        if self.short_topk is not None:
-            functional.SHORT_TOPK = self.short_topk
-        try:
-            self._forward_backward(batch_inputs)
-        finally:
-            functional.SHORT_TOPK = default_short_topk
-
-    def _forward_backward(self, batch_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """One forward + backward."""
         out0, out1, batch_indices = batch_inputs
         if self.case in CLIP_CASES:  # open_clip's models hand the loss normalised features
             images, texts = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
@@ -599,7 +584,6 @@ def main() -> None:
         ("SogCLR no-stop rule on / off", "sogclr_glofnd_no_stop", "sogclr_plain"),
         ("Clip minibatch / open_clip", "clip_minibatch", "open_clip"),
         ("Clip minibatch on / off", "clip_minibatch", "clip_minibatch_plain"),
-        ("Clip topk / reductions", "clip_minibatch", "clip_minibatch_reductions"),
         ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
     ]
     pairs = [(title, mine, peer) for title, mine, peer in pairs if mine in cases and peer in cases]

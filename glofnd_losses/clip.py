@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 import torch
@@ -43,9 +44,8 @@ class GloFNDClipLoss(GloFNDLossBase):
       log(u^txt + eps)]``. Keep the model's log-scale parameter clamped to ``[0, ln 100]`` as
       open_clip does (the ``logit_scale`` passed here, its exponential, then lies in ``[1, 100]``).
 
-    In every estimator the gradient with several ranks equals the single-process gradient of
-    the global batch under DDP's averaging (the reference code's two-term split halves the
-    feature gradient with several ranks; this one does not).
+    With several ranks, the gradient equals the single-process gradient of the global batch
+    under DDP's averaging, in every estimator.
 
     Args:
         num_samples: Number of image-text pairs; ``indices`` must lie in ``[0, num_samples)``.
@@ -189,71 +189,30 @@ class GloFNDClipLoss(GloFNDLossBase):
                 [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
             )
             scale = _logit_scale(logit_scale, image_features.device)
-            banks = self._banks(image_features.float(), text_features.float(), labels)
+            # The minibatch loss averages the two directions; the global estimators add them.
+            rows = 2 * image_features.shape[0] if self.estimator == "minibatch" else image_features.shape[0]
+            banks = _banks(image_features.float(), text_features.float(), labels, 1.0 / rows)
             if banks[0].columns.shape[0] == 1:
                 loss = self._loss_without_negatives([image_features, text_features, scale], checked)
-                return self._output(loss, output_dict)
+                return _as_output(loss, output_dict)
             state_rows = self.state.read(checked.indices)
             image, text = (self._run_bank(bank, self._formula(bank, settings), state_rows, settings,
                                           self._exponent_scale(scale)) for bank in banks)  # fmt: skip
             loss = self._combine(image, text, scale)
         new_rows = {**image.new_rows, **text.new_rows, **image.outputs, **text.outputs}
         self._end_step(checked, new_rows, {**image.stats, **text.stats}, image_features.shape[0])
-        return self._output(loss, output_dict)
-
-    def _banks(
-        self, images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[engine.Bank, engine.Bank]:
-        """Image rows against the global texts and text rows against the global images."""
-        local_size = images.shape[0]
-        if distributed.is_distributed():
-            all_images, all_texts = distributed.gather_with_grad(images), distributed.gather_with_grad(texts)
-        else:
-            all_images, all_texts = images, texts
-        offset = distributed.rank() * local_size
-        excluded = functional.cross_modal_excluded(local_size, offset, images.device)
-        positive_index = excluded.T
-        column_labels = None
-        if labels is not None:
-            validation.check_index_shape(labels, local_size, name="labels")
-            labels = labels.to(images.device)
-            column_labels = distributed.gather_rows(labels) if distributed.is_distributed() else labels
-        # The minibatch loss averages the two directions; the global estimators add them.
-        row_weight = 1.0 / (2 * local_size) if self.estimator == "minibatch" else 1.0 / local_size
-        return (
-            engine.Bank("image_", images[None], all_texts, excluded, positive_index, row_weight, labels, column_labels),
-            engine.Bank("text_", texts[None], all_images, excluded, positive_index, row_weight, labels, column_labels),
-        )
-
-    @staticmethod
-    def _output(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
-        return {"contrastive_loss": loss} if output_dict else loss
+        return _as_output(loss, output_dict)
 
     def _exponent_scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
         """The inverse temperature inside the exponentials: fixed for ``"sogclr"``, learned otherwise."""
-        if self.estimator == "sogclr":
-            return torch.full_like(logit_scale, 1.0 / self.temperature).detach()
-        return logit_scale
+        return logit_scale.new_full((), 1.0 / self.temperature) if self.estimator == "sogclr" else logit_scale
 
     def _formula(self, bank: engine.Bank, settings: StepSettings) -> engine.Formula:
         """The row formula of a bank: cross-entropy, or FastCLIP's ratio with its ``u`` update."""
         if self.estimator == "minibatch":
             return _cross_entropy
-        u_name = "u_image" if bank.prefix == "image_" else "u_text"
-        gamma = settings.gamma
-        assert gamma is not None  # set by this class's _begin_step
-
-        def ratio(rows: RowInputs) -> RowTerms:
-            """FastCLIP's ``g / (u' + eps)``, ``u' = (1 - gamma) u + gamma sg[g]`` (``sg[g]`` where ``u`` is unset)."""
-            terms = functional.kept_mean_exp_rows(rows.scores, rows.scale, rows.positive_index, rows.keep,
-                                                  rows.kept_count)  # fmt: skip
-            estimate, u_previous = terms.value[0], rows.state_rows[u_name]
-            fresh = (u_previous < 1e-35) | ~torch.isfinite(u_previous)
-            u_new = torch.where(fresh, estimate, (1.0 - gamma) * u_previous + gamma * estimate)
-            denominator = u_new + _U_EPS
-            return RowTerms(terms.value / denominator, terms.grad_scores.div_(denominator[:, None]), {u_name: u_new})
-
-        return ratio
+        assert settings.gamma is not None  # set by this class's _begin_step
+        return functools.partial(_global_ratio, "u_image" if bank.prefix == "image_" else "u_text", settings.gamma)
 
     def _combine(self, image: engine.BankResult, text: engine.BankResult, scale: torch.Tensor) -> torch.Tensor:
         """The estimator's loss from the two banks' terms."""
@@ -262,9 +221,31 @@ class GloFNDClipLoss(GloFNDLossBase):
             return total
         if self.estimator == "sogclr":
             return total + 0.0 * scale  # keep logit_scale in the graph for DDP
-        tau = 1.0 / scale
         log_u = torch.log(image.outputs["u_image"] + _U_EPS) + torch.log(text.outputs["u_text"] + _U_EPS)
-        return tau.detach() * total + self.rho * tau + tau * 0.5 * log_u.mean()
+        return _fastclip_objective(total, log_u.mean(), 1.0 / scale, self.rho)
+
+
+def _fastclip_objective(total: torch.Tensor, mean_log_u: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
+    """FastCLIP-v3's ``sg[tau] * L + rho * tau + tau / 2 * mean_i [log(u^img + eps) + log(u^txt + eps)]``."""
+    return tau.detach() * total + rho * tau + tau * 0.5 * mean_log_u
+
+
+def _as_output(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
+    return {"contrastive_loss": loss} if output_dict else loss
+
+
+def _global_ratio(u_name: str, gamma: float, rows: RowInputs) -> RowTerms:
+    """FastCLIP's ``g / (u' + eps)`` with ``u' = (1 - gamma) u + gamma sg[g]`` (``sg[g]`` where ``u`` is unset).
+
+    ``g`` is :func:`~glofnd_losses.functional.kept_mean_exp_rows`; ``u`` is re-initialised where
+    the stored value is below 1e-35, infinite or NaN. The ratio's gradient is ``g``'s over ``u' + eps``.
+    """
+    terms = functional.kept_mean_exp_rows(rows.scores, rows.scale, rows.positive_index, rows.keep, rows.kept_count)
+    estimate, u_previous = terms.value[0], rows.state_rows[u_name]
+    fresh = (u_previous < 1e-35) | ~torch.isfinite(u_previous)
+    u_new = torch.where(fresh, estimate, (1.0 - gamma) * u_previous + gamma * estimate)
+    denominator = u_new + _U_EPS
+    return RowTerms(terms.value / denominator, terms.grad_scores.div_(denominator[:, None]), {u_name: u_new})
 
 
 def _cross_entropy(rows: RowInputs) -> RowTerms:
@@ -282,3 +263,24 @@ def _logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> tor
             f"logit_scale.exp()), got shape {tuple(scale.shape)}"
         )
     return scale.reshape(())  # a (1,) scale must not make the loss (1,)
+
+
+def _banks(
+    images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None, row_weight: float
+) -> tuple[engine.Bank, engine.Bank]:
+    """Image rows against the global texts and text rows against the global images."""
+    local_size = images.shape[0]
+    if distributed.is_distributed():
+        all_images, all_texts = distributed.gather_with_grad(images), distributed.gather_with_grad(texts)
+    else:
+        all_images, all_texts = images, texts
+    excluded = functional.cross_modal_excluded(local_size, distributed.rank() * local_size, images.device)
+    column_labels = None
+    if labels is not None:
+        validation.check_index_shape(labels, local_size, name="labels")
+        labels = labels.to(images.device)
+        column_labels = distributed.gather_rows(labels) if distributed.is_distributed() else labels
+    return (
+        engine.Bank("image_", images[None], all_texts, excluded, excluded.T, row_weight, labels, column_labels),
+        engine.Bank("text_", texts[None], all_images, excluded, excluded.T, row_weight, labels, column_labels),
+    )

@@ -34,16 +34,25 @@ class ScoreChunk:
     Attributes:
         scores: ``(V, c, C)`` float32 cosine scores.
         excluded: ``(c, E)`` columns of each anchor that are not negatives (its positive, itself).
-        negatives: ``(c, C)`` bool negative mask, the same for all ``V`` rows.
         anchor_labels: ``(c,)`` labels of the anchors, or None.
         column_labels: ``(C,)`` labels of the columns, or None.
+        anchors: ``(V, c, d)`` the anchors whose rows the scores are, or None.
+        column_covariance: ``(d, d)`` covariance of the columns (:func:`~glofnd_losses.functional.row_std`),
+            where the detector asks for it (:attr:`Detector.needs_score_spread`), else None.
     """
 
     scores: torch.Tensor
     excluded: torch.Tensor
-    negatives: torch.Tensor
     anchor_labels: torch.Tensor | None = None
     column_labels: torch.Tensor | None = None
+    anchors: torch.Tensor | None = None
+    column_covariance: torch.Tensor | None = None
+
+    def score_spread(self) -> torch.Tensor:
+        """``(c,)`` each anchor's score standard deviation, averaged over its rows."""
+        if self.anchors is None or self.column_covariance is None:
+            raise ValueError("the score spread needs the chunk's anchors and the columns' covariance")
+        return functional.row_std(self.anchors, self.column_covariance).mean(dim=0)
 
     @property
     def num_negatives(self) -> int:
@@ -51,10 +60,11 @@ class ScoreChunk:
         return self.scores.shape[-1] - self.excluded.shape[-1]
 
     def same_label(self) -> torch.Tensor | None:
-        """``(c, C)`` bool negatives sharing the anchor's label (the true false negatives), or None."""
+        """``(V, c, C)`` bool negatives sharing the anchor's label (the true false negatives), or None."""
         if self.anchor_labels is None or self.column_labels is None:
             return None
-        return self.negatives & (self.anchor_labels[:, None] == self.column_labels[None, :])
+        same = (self.anchor_labels[:, None] == self.column_labels[None, :]).expand_as(self.scores)
+        return functional.exclude_(same.contiguous(), self.excluded)
 
 
 @dataclass(frozen=True)
@@ -77,28 +87,37 @@ class Step:
 class Detection:
     """What a detector returns for one chunk.
 
+    Negatives scoring strictly above ``thresholds`` are false negatives; without thresholds,
+    ``flagged`` lists them (the oracle), and with neither nothing is flagged.
+
     Attributes:
-        flagged: ``(V, c, C)`` bool false negatives (only negatives), or None when nothing is flagged.
-        thresholds: ``(c,)`` or ``(V, c)`` float32 thresholds behind ``flagged``, or None.
+        thresholds: ``(c,)`` or ``(V, c)`` float32 thresholds, or None.
+        flagged: ``(V, c, C)`` bool false negatives (only negatives) when there are no thresholds.
         new_rows: Updated per-sample fields of the chunk's anchors (empty when nothing is learned).
     """
 
-    flagged: torch.Tensor | None = None
     thresholds: torch.Tensor | None = None
+    flagged: torch.Tensor | None = None
     new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
-
-def _above(chunk: ScoreChunk, thresholds: torch.Tensor) -> torch.Tensor:
-    """Negatives scoring strictly above ``thresholds`` (``(c,)`` or ``(V, c)``)."""
-    if thresholds.dim() == 1:
-        thresholds = thresholds.expand(chunk.scores.shape[0], -1)
-    return (chunk.scores > thresholds[..., None]) & chunk.negatives
+    def unflagged(self, chunk: ScoreChunk) -> torch.Tensor | None:
+        """``(V, c, C)`` bool negatives not flagged, or None when nothing is flagged."""
+        if self.thresholds is not None:
+            return functional.keep_at_or_below(chunk.scores, chunk.excluded, self.thresholds)
+        if self.flagged is not None:
+            return functional.exclude_(~self.flagged, chunk.excluded)
+        return None
 
 
 class Detector:
     """Interface of a false-negative detector."""
 
     name: str = ""
+
+    @property
+    def needs_score_spread(self) -> bool:
+        """Whether a learning step reads :meth:`ScoreChunk.score_spread`."""
+        return False
 
     def fields(self, prefix: str) -> dict[str, Field]:
         """Per-sample fields this detector needs, named with ``prefix``."""
@@ -131,8 +150,7 @@ class FNCDetector(Detector):
         self.alpha = alpha
 
     def detect(self, chunk: ScoreChunk, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
-        quantile = functional.minibatch_quantile(chunk.scores, chunk.excluded, self.alpha, chunk.num_negatives)
-        return Detection(_above(chunk, quantile), quantile)
+        return Detection(functional.minibatch_quantile(chunk.scores, chunk.excluded, self.alpha, chunk.num_negatives))
 
 
 class OracleDetector(Detector):
@@ -144,7 +162,7 @@ class OracleDetector(Detector):
         same = chunk.same_label()
         if same is None:
             raise ValueError("detector='oracle' needs labels: pass labels=... to the loss's forward")
-        return Detection(same.expand_as(chunk.scores))
+        return Detection(flagged=same)
 
 
 class GloFNDDetector(Detector):
@@ -165,23 +183,27 @@ class GloFNDDetector(Detector):
         self.alpha = alpha
         self.optimizer = optimizer
 
+    @property
+    def needs_score_spread(self) -> bool:
+        return self.optimizer.step_unit == "score_std"
+
     def fields(self, prefix: str) -> dict[str, Field]:
         return thresholds.threshold_fields(prefix, self.optimizer)
 
     def detect(self, chunk: ScoreChunk, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
         current = ThresholdRows.from_state(state_rows, prefix)
         if not step.learn:
-            return Detection(_above(chunk, current.threshold), current.threshold)
+            return Detection(current.threshold)
         scores, excluded, negatives = chunk.scores, chunk.excluded, chunk.num_negatives
         subgradient = functional.threshold_subgradient(scores, excluded, current.threshold, self.alpha, negatives)
         if self.optimizer.normalize_grad and self.alpha > 0:
             subgradient = subgradient / self.alpha
-        score_std = functional.row_std(scores).mean(dim=0) if self.optimizer.step_unit == "score_std" else None
+        score_std = chunk.score_spread() if self.needs_score_spread else None
         quantile = None
         if self.optimizer.needs_batch_quantile(step.all_seeded):
             quantile = functional.pooled_quantile(scores, excluded, self.alpha, negatives)
         updated = thresholds.step(current, subgradient, quantile, step.epoch, self.optimizer, score_std)
-        return Detection(_above(chunk, updated.threshold), updated.threshold, updated.to_state(prefix))
+        return Detection(updated.threshold, new_rows=updated.to_state(prefix))
 
 
 DETECTOR_NAMES = ("glofnd", "fnc", "oracle", None)

@@ -145,11 +145,14 @@ def run(work: Pass, scale: torch.Tensor) -> BankResult:
     with torch.no_grad():
         anchors, columns, scale_value = (tensor.detach() for tensor in inputs)
         gradients = _Gradients.zeros(anchors, columns, scale_value, wanted)
+        covariance = None
+        if work.step.learn and work.detector.needs_score_spread:
+            covariance = functional.column_covariance(columns)
         totals = _Totals()
         size = chunk_anchors(work.chunk_size, anchors.shape[0], columns.shape[0], anchors.shape[1])
         for start in range(0, anchors.shape[1], size):
             stop = min(start + size, anchors.shape[1])
-            _chunk(work, anchors, columns, scale_value, start, stop, gradients, totals)
+            _chunk(work, anchors, columns, covariance, scale_value, slice(start, stop), gradients, totals)
         value = torch.as_tensor(totals.loss) * bank.row_weight
     num_negatives = columns.shape[0] - bank.excluded.shape[1]
     loss: torch.Tensor = _WithGradients.apply(value, *inputs, gradients.anchors, gradients.columns, gradients.scale)
@@ -201,17 +204,19 @@ class _Gradients:
         tensors = (anchors, columns, scale)
         return cls(*(torch.zeros_like(tensor) if need else None for tensor, need in zip(tensors, wanted)))
 
-    def add(self, grad_scores: torch.Tensor, scores: torch.Tensor, anchors: torch.Tensor, columns: torch.Tensor,
-            scale: torch.Tensor, rows: slice) -> None:  # fmt: skip
+    def add(self, grad_scores: torch.Tensor, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor,
+            rows: slice) -> None:  # fmt: skip
         """Add a chunk's share: ``grad_scores`` ``(V, c, C)`` is ``d loss / d scores`` of its rows."""
-        if self.anchors is not None:
-            self.anchors[:, rows] = grad_scores @ columns
+        if self.anchors is not None or self.scale is not None:
+            grad_anchors = grad_scores @ columns
+            if self.anchors is not None:
+                self.anchors[:, rows] = grad_anchors
+            if self.scale is not None:
+                # The loss depends on the scale only through the logits scale * s, so d / d scale is
+                # sum(dS * S) / scale, and sum_c dS_rc S_rc = a_r . (dS_r @ columns): no c x C pass.
+                self.scale += (grad_anchors * anchors).sum() / scale
         if self.columns is not None:
             self.columns.addmm_(grad_scores.flatten(0, 1).mT, anchors.flatten(0, 1))
-        if self.scale is not None:
-            # The loss depends on the scale only through the logits scale * s: d / d scale is
-            # sum(d loss / d s * s) / scale.
-            self.scale += (grad_scores * scores).sum() / scale
 
 
 @dataclass
@@ -248,46 +253,50 @@ class _Totals:
             stats["fn_recall"] = torch.cat(self.recall).mean()
         return {f"{prefix}{name}": torch.as_tensor(value).detach() for name, value in stats.items()}
 
+    def add(self, terms: RowTerms, detection: Detection, kept_count: torch.Tensor) -> None:
+        """Add a chunk's loss terms, learned rows, outputs and kept negatives."""
+        self.loss = self.loss + terms.value.sum()
+        self.new_rows.append(detection.new_rows)
+        self.outputs.append(terms.outputs)
+        self.kept = self.kept + kept_count.sum()
+        if detection.thresholds is not None:
+            self.thresholds.append(detection.thresholds)
 
-def _chunk(work: Pass, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, start: int, stop: int,
-           gradients: _Gradients, totals: _Totals) -> None:  # fmt: skip
+    def add_flags(self, chunk: ScoreChunk, unflagged: torch.Tensor) -> None:
+        """Count the chunk's flagged negatives and, with labels, their per-anchor precision and recall."""
+        unflagged_count = unflagged.sum(dtype=torch.int64)
+        self.flagged = self.flagged + (chunk.num_negatives * unflagged.shape[0] * unflagged.shape[1] - unflagged_count)
+        same = chunk.same_label()
+        if same is None:
+            return
+        from glofnd_losses.metrics import per_anchor_precision_recall
+
+        flagged = functional.exclude_(~unflagged, chunk.excluded)
+        precision, recall = per_anchor_precision_recall(flagged, same)
+        self.precision.append(precision)
+        self.recall.append(recall)
+
+
+def _chunk(work: Pass, anchors: torch.Tensor, columns: torch.Tensor, covariance: torch.Tensor | None,
+           scale: torch.Tensor, rows: slice, gradients: _Gradients, totals: _Totals) -> None:  # fmt: skip
     """One chunk of anchors: scores, detection, keep-mask, formula, gradients; nothing ``c x C`` is kept."""
-    bank, rows = work.bank, slice(start, stop)
+    bank = work.bank
     chunk_anchors_ = anchors[:, rows]
     scores = chunk_anchors_ @ columns.mT
-    excluded = bank.excluded[rows]
     labels = None if bank.anchor_labels is None else bank.anchor_labels[rows]
-    chunk = ScoreChunk(scores, excluded, functional.negative_mask(excluded, scores.shape[-1]), labels,
-                       bank.column_labels)  # fmt: skip
+    chunk = ScoreChunk(scores, bank.excluded[rows], labels, bank.column_labels, chunk_anchors_, covariance)
     state_rows = {name: values[rows] for name, values in work.state_rows.items()}
     detection = work.detector.detect(chunk, state_rows, bank.prefix, work.step)
-    keep = chunk.negatives.expand_as(scores)
-    if detection.flagged is not None and work.filtering:
-        keep = keep & ~detection.flagged
-    keep, kept_count = functional.keep_nonempty(keep, chunk.negatives)
+    unflagged = detection.unflagged(chunk)
+    if unflagged is None or not work.filtering:
+        keep = functional.negative_mask(chunk.excluded, scores.shape[-1]).expand_as(scores)
+        kept_count = torch.full(scores.shape[:2], float(chunk.num_negatives), device=scores.device)
+    else:
+        keep, kept_count = functional.keep_nonempty(unflagged, chunk.excluded)
     terms = work.formula(
         RowInputs(scores, bank.positive_index[:, rows], keep, kept_count, state_rows, scale, chunk.num_negatives)
     )
-    totals.loss = totals.loss + terms.value.sum()
-    totals.new_rows.append(detection.new_rows)
-    totals.outputs.append(terms.outputs)
-    totals.kept = totals.kept + kept_count.sum()
-    if detection.flagged is not None:
-        totals.flagged = totals.flagged + detection.flagged.sum()
-        _record_quality(chunk, detection, totals)
-    if detection.thresholds is not None:
-        totals.thresholds.append(detection.thresholds)
-    grad_scores = terms.grad_scores.mul_(bank.row_weight)
-    gradients.add(grad_scores, scores, chunk_anchors_, columns, scale, rows)
-
-
-def _record_quality(chunk: ScoreChunk, detection: Detection, totals: _Totals) -> None:
-    """Per-anchor precision and recall of the flagged negatives, where labels are given."""
-    same = chunk.same_label()
-    if same is None or detection.flagged is None:
-        return
-    from glofnd_losses.metrics import per_anchor_precision_recall
-
-    precision, recall = per_anchor_precision_recall(detection.flagged, same)
-    totals.precision.append(precision)
-    totals.recall.append(recall)
+    totals.add(terms, detection, kept_count)
+    if unflagged is not None:
+        totals.add_flags(chunk, unflagged)
+    gradients.add(terms.grad_scores.mul_(bank.row_weight), chunk_anchors_, columns, scale, rows)

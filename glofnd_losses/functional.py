@@ -65,10 +65,15 @@ def cross_modal_excluded(local_size: int, offset: int, device: torch.device) -> 
     return (torch.arange(local_size, device=device) + offset)[:, None]
 
 
+def exclude_(mask: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """In place: the ``excluded`` columns (``(c, E)``) of every row of ``mask`` ``(V, c, C)`` set to False."""
+    return mask.scatter_(-1, excluded.expand(mask.shape[0], -1, -1), False)
+
+
 def negative_mask(excluded: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """Bool mask ``(b, C)``: True on every column except the ``excluded`` ones (``(b, E)``)."""
-    columns = torch.arange(num_columns, device=excluded.device)
-    return (columns != excluded[:, :, None]).all(dim=1)
+    """Bool mask ``(c, C)``: True on every column except the ``excluded`` ones (``(c, E)``)."""
+    everything = torch.ones(1, excluded.shape[0], num_columns, dtype=torch.bool, device=excluded.device)
+    return exclude_(everything, excluded)[0]
 
 
 def count_above(scores: torch.Tensor, excluded: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -189,32 +194,53 @@ def pooled_quantile(scores: torch.Tensor, excluded: torch.Tensor, alpha: float, 
     return _interpolate_top(_top_negatives(pooled, pooled_excluded, top_count), top_count, fraction)[0]
 
 
-def row_std(scores: torch.Tensor) -> torch.Tensor:
-    """Standard deviation of each row over all its columns, ``(..., C) -> (...)`` (Bessel-corrected)."""
-    return scores.std(dim=-1) if scores.shape[-1] > 1 else torch.zeros_like(scores[..., 0])
+def column_covariance(columns: torch.Tensor) -> torch.Tensor:
+    """``(d, d)`` covariance of the columns ``(C, d)``, centred first (see :func:`row_std`)."""
+    centred = columns - columns.mean(dim=0, keepdim=True)
+    return centred.mT @ centred / max(columns.shape[0] - 1, 1)
+
+
+def row_std(anchors: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of each row of ``anchors @ columns.mT`` over its columns, without forming it.
+
+    Row ``i``'s deviations from its mean are ``a_i . (c_j - c_mean)``, so its (Bessel-corrected)
+    variance is ``a_i^T Cov a_i`` with ``Cov`` the columns' :func:`column_covariance`: a ``d x d``
+    product per row instead of two passes over its ``C`` scores. Centring first keeps it accurate
+    relative to the spread itself, also where every score lies in a narrow band (collapsed
+    embeddings).
+
+    Args:
+        anchors: ``(..., R, d)`` anchor embeddings.
+        covariance: ``(d, d)`` :func:`column_covariance` of the columns.
+
+    Returns:
+        ``(..., R)`` standard deviations.
+    """
+    variance = ((anchors @ covariance) * anchors).sum(dim=-1)
+    return variance.clamp_min(0.0).sqrt()
 
 
 def keep_at_or_below(scores: torch.Tensor, excluded: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Keep-mask: negatives with ``score <= threshold``; thresholds ``(b,)`` or ``(V, b)``."""
     if thresholds.dim() == 1:
         thresholds = thresholds.expand(scores.shape[0], -1)
-    return (scores <= thresholds[..., None]) & negative_mask(excluded, scores.shape[-1])
+    return exclude_(scores <= thresholds[..., None], excluded)
 
 
-def keep_nonempty(keep: torch.Tensor, negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_nonempty(keep: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A row of ``keep`` whose negatives are all flagged keeps them all (branch-free).
 
     Args:
-        keep: ``(V, c, C)`` bool negatives not flagged.
-        negatives: ``(c, C)`` bool negatives of each anchor.
+        keep: ``(V, c, C)`` bool negatives not flagged (False in the excluded columns).
+        excluded: ``(c, E)`` columns of each anchor that are not negatives.
 
     Returns:
         The mask after the fallback and its ``(V, c)`` float32 per-row counts (never 0).
     """
     kept_count = keep.sum(dim=-1, dtype=torch.int32)
     empty = kept_count == 0
-    keep = keep | (empty[..., None] & negatives)
-    num_negatives = negatives.sum(dim=-1, dtype=torch.int32)
+    keep = exclude_(keep | empty[..., None], excluded)
+    num_negatives = keep.shape[-1] - excluded.shape[-1]
     return keep, torch.where(empty, num_negatives, kept_count).to(torch.float32)
 
 
@@ -252,7 +278,7 @@ def cross_entropy_rows(
     """
     exponentials = torch.where(keep, scores, float("-inf"))
     row_max = exponentials.amax(dim=-1, keepdim=True)  # finite: every row keeps a negative
-    exponentials = ((exponentials - row_max) * scale).exp()
+    exponentials.sub_(row_max).mul_(scale).exp_()
     total = exponentials.sum(dim=-1)
     positive = row_positive(scores, positive_index) * scale
     negative_lse = scale * row_max.squeeze(-1) + total.log() + math.log(num_negatives) - kept_count.log()
@@ -308,11 +334,12 @@ def kept_mean_exp_rows(
         Per-row means and their gradients.
     """
     positive = row_positive(scores, positive_index)
-    exponents = (scores - positive[..., None]) * scale
+    exponents = torch.sub(scores, positive[..., None]).mul_(scale)
     cap = exponent_cap(scores.shape[-1])
-    exponentials = exponents.clamp_max(cap).exp() * keep
+    capped = exponents > cap
+    exponentials = exponents.clamp_max_(cap).exp_().mul_(keep)
     mean = exponentials.sum(dim=-1) / kept_count
-    grad_scores = exponentials.masked_fill_(exponents > cap, 0.0).mul_((scale / kept_count)[..., None])
+    grad_scores = exponentials.masked_fill_(capped, 0.0).mul_((scale / kept_count)[..., None])
     grad_scores.scatter_add_(-1, positive_index[..., None], -grad_scores.sum(dim=-1, keepdim=True))
     return RowTerms(mean, grad_scores)
 
@@ -361,7 +388,7 @@ def sogclr_rows(
     # collapsed encoder at tau = 1/80 from C = 6,200): there every term is divided by C first.
     columns = scores.shape[-1]
     log_divisor = math.log(columns) if row_sum_may_overflow(columns, 1.0 / temperature) else 0.0
-    exponentials = (scores / temperature - log_divisor).exp() * keep
+    exponentials = torch.mul(scores, 1.0 / temperature).sub_(log_divisor).exp_().mul_(keep)
     estimate = exponentials.sum(dim=-1) / kept_count * math.exp(log_divisor)  # a mean of terms <= exp(1 / tau)
     u_new = moving_average(u_previous.expand_as(estimate), estimate, gamma, u_initialized.expand_as(estimate))
     u_safe = u_new.clamp_min(torch.finfo(u_new.dtype).tiny)

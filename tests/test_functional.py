@@ -178,17 +178,26 @@ def collapsed_embeddings(count: int, dim: int, spread: float, seed: int) -> torc
 
 
 def test_row_std_of_collapsed_rows_stays_accurate() -> None:
-    """A spread of ~1e-4 at a mean cosine of ~0.9996, against float64."""
+    """A spread of ~1e-4 at a mean cosine of ~0.9996 (a collapsed encoder), against float64."""
     anchors = collapsed_embeddings(2 * 3, 16, 0.02, seed=2).view(2, 3, 16)
     columns = collapsed_embeddings(64, 16, 0.02, seed=1)
     expected = (anchors.double() @ columns.double().T).std(dim=-1)
-    torch.testing.assert_close(functional.row_std(anchors @ columns.T).double(), expected, rtol=1e-3, atol=0)
+    got = functional.row_std(anchors, functional.column_covariance(columns))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("spread", [10.0, 0.3])
+def test_row_std_equals_the_std_of_the_product(spread: float) -> None:
+    anchors = collapsed_embeddings(2 * 6, 16, spread, seed=0).view(2, 6, 16)
+    columns = collapsed_embeddings(40, 16, spread, seed=1)
+    got = functional.row_std(anchors, functional.column_covariance(columns))
+    torch.testing.assert_close(got, (anchors @ columns.T).std(dim=-1), rtol=1e-4, atol=1e-6)
 
 
 def test_keep_nonempty_falls_back_to_all_negatives() -> None:
-    negatives = functional.negative_mask(torch.tensor([[0], [1]]), 3)  # row 0: columns 1, 2; row 1: 0, 2
+    excluded = torch.tensor([[0], [1]])  # row 0's negatives are columns 1, 2; row 1's are 0, 2
     keep = torch.tensor([[[False, False, False], [True, False, False]]])
-    keep, count = functional.keep_nonempty(keep, negatives)
+    keep, count = functional.keep_nonempty(keep, excluded)
     assert torch.equal(keep, torch.tensor([[[False, True, True], [True, False, False]]]))
     assert count.tolist() == [[2.0, 1.0]]
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glofnd_losses import functional, thresholds
 from glofnd_losses.detectors import GloFNDDetector, ScoreChunk, Step
@@ -128,11 +129,9 @@ def test_bad_optimizer_settings_are_named(kwargs: dict, message: str) -> None:
 
 def test_normalize_grad_divides_the_subgradient_by_alpha() -> None:
     from glofnd_losses.detectors import GloFNDDetector, ScoreChunk, Step
-    from glofnd_losses.functional import negative_mask
-
     scores = torch.tensor([[[0.9, 0.5, 0.2, 0.7]]])
     excluded = torch.tensor([[0]])
-    rows = ScoreChunk(scores, excluded, negative_mask(excluded, 4))
+    rows = ScoreChunk(scores, excluded)
     state = {"threshold": torch.tensor([0.6]), "threshold_visits": torch.tensor([1], dtype=torch.int32)}
     optimizer = ThresholdOptimizer(rule="sgd", lr=0.01, normalize_grad=True)
     detection = GloFNDDetector(alpha=0.25, optimizer=optimizer).detect(rows, state, "", Step(learn=True, epoch=0))
@@ -158,30 +157,33 @@ def hand_default_detection(
     current = ThresholdRows.from_state(state, "")
     negatives = scores.shape[-1] - excluded.shape[-1]
     subgradient = functional.threshold_subgradient(scores, excluded, current.threshold, alpha, negatives)
-    score_std = scores.std(dim=-1).mean(dim=0)
+    score_std = scores.std(dim=-1).mean(dim=0)  # torch's two-pass std over the score rows
     quantile = functional.pooled_quantile(scores, excluded, alpha, negatives)
     return thresholds.step(current, subgradient / alpha, quantile, 0, ThresholdOptimizer.default(), score_std)
 
 
 @pytest.mark.parametrize("views", [1, 2])
 def test_detector_takes_the_default_rule_step_and_flags_above_the_new_threshold(views: int) -> None:
-    # Scores rounded to 1/64 (many ties, thresholds landing on score values) and a drift that makes
-    # some steps pass the batch quantile, over 30 steps from the first visit.
-    alpha, anchors, columns = 0.05, 24, 80
+    # Embeddings that drift, so that some steps pass the batch quantile, over 30 steps from the first visit.
+    alpha, anchors, columns, dim = 0.05, 24, 80, 8
     detector = GloFNDDetector(alpha, ThresholdOptimizer.default())
     generator = torch.Generator().manual_seed(views)
     excluded = torch.stack([torch.arange(anchors), torch.arange(anchors) + anchors], dim=1)
     negatives = functional.negative_mask(excluded, columns)
     state = {"threshold": torch.ones(anchors), "threshold_visits": torch.zeros(anchors, dtype=torch.int32)}
     for step_number in range(30):
-        drift = 0.3 * math.sin(step_number / 4)
-        noise = torch.randn(views, anchors, columns, generator=generator) * 0.2
-        scores = ((noise + drift).clamp(-1, 1) * 64).round() / 64
+        drift = torch.zeros(dim)
+        drift[0] = 2 * math.sin(step_number / 4)
+        anchor_features = F.normalize(torch.randn(views, anchors, dim, generator=generator) + drift, dim=-1)
+        column_features = F.normalize(torch.randn(columns, dim, generator=generator) + drift, dim=-1)
+        scores = anchor_features @ column_features.T
         expected = hand_default_detection(scores, excluded, state, alpha)
-        detection = detector.detect(ScoreChunk(scores, excluded, negatives), state, "", Step(learn=True, epoch=0))
-        assert detection.thresholds is not None and detection.flagged is not None
-        assert torch.equal(detection.thresholds, expected.threshold), step_number
-        assert torch.equal(detection.flagged, (scores > expected.threshold[None, :, None]) & negatives)
-        for name, value in expected.to_state("").items():
-            assert torch.equal(detection.new_rows[name], value), name
+        covariance = functional.column_covariance(column_features)
+        chunk = ScoreChunk(scores, excluded, anchors=anchor_features, column_covariance=covariance)
+        detection = detector.detect(chunk, state, "", Step(learn=True, epoch=0))
+        assert detection.thresholds is not None
+        torch.testing.assert_close(detection.thresholds, expected.threshold, rtol=0, atol=1e-6, msg=str(step_number))
+        bound = detection.thresholds[None, :, None]
+        assert torch.equal(detection.unflagged(chunk), (scores <= bound) & negatives)
+        assert torch.equal(detection.new_rows["threshold_visits"], expected.visits)
         state = detection.new_rows
