@@ -262,10 +262,10 @@ class _Totals:
         if detection.thresholds is not None:
             self.thresholds.append(detection.thresholds)
 
-    def add_flags(self, chunk: ScoreChunk, unflagged: torch.Tensor) -> None:
+    def add_flags(self, chunk: ScoreChunk, unflagged: torch.Tensor, unflagged_count: torch.Tensor) -> None:
         """Count the chunk's flagged negatives and, with labels, their per-anchor precision and recall."""
-        unflagged_count = unflagged.sum(dtype=torch.int64)
-        self.flagged = self.flagged + (chunk.num_negatives * unflagged.shape[0] * unflagged.shape[1] - unflagged_count)
+        negatives = chunk.num_negatives * unflagged_count.numel()
+        self.flagged = self.flagged + (negatives - unflagged_count.sum(dtype=torch.int64))
         same = chunk.same_label()
         if same is None:
             return
@@ -288,15 +288,16 @@ def _chunk(work: Pass, anchors: torch.Tensor, columns: torch.Tensor, covariance:
     state_rows = {name: values[rows] for name, values in work.state_rows.items()}
     detection = work.detector.detect(chunk, state_rows, bank.prefix, work.step)
     unflagged = detection.unflagged(chunk)
-    if unflagged is None or not work.filtering:
+    unflagged_count = None if unflagged is None else unflagged.sum(dim=-1, dtype=torch.int32)
+    if unflagged is None or unflagged_count is None or not work.filtering:
         keep = functional.negative_mask(chunk.excluded, scores.shape[-1]).expand_as(scores)
         kept_count = torch.full(scores.shape[:2], float(chunk.num_negatives), device=scores.device)
     else:
-        keep, kept_count = functional.keep_nonempty(unflagged, chunk.excluded)
+        keep, kept_count = functional.keep_nonempty(unflagged, unflagged_count, chunk.excluded)
     terms = work.formula(
         RowInputs(scores, bank.positive_index[:, rows], keep, kept_count, state_rows, scale, chunk.num_negatives)
     )
     totals.add(terms, detection, kept_count)
-    if unflagged is not None:
-        totals.add_flags(chunk, unflagged)
+    if unflagged is not None and unflagged_count is not None:
+        totals.add_flags(chunk, unflagged, unflagged_count)
     gradients.add(terms.grad_scores.mul_(bank.row_weight), chunk_anchors_, columns, scale, rows)

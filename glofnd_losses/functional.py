@@ -227,17 +227,19 @@ def keep_at_or_below(scores: torch.Tensor, excluded: torch.Tensor, thresholds: t
     return exclude_(scores <= thresholds[..., None], excluded)
 
 
-def keep_nonempty(keep: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_nonempty(
+    keep: torch.Tensor, kept_count: torch.Tensor, excluded: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A row of ``keep`` whose negatives are all flagged keeps them all (branch-free).
 
     Args:
         keep: ``(V, c, C)`` bool negatives not flagged (False in the excluded columns).
+        kept_count: ``(V, c)`` int32 their per-row counts.
         excluded: ``(c, E)`` columns of each anchor that are not negatives.
 
     Returns:
         The mask after the fallback and its ``(V, c)`` float32 per-row counts (never 0).
     """
-    kept_count = keep.sum(dim=-1, dtype=torch.int32)
     empty = kept_count == 0
     keep = exclude_(keep | empty[..., None], excluded)
     num_negatives = keep.shape[-1] - excluded.shape[-1]

@@ -197,7 +197,7 @@ def test_row_std_equals_the_std_of_the_product(spread: float) -> None:
 def test_keep_nonempty_falls_back_to_all_negatives() -> None:
     excluded = torch.tensor([[0], [1]])  # row 0's negatives are columns 1, 2; row 1's are 0, 2
     keep = torch.tensor([[[False, False, False], [True, False, False]]])
-    keep, count = functional.keep_nonempty(keep, excluded)
+    keep, count = functional.keep_nonempty(keep, keep.sum(-1, dtype=torch.int32), excluded)
     assert torch.equal(keep, torch.tensor([[[False, True, True], [True, False, False]]]))
     assert count.tolist() == [[2.0, 1.0]]
 
