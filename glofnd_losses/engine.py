@@ -26,7 +26,7 @@ from glofnd_losses import functional
 from glofnd_losses.detectors import Detection, Detector, ScoreChunk, Step
 from glofnd_losses.functional import RowTerms
 
-SCORE_CHUNK_BYTES = 32 * 2**20
+SCORE_CHUNK_BYTES = 16 * 2**20
 """Default size of one chunk's float32 scores (``V x c x C x 4`` bytes); the chunk's other
 intermediates (masks, exponentials, their gradient) take about three times as much again."""
 
