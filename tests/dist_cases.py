@@ -114,7 +114,7 @@ def equivalence_case(
 def accelerate_disagrees_case(
     rank: int, world_size: int, name: str, kwargs: dict[str, Any], batches: list
 ) -> dict[str, Any]:
-    """accelerate initialised without the launcher's variables: it sees one process (DESIGN section 4)."""
+    """accelerate initialised without the launcher's variables: it sees one process."""
     from accelerate import PartialState
 
     from glofnd_losses import distributed
