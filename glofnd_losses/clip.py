@@ -96,14 +96,7 @@ class GloFNDClipLoss(GloFNDLossBase):
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
     ) -> None:
-        if estimator not in ("minibatch", "sogclr", "fastclip"):
-            raise ValueError(f"estimator must be 'minibatch', 'sogclr' or 'fastclip', got {estimator!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if gamma is not None and not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1] or None (cosine schedule), got {gamma}")
-        if not 0 < gamma_min <= 1:
-            raise ValueError(f"gamma_min must be in (0, 1], got {gamma_min}")
+        _check_estimator_settings(estimator, temperature, gamma, gamma_min)
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch,
             chunk_size, banks=("image_", "text_"),
@@ -223,6 +216,18 @@ class GloFNDClipLoss(GloFNDLossBase):
             return total + 0.0 * scale  # keep logit_scale in the graph for DDP
         log_u = torch.log(image.outputs["u_image"] + _U_EPS) + torch.log(text.outputs["u_text"] + _U_EPS)
         return _fastclip_objective(total, log_u.mean(), 1.0 / scale, self.rho)
+
+
+def _check_estimator_settings(estimator: str, temperature: float, gamma: float | None, gamma_min: float) -> None:
+    """Raises a ValueError naming the first of the estimator's settings that is out of range."""
+    if estimator not in ("minibatch", "sogclr", "fastclip"):
+        raise ValueError(f"estimator must be 'minibatch', 'sogclr' or 'fastclip', got {estimator!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if gamma is not None and not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1] or None (cosine schedule), got {gamma}")
+    if not 0 < gamma_min <= 1:
+        raise ValueError(f"gamma_min must be in (0, 1], got {gamma_min}")
 
 
 def _fastclip_objective(total: torch.Tensor, mean_log_u: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
