@@ -93,6 +93,24 @@ def syncs_raise(device: torch.device) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def step_batches(device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """The sync-free steps' inputs, on ``device``: two noisy views and the indices of each batch.
+
+    ``STEP_EPOCHS`` reshuffled epochs of ``STEP_BATCH``-item batches of ``STEP_NUM_SAMPLES`` fixed
+    random inputs; drawn on the CPU from a generator of their own (seed 0).
+    """
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(STEP_NUM_SAMPLES, STEP_INPUT_DIM, generator=generator)
+    steps = []
+    for _ in range(STEP_EPOCHS):
+        order = torch.randperm(STEP_NUM_SAMPLES, generator=generator)
+        for start in range(0, STEP_NUM_SAMPLES, STEP_BATCH):
+            indices = order[start : start + STEP_BATCH]
+            views = [base[indices] + 0.3 * torch.randn(len(indices), STEP_INPUT_DIM, generator=generator) for _ in "ab"]
+            steps.append(tuple(tensor.to(device) for tensor in (*views, indices)))
+    return steps
+
+
 def sync_free_steps(name: str, device: torch.device, chunk_size: int | None) -> dict[str, Any]:
     """Train a linear encoder with loss ``name`` for ``STEP_EPOCHS`` epochs of bf16-autocast steps.
 
@@ -109,15 +127,7 @@ def sync_free_steps(name: str, device: torch.device, chunk_size: int | None) -> 
     )
     logit_scale = torch.nn.Parameter(torch.tensor(10.0, device=device))
     optimizer = torch.optim.SGD([*encoders.parameters(), logit_scale], lr=0.1, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
-    base = torch.randn(STEP_NUM_SAMPLES, STEP_INPUT_DIM, generator=generator)
-    steps = []
-    for _ in range(STEP_EPOCHS):
-        order = torch.randperm(STEP_NUM_SAMPLES, generator=generator)
-        for start in range(0, STEP_NUM_SAMPLES, STEP_BATCH):
-            indices = order[start : start + STEP_BATCH]
-            views = [base[indices] + 0.3 * torch.randn(len(indices), STEP_INPUT_DIM, generator=generator) for _ in "ab"]
-            steps.append(tuple(tensor.to(device) for tensor in (*views, indices)))
+    steps = step_batches(device)
     losses, phase = [], "set-up"
     try:
         with syncs_raise(device):
