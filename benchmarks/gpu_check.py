@@ -93,6 +93,24 @@ def syncs_raise(device: torch.device) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def step_batches(device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """The sync-free steps' inputs, on ``device``: two noisy views and the indices of each batch.
+
+    ``STEP_EPOCHS`` reshuffled epochs of ``STEP_BATCH``-item batches of ``STEP_NUM_SAMPLES`` fixed
+    random inputs; drawn on the CPU from a generator of their own (seed 0).
+    """
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(STEP_NUM_SAMPLES, STEP_INPUT_DIM, generator=generator)
+    steps = []
+    for _ in range(STEP_EPOCHS):
+        order = torch.randperm(STEP_NUM_SAMPLES, generator=generator)
+        for start in range(0, STEP_NUM_SAMPLES, STEP_BATCH):
+            indices = order[start : start + STEP_BATCH]
+            views = [base[indices] + 0.3 * torch.randn(len(indices), STEP_INPUT_DIM, generator=generator) for _ in "ab"]
+            steps.append(tuple(tensor.to(device) for tensor in (*views, indices)))
+    return steps
+
+
 def sync_free_steps(name: str, device: torch.device, chunk_size: int | None) -> dict[str, Any]:
     """Train a linear encoder with loss ``name`` for ``STEP_EPOCHS`` epochs of bf16-autocast steps.
 
@@ -109,15 +127,7 @@ def sync_free_steps(name: str, device: torch.device, chunk_size: int | None) -> 
     )
     logit_scale = torch.nn.Parameter(torch.tensor(10.0, device=device))
     optimizer = torch.optim.SGD([*encoders.parameters(), logit_scale], lr=0.1, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
-    base = torch.randn(STEP_NUM_SAMPLES, STEP_INPUT_DIM, generator=generator)
-    steps = []
-    for _ in range(STEP_EPOCHS):
-        order = torch.randperm(STEP_NUM_SAMPLES, generator=generator)
-        for start in range(0, STEP_NUM_SAMPLES, STEP_BATCH):
-            indices = order[start : start + STEP_BATCH]
-            views = [base[indices] + 0.3 * torch.randn(len(indices), STEP_INPUT_DIM, generator=generator) for _ in "ab"]
-            steps.append(tuple(tensor.to(device) for tensor in (*views, indices)))
+    steps = step_batches(device)
     losses, phase = [], "set-up"
     try:
         with syncs_raise(device):
@@ -330,29 +340,29 @@ def git_commit() -> str:
     return commit + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=450, help="wall-clock budget of the whole check")
     parser.add_argument("--out-dir", default=str(BENCHMARKS / "results"), help="where the results files go")
     parser.add_argument("--strict-targets", action="store_true", help="a missed benchmark target fails the run")
     parser.add_argument("--child-steps", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print(
-            f"gpu_check: no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, built for "
-            f"CUDA {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
-            "Nothing was checked and no results were written; run this on a machine with an NVIDIA GPU.",
-            file=sys.stderr,
-        )
-        sys.exit(NO_CUDA_STATUS)
-    if args.child_steps:
-        print(json.dumps(sync_free_stage(torch.device("cuda"))))
-        return
+    return parser.parse_args()
 
-    start = time.perf_counter()
-    deadline = start + args.budget_s
-    device_name = torch.cuda.get_device_name()
-    results: dict[str, Any] = {
+
+def exit_without_cuda() -> None:
+    """Say why nothing can be checked here, and exit with ``NO_CUDA_STATUS``."""
+    print(
+        f"gpu_check: no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, built for "
+        f"CUDA {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
+        "Nothing was checked and no results were written; run this on a machine with an NVIDIA GPU.",
+        file=sys.stderr,
+    )
+    sys.exit(NO_CUDA_STATUS)
+
+
+def run_description(device_name: str, budget_s: float) -> dict[str, Any]:
+    """The results' skeleton: the machine, the software, the commit, the command; no stage yet."""
+    return {
         "device": device_name,
         "device_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
         "torch": torch.__version__,
@@ -361,10 +371,16 @@ def main() -> None:
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
-        "budget_s": args.budget_s,
+        "budget_s": budget_s,
         "stages": {},
     }
-    print(f"gpu_check on {device_name} (torch {torch.__version__}, CUDA {torch.version.cuda})", flush=True)
+
+
+def run_stages(deadline: float) -> dict[str, dict[str, Any]]:
+    """The four stages in turn, each capped at its share and at what is left before ``deadline``.
+
+    A stage that would start with under 20 s left is recorded as not run (and failed).
+    """
     this_script = str(Path(__file__).resolve())
     stages: list[tuple[str, float, Any]] = [
         ("tests", 200, lambda timeout, workdir: tests_stage(timeout, workdir)),
@@ -373,28 +389,50 @@ def main() -> None:
             "large_batch.py", ["--steps", "5", "--warmup-steps", "1"], timeout, workdir)),
         ("train_step", 150, lambda timeout, workdir: benchmark_stage("train_step.py", [], timeout, workdir)),
     ]  # fmt: skip
+    outcomes: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, cap, stage in stages:
             left = deadline - time.perf_counter()
             if left < 20:
-                results["stages"][name] = {"ok": False, "not_run": True, "seconds": 0.0}
+                outcomes[name] = {"ok": False, "not_run": True, "seconds": 0.0}
                 print(f"  {name}: not run (budget spent)", flush=True)
                 continue
             print(f"  {name} ...", end=" ", flush=True)
             outcome = stage(min(cap, left), Path(tmp))
-            results["stages"][name] = outcome
+            outcomes[name] = outcome
             print(f"{'pass' if outcome['ok'] else 'FAIL'} ({outcome['seconds']:.0f} s)", flush=True)
+    return outcomes
+
+
+def write_reports(results: dict[str, Any], out_dir: Path) -> Path:
+    """The results as JSON and their summary as Markdown, named after the device; their common stem."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_check_" + (re.sub(r"[^A-Za-z0-9]+", "_", results["device"]).strip("_") or "cuda")
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"{stem}.md").write_text(summary_markdown(results))
+    return out_dir / stem
+
+
+def main() -> None:
+    args = parse_arguments()
+    if not torch.cuda.is_available():
+        exit_without_cuda()
+    if args.child_steps:
+        print(json.dumps(sync_free_stage(torch.device("cuda"))))
+        return
+
+    start = time.perf_counter()
+    device_name = torch.cuda.get_device_name()
+    results = run_description(device_name, args.budget_s)
+    print(f"gpu_check on {device_name} (torch {torch.__version__}, CUDA {torch.version.cuda})", flush=True)
+    results["stages"] = run_stages(start + args.budget_s)
     results["seconds"] = time.perf_counter() - start
     results["missed_targets"] = missed_targets(results["stages"])
     results["ok"] = all(stage["ok"] for stage in results["stages"].values()) and not (
         args.strict_targets and results["missed_targets"]
     )
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_check_" + (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") or "cuda")
-    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (out_dir / f"{stem}.md").write_text(summary_markdown(results))
-    print(f"\n{'PASS' if results['ok'] else 'FAIL'}: wrote {out_dir / stem}.json and .md")
+    stem = write_reports(results, Path(args.out_dir))
+    print(f"\n{'PASS' if results['ok'] else 'FAIL'}: wrote {stem}.json and .md")
     for item in results["missed_targets"]:
         print(f"  target missed: {item}")
     sys.exit(0 if results["ok"] else 1)

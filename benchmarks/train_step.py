@@ -39,7 +39,6 @@ import argparse
 import copy
 import functools
 import inspect
-import json
 import statistics
 import sys
 import time
@@ -189,7 +188,8 @@ def measure(batch: int, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
+    """This script's flags, checked, with the device's defaults (``DEVICE_DEFAULTS``) for those not given."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -211,8 +211,11 @@ def main() -> None:
             setattr(args, name, value)
     if args.steps < 1 or args.groups < 1 or args.warmup_steps < 0:
         parser.error("--steps and --groups must be >= 1, --warmup-steps >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return args
+
+
+def announce_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Print the run's settings and the table's header; the results' skeleton, with the same settings."""
     device_name = speed.device_label(args.device)
     print(
         f"device: {device_name}, torch {torch.__version__}, resnet18 (32x32 stem) + SimCLRProjectionHead, "
@@ -220,7 +223,13 @@ def main() -> None:
         f"then {args.groups} groups of A B B A blocks of {args.steps} steps; median (quartiles) of the groups' "
         f"ratios ours / peer\n"
     )
-    results: dict[str, Any] = {
+    header = (
+        f"{'batch':>6} | {'GloFNDNTXent ms/step':>20} | {'NTXentLoss ms/step':>18} | "
+        f"{'ratio (quartiles)':>19} | target <= {TIME_TARGET:.2f}x (bar {TIME_BAR:.2f}x) | "
+        f"{'loss alone ms, ours / peer':>26} | {'ratio from losses':>17}"
+    )
+    print(header + "\n" + "-" * len(header))
+    return {
         "device": device_name, "torch": torch.__version__,
         "settings": {
             "steps": args.steps, "groups": args.groups, "warmup_steps": args.warmup_steps,
@@ -229,12 +238,13 @@ def main() -> None:
         "targets": {"time_ratio": TIME_TARGET, "time_bar": TIME_BAR},
         "batches": {},
     }  # fmt: skip
-    header = (
-        f"{'batch':>6} | {'GloFNDNTXent ms/step':>20} | {'NTXentLoss ms/step':>18} | "
-        f"{'ratio (quartiles)':>19} | target <= {TIME_TARGET:.2f}x (bar {TIME_BAR:.2f}x) | "
-        f"{'loss alone ms, ours / peer':>26} | {'ratio from losses':>17}"
-    )
-    print(header + "\n" + "-" * len(header))
+
+
+def main() -> None:
+    args = parse_arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = announce_run(args)
     for batch in args.batch_sizes:
         row = measure(batch, args)
         ratio = row["ratio"]
@@ -248,8 +258,7 @@ def main() -> None:
             flush=True,
         )
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        speed.write_json(args.out, results)
         print(f"\nwrote {args.out}", file=sys.stderr)
 
 

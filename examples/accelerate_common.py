@@ -425,46 +425,20 @@ def fit(accelerator: Accelerator, args: argparse.Namespace, training: Training) 
     loss = training.loss.to(accelerator.device)
     accelerator.register_for_checkpointing(loss, progress)
     if args.resume:
-        resume_dir = latest_checkpoint(args.out) if args.resume == "latest" else Path(args.resume)
-        accelerator.load_state(str(resume_dir))
-        accelerator.print(f"resumed from {resume_dir} at step {progress.step}")
-    steps_per_epoch = len(training.loader)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"no full batch: {len(training.dataset)} items, batch size {args.batch_size} x "
-            f"{accelerator.num_processes} processes (drop_last=True); lower --batch-size or raise --limit"
-        )
-    total = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
+        resume(accelerator, args, progress)
+    steps_per_epoch, total = run_length(accelerator, args, training)
     if args.dump_state:
         dump_loss_state(loss, args.dump_state, "start", accelerator, progress.step)
     logger = MetricLogger(args.out, accelerator.is_main_process, resume_step=progress.step)
-    bar = tqdm(
-        total=total,
-        initial=progress.step,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        disable=args.no_progress or not accelerator.is_main_process,
-    )
+    bar = progress_bar(accelerator, args, total, progress.step)
     meter = StatsMeter()
     last: dict[str, float] = {}
     saved: Path | None = None
     while progress.step < total:
         epoch, done = divmod(progress.step, steps_per_epoch)
         loss.set_epoch(epoch)
-        training.dataset.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(training.loader, done) if done else training.loader
-        loader.set_epoch(epoch)  # type: ignore[attr-defined]  # accelerate's DataLoaderShard
-        for batch in loader:
-            training.model.train()
-            value = training.compute_loss(batch)
-            training.optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(value)
-            training.optimizer.step()
-            if training.after_step is not None:
-                training.after_step()
+        for batch in epoch_loader(accelerator, training, epoch, done):
+            value = optimizer_step(accelerator, training, batch)
             progress.step += 1
             meter.add(value, {**loss.last_stats, **(training.extra_stats() if training.extra_stats else {})})
             bar.update(1)
@@ -490,6 +464,63 @@ def fit(accelerator: Accelerator, args: argparse.Namespace, training: Training) 
         "checkpoint": str(saved) if saved else None,
         "out": str(args.out),
     }
+
+
+def resume(accelerator: Accelerator, args: argparse.Namespace, progress: TrainProgress) -> None:
+    """Load the state ``--resume`` names (a checkpoint directory, or ``latest`` under ``--out``)."""
+    resume_dir = latest_checkpoint(args.out) if args.resume == "latest" else Path(args.resume)
+    accelerator.load_state(str(resume_dir))
+    accelerator.print(f"resumed from {resume_dir} at step {progress.step}")
+
+
+def run_length(accelerator: Accelerator, args: argparse.Namespace, training: Training) -> tuple[int, int]:
+    """Optimizer steps per epoch and in the whole run (``--epochs``, at most ``--max-steps``).
+
+    Raises:
+        ValueError: If the data set does not fill one global batch.
+    """
+    steps_per_epoch = len(training.loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"no full batch: {len(training.dataset)} items, batch size {args.batch_size} x "
+            f"{accelerator.num_processes} processes (drop_last=True); lower --batch-size or raise --limit"
+        )
+    total = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    return steps_per_epoch, total
+
+
+def progress_bar(accelerator: Accelerator, args: argparse.Namespace, total: int, step: int) -> tqdm[Any]:
+    """The main process's bar of optimizer steps, from ``step`` (the resumed one) to ``total``."""
+    return tqdm(
+        total=total,
+        initial=step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=args.no_progress or not accelerator.is_main_process,
+    )
+
+
+def epoch_loader(accelerator: Accelerator, training: Training, epoch: int, done: int) -> Any:
+    """The batches of ``epoch`` after its first ``done`` (those a resumed run has already trained on)."""
+    training.dataset.set_epoch(epoch)
+    loader = accelerator.skip_first_batches(training.loader, done) if done else training.loader
+    loader.set_epoch(epoch)  # type: ignore[attr-defined]  # accelerate's DataLoaderShard
+    return loader
+
+
+def optimizer_step(accelerator: Accelerator, training: Training, batch: Any) -> torch.Tensor:
+    """One training step on ``batch``: forward, backward, optimizer step, ``after_step``; the loss's value."""
+    training.model.train()
+    value = training.compute_loss(batch)
+    training.optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(value)
+    training.optimizer.step()
+    if training.after_step is not None:
+        training.after_step()
+    return value
 
 
 def log_interval(
