@@ -51,8 +51,8 @@ from torch import nn
 
 IMAGE_SIZE = 32
 POOL_BATCHES = speed.POOL_BATCHES
-TIME_TARGET, TIME_BAR = 1.0, 1.10
-"""Our step time over the peer's: the target, and the bar it must not pass (as ``large_batch.py``)."""
+TIME_TARGET = 1.01
+"""Our step time over the peer's, at most (the paper reports +2% per epoch for GloFND)."""
 DEVICE_DEFAULTS = {
     "cpu": {"warmup_steps": 1, "groups": 1, "steps": 1},
     "other": {"warmup_steps": 3, "groups": 8, "steps": 5},
@@ -225,7 +225,7 @@ def announce_run(args: argparse.Namespace) -> dict[str, Any]:
     )
     header = (
         f"{'batch':>6} | {'GloFNDNTXent ms/step':>20} | {'NTXentLoss ms/step':>18} | "
-        f"{'ratio (quartiles)':>19} | target <= {TIME_TARGET:.2f}x (bar {TIME_BAR:.2f}x) | "
+        f"{'ratio (quartiles)':>19} | {'target <= ' + f'{TIME_TARGET:.2f}x':>16} | "
         f"{'loss alone ms, ours / peer':>26} | {'ratio from losses':>17}"
     )
     print(header + "\n" + "-" * len(header))
@@ -235,7 +235,7 @@ def announce_run(args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps, "groups": args.groups, "warmup_steps": args.warmup_steps,
             "autocast": args.autocast, "num_samples": args.num_samples, "chunk_size": args.chunk_size,
         },
-        "targets": {"time_ratio": TIME_TARGET, "time_bar": TIME_BAR},
+        "targets": {"time_ratio": TIME_TARGET},
         "batches": {},
     }  # fmt: skip
 
@@ -248,11 +248,11 @@ def main() -> None:
     for batch in args.batch_sizes:
         row = measure(batch, args)
         ratio = row["ratio"]
-        row["verdict"] = "met" if ratio <= TIME_TARGET else ("within bar" if ratio <= TIME_BAR else "MISSED")
+        row["verdict"] = "met" if ratio <= TIME_TARGET else "MISSED"
         results["batches"][str(batch)] = row
         print(
             f"{batch:>6} | {1e3 * row['mine_step_seconds']:>20.1f} | {1e3 * row['peer_step_seconds']:>18.1f} | "
-            f"{speed.paired_cell(row):>19} | {row['verdict']:<30} | "
+            f"{speed.paired_cell(row):>19} | {row['verdict']:>16} | "
             f"{1e3 * row['mine_loss_seconds']:>12.2f} / {1e3 * row['peer_loss_seconds']:<11.2f} | "
             f"{row['ratio_from_losses']:>16.4f}x",
             flush=True,
