@@ -11,7 +11,7 @@ in the order A B B A, A B B A, ... (``measure_paired``); each such group gives o
 blocks over B's two, and the median over the groups is printed with its quartiles. On a shared
 machine whose speed drifts by tens of percent over seconds to minutes, separate processes can
 each catch a different phase, so that their ratios for identical code move by 0.1 or more between
-runs (BENCHMARKS.md section 2 compares two runs); a slow phase slows both halves of a group alike.
+runs; a slow phase slows both halves of a group alike.
 
 Comparisons (dim 128):
 

@@ -60,11 +60,11 @@ class ScoreChunk:
         return self.scores.shape[-1] - self.excluded.shape[-1]
 
     def same_label(self) -> torch.Tensor | None:
-        """``(V, c, C)`` bool negatives sharing the anchor's label (the true false negatives), or None."""
+        """``(c, C)`` bool negatives sharing the anchor's label (the true false negatives), or None."""
         if self.anchor_labels is None or self.column_labels is None:
             return None
-        same = (self.anchor_labels[:, None] == self.column_labels[None, :]).expand_as(self.scores)
-        return functional.exclude_(same.contiguous(), self.excluded)
+        same = self.anchor_labels[:, None] == self.column_labels[None, :]
+        return functional.negative_mask(self.excluded, self.scores.shape[-1]) & same
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class OracleDetector(Detector):
         same = chunk.same_label()
         if same is None:
             raise ValueError("detector='oracle' needs labels: pass labels=... to the loss's forward")
-        return Detection(flagged=same)
+        return Detection(flagged=same.expand_as(chunk.scores))
 
 
 class GloFNDDetector(Detector):
