@@ -20,7 +20,7 @@ inputs' pool is not counted, each step's drawn batch is). Before that, one step 
 batch 64 loads the kernels' code (on CPU tens of MiB that do not depend on the batch size). Ratios
 compare cases of the same run.
 
-Targets printed next to the figures (from the issue): peak memory at the larger batch at most
+Targets printed next to the figures: peak memory at the larger batch at most
 0.15x the peer's; our growth (peak at the larger batch / peak at the smaller) at most 5x for a 4x
 batch (1.25x the batch factor for other pairs of batches); step time at most 1.0x the peer's, with
 1.10x as the bar. Separate processes catch different phases of a shared machine, so the time

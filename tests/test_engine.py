@@ -19,11 +19,22 @@ from tests.multiprocess import run_ranks
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
+def assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal within float32 rounding of sums whose terms reach the tensor's largest magnitude.
+
+    A gradient entry is a sum over columns (and over ranks); chunks change the order of its
+    terms, so an entry that cancels to near zero differs by the rounding of the largest terms.
+    """
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(got, expected, rtol=TOLERANCE["rtol"], atol=TOLERANCE["atol"] * scale)
+
+
 def assert_same_results(chunked: dict[str, Any], dense: dict[str, Any]) -> None:
     for got, expected in zip(chunked["values"], dense["values"]):
         torch.testing.assert_close(got, expected, **TOLERANCE)
-    for got, expected in zip(chunked["grads"], dense["grads"]):
-        torch.testing.assert_close(got, expected, **TOLERANCE)
+    for got_grads, expected_grads in zip(chunked["grads"], dense["grads"]):
+        for got, expected in zip(got_grads, expected_grads):
+            assert_close_to_scale(got, expected)
     if dense["scale_grad"] is None:
         assert chunked["scale_grad"] is None
     else:
@@ -51,9 +62,13 @@ def test_chunked_equals_dense_in_one_process(loss: str, detector: str, chunk_siz
 
 
 def test_chunked_equals_dense_on_two_ranks() -> None:
-    # 6 anchors per rank: chunks of 4 (not a divisor) and 3 (a divisor).
-    configs = [(loss, "glofnd", 4) for loss in engine_cases.LOSSES]
-    configs += [("clip_fastclip", "fnc", 3), ("ntxent", "oracle", 3), ("sogclr", "glofnd_paper", 3)]
+    # 6 anchors per rank: chunks of 4 (not a divisor) and 3 (a divisor), every loss and detector.
+    configs = [
+        (loss, detector, chunk_size)
+        for loss in engine_cases.LOSSES
+        for detector in engine_cases.DETECTORS
+        for chunk_size in (3, 4)
+    ]
     per_rank = run_ranks(engine_cases.chunked_and_dense_case, 2, configs)
     for results in per_rank:
         assert len(results) == len(configs)
