@@ -117,10 +117,11 @@ class GloFNDLossBase(nn.Module):
         num_samples = _positive_int(num_samples)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-        if start_epoch < 0 or start_step < 0:
-            raise ValueError(f"start_epoch and start_step must be >= 0, got {start_epoch}, {start_step}")
+        start_epoch = _non_negative_int("start_epoch", start_epoch)
+        start_step = _non_negative_int("start_step", start_step)
         if filter_start_epoch is None:
             filter_start_epoch = start_epoch
+        filter_start_epoch = _non_negative_int("filter_start_epoch", filter_start_epoch)
         if filter_start_epoch < start_epoch:
             raise ValueError(
                 f"filter_start_epoch must be >= start_epoch={start_epoch} (thresholds must learn before they "
@@ -219,6 +220,17 @@ class GloFNDLossBase(nn.Module):
         return self.epoch >= self.start_epoch and self.step >= self.start_step
 
     @property
+    def updates_state(self) -> bool:
+        """Whether a forward now writes the per-sample state and counts a step.
+
+        In training mode with gradients enabled. A training-mode forward under ``torch.no_grad()``
+        or ``torch.inference_mode()`` (a validation loop whose loss is not a submodule of the
+        model, so ``model.eval()`` does not reach it) filters as in training but learns nothing,
+        as in ``eval()`` mode.
+        """
+        return self.training and torch.is_grad_enabled()
+
+    @property
     def filtering(self) -> bool:
         """Whether flagged negatives are removed from the loss in the current step."""
         return self.learning and self.epoch >= self.filter_start_epoch
@@ -291,7 +303,7 @@ class GloFNDLossBase(nn.Module):
     def _begin_step(self) -> StepSettings:
         """Raise errors found by earlier steps' deferred checks; read this step's settings."""
         self._deferred.raise_if_any()
-        step = Step(learn=self.training and self.learning, epoch=self.epoch, all_seeded=self._known_all_seeded())
+        step = Step(learn=self.updates_state and self.learning, epoch=self.epoch, all_seeded=self._known_all_seeded())
         return StepSettings(step, self.filtering)
 
     @torch.compiler.disable
@@ -308,10 +320,11 @@ class GloFNDLossBase(nn.Module):
             # Also in eval mode: nothing is written there, but clamped indices read other samples' thresholds.
             self._deferred.record(checked.error_bits, self.num_samples, checked.names)
             valid = checked.error_bits == 0
-        if self.training and new_rows:
+        updates_state = self.updates_state
+        if updates_state and new_rows:
             self.state.commit(checked.indices, new_rows, valid)
         self.last_stats = stats
-        if self.training:
+        if updates_state:
             self.step += 1
             if self.step % SEEDING_CHECK_INTERVAL == 0:
                 self._check_seeding()
@@ -345,7 +358,7 @@ class GloFNDLossBase(nn.Module):
             "and the per-sample state is unchanged",
             stacklevel=_caller_stacklevel(),
         )
-        if self.training and distributed.is_distributed():
+        if self.updates_state and distributed.is_distributed():
             # The others' state all-gather compares the sizes: a rank that skipped it would leave them waiting.
             distributed.check_equal_sizes(inputs[0])
         zero = inputs[0].new_zeros((), dtype=torch.float32)
@@ -433,6 +446,17 @@ def _caller_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 0 (any integer type), or a ValueError naming ``name``."""
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        as_int = -1
+    if isinstance(value, bool) or as_int < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return as_int
 
 
 def _positive_int(num_samples: Any) -> int:

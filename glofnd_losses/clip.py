@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Literal
 
 import torch
@@ -96,7 +97,7 @@ class GloFNDClipLoss(GloFNDLossBase):
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
     ) -> None:
-        _check_estimator_settings(estimator, temperature, gamma, gamma_min)
+        _check_estimator_settings(estimator, temperature, gamma, gamma_min, gamma_decay_epochs)
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch,
             chunk_size, banks=("image_", "text_"),
@@ -218,12 +219,18 @@ class GloFNDClipLoss(GloFNDLossBase):
         return _fastclip_objective(total, log_u.mean(), 1.0 / scale, self.rho)
 
 
-def _check_estimator_settings(estimator: str, temperature: float, gamma: float | None, gamma_min: float) -> None:
+def _check_estimator_settings(
+    estimator: str, temperature: float, gamma: float | None, gamma_min: float, gamma_decay_epochs: int
+) -> None:
     """Raises a ValueError naming the first of the estimator's settings that is out of range."""
     if estimator not in ("minibatch", "sogclr", "fastclip"):
         raise ValueError(f"estimator must be 'minibatch', 'sogclr' or 'fastclip', got {estimator!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if isinstance(gamma_decay_epochs, bool) or not isinstance(gamma_decay_epochs, int) or gamma_decay_epochs < 1:
+        raise ValueError(
+            f"gamma_decay_epochs must be an int >= 1 (epochs of u's cosine schedule), got {gamma_decay_epochs!r}"
+        )
     if gamma is not None and not 0 < gamma <= 1:
         raise ValueError(f"gamma must be in (0, 1] or None (cosine schedule), got {gamma}")
     if not 0 < gamma_min <= 1:

@@ -211,6 +211,11 @@ DETECTOR_NAMES = ("glofnd", "fnc", "oracle", None)
 
 def make_detector(name: str | None, alpha: float, optimizer: ThresholdOptimizer | None) -> Detector:
     """Build a detector from its name (``"glofnd"``, ``"fnc"``, ``"oracle"`` or None)."""
+    if optimizer is not None and not isinstance(optimizer, ThresholdOptimizer):
+        raise ValueError(
+            "threshold_optimizer must be a ThresholdOptimizer or None (e.g. ThresholdOptimizer.paper() for the "
+            f"paper's Adam rule), got {optimizer!r}"
+        )
     if name == "glofnd":
         return GloFNDDetector(alpha, optimizer or ThresholdOptimizer.default())
     if name == "fnc":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -74,8 +75,9 @@ class GloFNDNTXent(GloFNDLossBase):
             )
         if not isinstance(gather_distributed, bool):
             raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
-        if not temperature > 0:  # lightly refuses only |temperature| < 1e-8; a negative one inverts the softmax
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        # lightly refuses only |temperature| < 1e-8; a negative one inverts the softmax.
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size
         )

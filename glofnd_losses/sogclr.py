@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from glofnd_losses import functional
@@ -75,10 +77,10 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
     ) -> None:
-        if not temperature >= MIN_TEMPERATURE:
+        if not MIN_TEMPERATURE <= temperature < math.inf:
             raise ValueError(
                 f"temperature must be >= {MIN_TEMPERATURE} (1/80): SogCLR's u averages exp(s / temperature) over "
-                f"cosines s up to 1, which overflows float32 below that, got {temperature}"
+                f"cosines s up to 1, which overflows float32 below that, and finite, got {temperature}"
             )
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")

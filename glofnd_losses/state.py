@@ -126,8 +126,16 @@ class PerSampleState(nn.Module):
         """Declare one more field: a persistent buffer of ``num_samples`` rows at ``field.init``."""
         if name in self.fields:
             raise ValueError(f"per-sample field {name!r} is declared twice")
+        try:
+            values = torch.full((self.num_samples,), field.init, dtype=field.dtype)
+        except RuntimeError as error:  # the allocator's message names neither the argument nor the field
+            size = self.num_samples * torch.empty((), dtype=field.dtype).element_size()
+            raise RuntimeError(
+                f"num_samples={self.num_samples}: cannot allocate the per-sample field {name!r} "
+                f"({size / 2**30:.1f} GiB); is num_samples the data set's size?"
+            ) from error
         self.fields[name] = field
-        self.register_buffer(name, torch.full((self.num_samples,), field.init, dtype=field.dtype), persistent=True)
+        self.register_buffer(name, values, persistent=True)
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, fields=({', '.join(self.fields)})"

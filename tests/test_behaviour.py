@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -221,6 +222,31 @@ def test_bad_constructor_arguments_are_named() -> None:
     with pytest.raises(ValueError, match=r"temperature must be >= 0.0125 \(1/80\).*got 0.011"):
         GloFNDSogCLRLoss(10, temperature=0.011)
     assert GloFNDSogCLRLoss(np.int64(10)).num_samples == 10  # any integer type
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: GloFNDSogCLRLoss(10, start_epoch=float("nan")), "start_epoch"),
+        (lambda: GloFNDNTXent(10, start_epoch=1.5), "start_epoch"),
+        (lambda: GloFNDSogCLRLoss(10, start_step=-1), "start_step"),
+        (lambda: GloFNDNTXent(10, filter_start_epoch=float("inf")), "filter_start_epoch"),
+        (lambda: GloFNDSogCLRLoss(10, temperature=float("inf")), "temperature"),
+        (lambda: GloFNDClipLoss(10, "sogclr", temperature=float("inf")), "temperature"),
+        (lambda: GloFNDClipLoss(10, "fastclip", gamma_decay_epochs=0), "gamma_decay_epochs"),
+        (lambda: GloFNDClipLoss(10, "fastclip", gamma_decay_epochs=2.5), "gamma_decay_epochs"),
+        (lambda: GloFNDSogCLRLoss(10, threshold_optimizer="adam"), "threshold_optimizer"),
+    ],
+)
+def test_out_of_range_settings_are_refused_by_name(make: Callable[[], object], name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        make()
+
+
+def test_a_state_too_large_to_allocate_names_num_samples() -> None:
+    # 4 * 10**14 bytes: beyond a 47-bit address space, so no allocator or overcommit setting grants it.
+    with pytest.raises(RuntimeError, match=r"num_samples=100000000000000: cannot allocate .*'threshold'"):
+        GloFNDSogCLRLoss(10**14)
 
 
 def test_the_smallest_sogclr_temperature_stays_finite() -> None:
@@ -510,3 +536,20 @@ def test_flagged_fraction_metric_agrees_with_the_step_diagnostic() -> None:
     torch.testing.assert_close(stats["kept_negatives"], kept.mean())
     torch.testing.assert_close(stats["filtered_fraction"], 1 - kept.sum() / (32 * 30))
     torch.testing.assert_close(stats["mean_threshold"], loss_fn.thresholds.mean())
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("name", ["sogclr", "ntxent", "clip_minibatch", "clip_sogclr", "clip_fastclip"])
+def test_a_training_mode_forward_without_gradients_learns_nothing(name: str, no_grad: Callable[[], Any]) -> None:
+    # A validation loop whose loss is not a submodule of the model: model.eval() leaves the loss in training mode.
+    loss_fn, call = loss_and_call(name)
+    view_a, view_b = clustered_views(10, dim=8, seed=11)
+    call(view_a, view_b, torch.arange(10))  # one training step: thresholds (and u) learned
+    before = copy.deepcopy(loss_fn.state_dict())
+    with no_grad():
+        validation_loss = call(view_b, view_a, torch.arange(10))
+    for key, value in loss_fn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert loss_fn.step == 1 and loss_fn.training
+    loss_fn.eval()
+    assert torch.equal(validation_loss, call(view_b, view_a, torch.arange(10)))  # as in eval() mode

@@ -104,7 +104,7 @@ def test_lightly_positional_arguments_land_in_the_same_parameters() -> None:
         GloFNDNTXent(100, 0.2, 0, "yes")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("temperature", [0.0, -0.5])
-def test_a_temperature_that_is_not_positive_is_refused(temperature: float) -> None:
-    with pytest.raises(ValueError, match=f"temperature must be > 0, got {temperature}"):
+@pytest.mark.parametrize("temperature", [0.0, -0.5, float("inf"), float("nan")])
+def test_a_temperature_that_is_not_positive_and_finite_is_refused(temperature: float) -> None:
+    with pytest.raises(ValueError, match=f"temperature must be finite and > 0, got {temperature}"):
         GloFNDNTXent(100, temperature)
