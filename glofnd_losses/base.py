@@ -10,6 +10,7 @@ filter, the per-sample state and its one sync per step, and input validation wit
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import os
 import sys
@@ -114,29 +115,17 @@ class GloFNDLossBase(nn.Module):
         banks: Sequence[str] = ("",),
     ) -> None:
         super().__init__()
-        num_samples = _positive_int(num_samples)
+        num_samples = check_int_at_least("num_samples", num_samples, 1, "the data set size")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-        start_epoch = _non_negative_int("start_epoch", start_epoch)
-        start_step = _non_negative_int("start_step", start_step)
-        if filter_start_epoch is None:
-            filter_start_epoch = start_epoch
-        filter_start_epoch = _non_negative_int("filter_start_epoch", filter_start_epoch)
-        if filter_start_epoch < start_epoch:
-            raise ValueError(
-                f"filter_start_epoch must be >= start_epoch={start_epoch} (thresholds must learn before they "
-                f"filter), got {filter_start_epoch}"
-            )
+        self.start_epoch, self.start_step, self.filter_start_epoch = _schedule_starts(
+            start_epoch, start_step, filter_start_epoch
+        )
         self.num_samples = num_samples
         self.alpha = float(alpha)
         self.detector: Detector = make_detector(detector, alpha, threshold_optimizer)
-        self.start_epoch = start_epoch
-        self.start_step = start_step
-        self.filter_start_epoch = filter_start_epoch
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive int (anchors per chunk) or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            chunk_size = check_int_at_least("chunk_size", chunk_size, 1, "anchors per chunk; or None")
         self.chunk_size = chunk_size
         self.banks = tuple(banks)
         fields: dict[str, Field] = {}
@@ -448,26 +437,38 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _non_negative_int(name: str, value: Any) -> int:
-    """``value`` as an int >= 0 (any integer type), or a ValueError naming ``name``."""
+def check_int_at_least(name: str, value: Any, minimum: int, meaning: str = "") -> int:
+    """``value`` as an int (any integer type, e.g. ``numpy.int64``) >= ``minimum``, or a ValueError naming ``name``."""
     try:
         as_int = operator.index(value)
     except TypeError:
-        as_int = -1
-    if isinstance(value, bool) or as_int < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        as_int = minimum - 1
+    if isinstance(value, bool) or as_int < minimum:
+        requirement = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        meaning = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be {requirement}{meaning}, got {value!r}")
     return as_int
 
 
-def _positive_int(num_samples: Any) -> int:
-    """``num_samples`` as an int (any integer type, e.g. ``numpy.int64``), or a ValueError."""
-    try:
-        value = operator.index(num_samples)
-    except TypeError:
-        value = 0
-    if isinstance(num_samples, bool) or value < 1:
-        raise ValueError(f"num_samples must be a positive int (the data set size), got {num_samples!r}")
-    return value
+def check_finite_positive(name: str, value: float) -> None:
+    """A ValueError naming ``name`` unless ``0 < value < inf`` (NaN fails too)."""
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def _schedule_starts(start_epoch: Any, start_step: Any, filter_start_epoch: Any) -> tuple[int, int, int]:
+    """The first epoch and step that learn and the first epoch that filters, checked by name."""
+    start_epoch = check_int_at_least("start_epoch", start_epoch, 0)
+    start_step = check_int_at_least("start_step", start_step, 0)
+    if filter_start_epoch is None:
+        return start_epoch, start_step, start_epoch
+    filter_start_epoch = check_int_at_least("filter_start_epoch", filter_start_epoch, 0)
+    if filter_start_epoch < start_epoch:
+        raise ValueError(
+            f"filter_start_epoch must be >= start_epoch={start_epoch} (thresholds must learn before they "
+            f"filter), got {filter_start_epoch}"
+        )
+    return start_epoch, start_step, filter_start_epoch
 
 
 def autocast_disabled(device_type: str) -> Any:

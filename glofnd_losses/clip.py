@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Literal
 
 import torch
 
 from glofnd_losses import distributed, engine, functional, validation
-from glofnd_losses.base import GloFNDLossBase, StepSettings, autocast_disabled
+from glofnd_losses.base import (
+    GloFNDLossBase,
+    StepSettings,
+    autocast_disabled,
+    check_finite_positive,
+    check_int_at_least,
+)
 from glofnd_losses.engine import RowInputs
 from glofnd_losses.functional import RowTerms
 from glofnd_losses.schedules import cosine_gamma
@@ -225,12 +230,8 @@ def _check_estimator_settings(
     """Raises a ValueError naming the first of the estimator's settings that is out of range."""
     if estimator not in ("minibatch", "sogclr", "fastclip"):
         raise ValueError(f"estimator must be 'minibatch', 'sogclr' or 'fastclip', got {estimator!r}")
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if isinstance(gamma_decay_epochs, bool) or not isinstance(gamma_decay_epochs, int) or gamma_decay_epochs < 1:
-        raise ValueError(
-            f"gamma_decay_epochs must be an int >= 1 (epochs of u's cosine schedule), got {gamma_decay_epochs!r}"
-        )
+    check_finite_positive("temperature", temperature)
+    check_int_at_least("gamma_decay_epochs", gamma_decay_epochs, 1, "epochs of u's cosine schedule")
     if gamma is not None and not 0 < gamma <= 1:
         raise ValueError(f"gamma must be in (0, 1] or None (cosine schedule), got {gamma}")
     if not 0 < gamma_min <= 1:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from glofnd_losses import functional
-from glofnd_losses.base import GloFNDLossBase, autocast_disabled
+from glofnd_losses.base import GloFNDLossBase, autocast_disabled, check_finite_positive
 from glofnd_losses.engine import RowInputs
 from glofnd_losses.functional import RowTerms
 from glofnd_losses.thresholds import ThresholdOptimizer
@@ -76,8 +75,7 @@ class GloFNDNTXent(GloFNDLossBase):
         if not isinstance(gather_distributed, bool):
             raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
         # lightly refuses only |temperature| < 1e-8; a negative one inverts the softmax.
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        check_finite_positive("temperature", temperature)
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size
         )
