@@ -327,24 +327,28 @@ class GloFNDLossBase(nn.Module):
         state_rows: dict[str, torch.Tensor],
         settings: StepSettings,
         scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
     ) -> engine.BankResult:
         """Run one bank of rows through the engine with this loss's detector and schedule."""
         work = engine.Pass(
             bank, formula, self.detector, state_rows, settings.detector_step, settings.filtering, self.chunk_size
         )
-        return engine.run(work, scale)
+        return engine.run(work, scale, bias)
 
-    def _loss_without_negatives(self, inputs: Sequence[torch.Tensor], checked: CheckedIndices) -> torch.Tensor:
-        """The loss of a batch whose contrast set is a single item: 0, and the state is unchanged.
+    def _loss_without_negatives(
+        self, inputs: Sequence[torch.Tensor], checked: CheckedIndices, value: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss of a batch whose contrast set is a single item, and the state is unchanged.
 
         Such a batch has no negatives (a last batch of one sample, or one sample per process
-        without a gather); lightly's and open_clip's losses give 0 for it too. The zero keeps
-        every input in the graph (DDP expects a gradient for every parameter); nothing is learned.
+        without a gather); its loss is ``value`` where the loss has a term without negatives
+        (SigLIP's positive), else 0, as in lightly's and open_clip's losses. Every input stays in
+        the graph (DDP expects a gradient for every parameter); nothing is learned.
         All processes take this path together: the global batch size is the same on each.
         """
         warnings.warn(
-            f"{type(self).__name__}: a batch whose contrast set is a single item has no negatives; its loss is 0 "
-            "and the per-sample state is unchanged",
+            f"{type(self).__name__}: a batch whose contrast set is a single item has no negatives; its loss is "
+            f"{'0' if value is None else 'its positive term'} and the per-sample state is unchanged",
             stacklevel=_caller_stacklevel(),
         )
         if self.updates_state and distributed.is_distributed():
@@ -357,9 +361,9 @@ class GloFNDLossBase(nn.Module):
             for name in ("flagged_fraction", "filtered_fraction", "kept_negatives")
         }
         self._end_step(checked, {}, stats, inputs[0].shape[0])
-        loss = zero
-        for value in inputs:
-            loss = loss + 0.0 * value.float().sum()
+        loss = zero if value is None else value
+        for tensor in inputs:
+            loss = loss + 0.0 * tensor.float().sum()
         return loss
 
     # ------------------------------------------------------------------ two-view inputs

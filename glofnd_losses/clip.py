@@ -8,9 +8,8 @@ from typing import Any, Literal
 
 import torch
 
-from glofnd_losses import distributed, engine, functional, validation
+from glofnd_losses import engine, functional, image_text
 from glofnd_losses.base import (
-    GloFNDLossBase,
     StepSettings,
     autocast_disabled,
     check_finite_positive,
@@ -18,14 +17,16 @@ from glofnd_losses.base import (
 )
 from glofnd_losses.engine import RowInputs
 from glofnd_losses.functional import RowTerms
+from glofnd_losses.image_text import ImageTextLossBase
 from glofnd_losses.schedules import cosine_gamma
 from glofnd_losses.thresholds import ThresholdOptimizer
 
 Estimator = Literal["minibatch", "sogclr", "fastclip"]
 _U_EPS = 1e-14
+_SCALE_EXAMPLE = "open_clip's logit_scale.exp()"
 
 
-class GloFNDClipLoss(GloFNDLossBase):
+class GloFNDClipLoss(ImageTextLossBase):
     """CLIP's image-text contrastive loss whose negatives skip GloFND's false negatives.
 
     Call shape of open_clip's ``ClipLoss``: ``loss(image_features, text_features, logit_scale,
@@ -126,16 +127,6 @@ class GloFNDClipLoss(GloFNDLossBase):
         schedule = f"gamma_min={self.gamma_min}, gamma_decay_epochs={self.gamma_decay_epochs}"
         return f"estimator={self.estimator!r}, {temperature}, {schedule}"
 
-    @property
-    def image_thresholds(self) -> torch.Tensor:
-        """Per-sample thresholds of image anchors against texts, ``(num_samples,)`` (read-only)."""
-        return self._threshold_buffer("image_").detach()
-
-    @property
-    def text_thresholds(self) -> torch.Tensor:
-        """Per-sample thresholds of text anchors against images, ``(num_samples,)`` (read-only)."""
-        return self._threshold_buffer("text_").detach()
-
     def _epoch_dependence(self) -> list[str]:
         reasons = super()._epoch_dependence()
         if self.estimator != "minibatch" and self.constant_gamma is None:
@@ -187,20 +178,20 @@ class GloFNDClipLoss(GloFNDLossBase):
             checked = self._validate(
                 [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
             )
-            scale = _logit_scale(logit_scale, image_features.device)
+            scale = image_text.scalar_input(logit_scale, image_features.device, "logit_scale", _SCALE_EXAMPLE)
             # The minibatch loss averages the two directions; the global estimators add them.
             rows = 2 * image_features.shape[0] if self.estimator == "minibatch" else image_features.shape[0]
-            banks = _banks(image_features.float(), text_features.float(), labels, 1.0 / rows)
+            banks = image_text.banks(image_features.float(), text_features.float(), labels, 1.0 / rows)
             if banks[0].columns.shape[0] == 1:
                 loss = self._loss_without_negatives([image_features, text_features, scale], checked)
-                return _as_output(loss, output_dict)
+                return image_text.as_output(loss, output_dict)
             state_rows = self.state.read(checked.indices)
             image, text = (self._run_bank(bank, self._formula(bank, settings), state_rows, settings,
                                           self._exponent_scale(scale)) for bank in banks)  # fmt: skip
             loss = self._combine(image, text, scale)
         new_rows = {**image.new_rows, **text.new_rows, **image.outputs, **text.outputs}
         self._end_step(checked, new_rows, {**image.stats, **text.stats}, image_features.shape[0])
-        return _as_output(loss, output_dict)
+        return image_text.as_output(loss, output_dict)
 
     def _exponent_scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
         """The inverse temperature inside the exponentials: fixed for ``"sogclr"``, learned otherwise."""
@@ -243,10 +234,6 @@ def _fastclip_objective(total: torch.Tensor, mean_log_u: torch.Tensor, tau: torc
     return tau.detach() * total + rho * tau + tau * 0.5 * mean_log_u
 
 
-def _as_output(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
-    return {"contrastive_loss": loss} if output_dict else loss
-
-
 def _global_ratio(u_name: str, gamma: float, rows: RowInputs) -> RowTerms:
     """FastCLIP's ``g / (u' + eps)`` with ``u' = (1 - gamma) u + gamma sg[g]`` (``sg[g]`` where ``u`` is unset).
 
@@ -264,36 +251,4 @@ def _global_ratio(u_name: str, gamma: float, rows: RowInputs) -> RowTerms:
 def _cross_entropy(rows: RowInputs) -> RowTerms:
     return functional.cross_entropy_rows(
         rows.scores, rows.scale, rows.positive_index, rows.keep, rows.kept_count, rows.num_negatives
-    )
-
-
-def _logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
-    """open_clip's exponentiated scale as a 0-d float32 tensor (open_clip accepts a float too)."""
-    scale = torch.as_tensor(logit_scale, device=device).float()
-    if scale.numel() != 1:
-        raise ValueError(
-            "logit_scale must be a scalar (a float, or a tensor of one element such as open_clip's "
-            f"logit_scale.exp()), got shape {tuple(scale.shape)}"
-        )
-    return scale.reshape(())  # a (1,) scale must not make the loss (1,)
-
-
-def _banks(
-    images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor | None, row_weight: float
-) -> tuple[engine.Bank, engine.Bank]:
-    """Image rows against the global texts and text rows against the global images."""
-    local_size = images.shape[0]
-    if distributed.is_distributed():
-        all_images, all_texts = distributed.gather_with_grad(images), distributed.gather_with_grad(texts)
-    else:
-        all_images, all_texts = images, texts
-    excluded = functional.cross_modal_excluded(local_size, distributed.rank() * local_size, images.device)
-    column_labels = None
-    if labels is not None:
-        validation.check_index_shape(labels, local_size, name="labels")
-        labels = labels.to(images.device)
-        column_labels = distributed.gather_rows(labels) if distributed.is_distributed() else labels
-    return (
-        engine.Bank("image_", images[None], all_texts, excluded, excluded.T, row_weight, labels, column_labels),
-        engine.Bank("text_", texts[None], all_images, excluded, excluded.T, row_weight, labels, column_labels),
     )

@@ -71,6 +71,7 @@ class RowInputs:
         state_rows: The chunk anchors' stored per-sample rows (``(c,)`` each).
         scale: 0-d inverse temperature.
         num_negatives: Negatives per row before filtering.
+        bias: 0-d logit bias (SigLIP), or None for losses without one.
     """
 
     scores: torch.Tensor
@@ -80,6 +81,7 @@ class RowInputs:
     state_rows: dict[str, torch.Tensor]
     scale: torch.Tensor
     num_negatives: int
+    bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -129,7 +131,7 @@ def chunk_anchors(chunk_size: int | None, views: int, columns: int, anchors: int
     return max(1, min(int(chunk_size), anchors))
 
 
-def run(work: Pass, scale: torch.Tensor) -> BankResult:
+def run(work: Pass, scale: torch.Tensor, bias: torch.Tensor | None = None) -> BankResult:
     """The bank's loss term, learned state rows, formula outputs and diagnostics.
 
     The chunks run without autograd; the loss term then carries the gradients they computed
@@ -138,13 +140,15 @@ def run(work: Pass, scale: torch.Tensor) -> BankResult:
     Args:
         work: The pass.
         scale: 0-d float32 inverse temperature; its gradient is the loss's where it requires one.
+        bias: 0-d float32 logit bias (the logits are ``scale * scores + bias``), or None.
     """
     bank = work.bank
-    inputs = (bank.anchors, bank.columns, scale)
-    wanted = [torch.is_grad_enabled() and tensor.requires_grad for tensor in inputs]
+    inputs = (bank.anchors, bank.columns, scale, bias)
+    wanted = [tensor is not None and torch.is_grad_enabled() and tensor.requires_grad for tensor in inputs]
     with torch.no_grad():
-        anchors, columns, scale_value = (tensor.detach() for tensor in inputs)
-        gradients = _Gradients.zeros(anchors, columns, scale_value, wanted)
+        anchors, columns, scale_value = (tensor.detach() for tensor in inputs[:3])
+        logits = _Logits(scale_value, None if bias is None else bias.detach())
+        gradients = _Gradients.zeros(inputs, wanted)
         covariance = None
         if work.step.learn and work.detector.needs_score_spread:
             covariance = functional.column_covariance(columns)
@@ -152,10 +156,10 @@ def run(work: Pass, scale: torch.Tensor) -> BankResult:
         size = chunk_anchors(work.chunk_size, anchors.shape[0], columns.shape[0], anchors.shape[1])
         for start in range(0, anchors.shape[1], size):
             stop = min(start + size, anchors.shape[1])
-            _chunk(work, anchors, columns, covariance, scale_value, slice(start, stop), gradients, totals)
+            _chunk(work, anchors, columns, covariance, logits, slice(start, stop), gradients, totals)
         value = torch.as_tensor(totals.loss) * bank.row_weight
     num_negatives = columns.shape[0] - bank.excluded.shape[1]
-    loss: torch.Tensor = _WithGradients.apply(value, *inputs, gradients.anchors, gradients.columns, gradients.scale)
+    loss: torch.Tensor = _WithGradients.apply(value, *inputs, *gradients.as_tuple())
     return BankResult(
         loss,
         totals.per_anchor(totals.new_rows),
@@ -165,20 +169,15 @@ def run(work: Pass, scale: torch.Tensor) -> BankResult:
 
 
 class _WithGradients(torch.autograd.Function):
-    """``value`` as a function of the inputs whose gradients the engine has already computed."""
+    """``value`` as a function of the inputs whose gradients the engine has already computed.
+
+    Called as ``apply(value, *inputs, *gradients)``: the gradient of each input (None where it
+    needs none) follows the inputs in the same order.
+    """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        value: torch.Tensor,
-        anchors: torch.Tensor,
-        columns: torch.Tensor,
-        scale: torch.Tensor,
-        grad_anchors: torch.Tensor | None,
-        grad_columns: torch.Tensor | None,
-        grad_scale: torch.Tensor | None,
-    ) -> torch.Tensor:
-        gradients = (grad_anchors, grad_columns, grad_scale)
+    def forward(ctx: Any, value: torch.Tensor, *inputs_then_gradients: torch.Tensor | None) -> torch.Tensor:
+        gradients = inputs_then_gradients[len(inputs_then_gradients) // 2 :]
         ctx.present = [gradient is not None for gradient in gradients]
         ctx.save_for_backward(*(gradient for gradient in gradients if gradient is not None))
         return value.clone()
@@ -188,7 +187,15 @@ class _WithGradients(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * grad_loss if present else None for present in ctx.present]
-        return (None, *grads, None, None, None)
+        return (None, *grads, *(None for _ in grads))
+
+
+@dataclass
+class _Logits:
+    """A chunk's logits are ``scale * scores + bias`` (no bias: None)."""
+
+    scale: torch.Tensor
+    bias: torch.Tensor | None
 
 
 @dataclass
@@ -198,11 +205,15 @@ class _Gradients:
     anchors: torch.Tensor | None
     columns: torch.Tensor | None
     scale: torch.Tensor | None
+    bias: torch.Tensor | None
 
     @classmethod
-    def zeros(cls, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, wanted: list[bool]) -> _Gradients:
-        tensors = (anchors, columns, scale)
-        return cls(*(torch.zeros_like(tensor) if need else None for tensor, need in zip(tensors, wanted)))
+    def zeros(cls, inputs: tuple[torch.Tensor | None, ...], wanted: list[bool]) -> _Gradients:
+        return cls(*(torch.zeros_like(tensor) if need and tensor is not None else None
+                     for tensor, need in zip(inputs, wanted)))  # fmt: skip
+
+    def as_tuple(self) -> tuple[torch.Tensor | None, ...]:
+        return self.anchors, self.columns, self.scale, self.bias
 
     def add(self, grad_scores: torch.Tensor, anchors: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor,
             rows: slice) -> None:  # fmt: skip
@@ -212,9 +223,11 @@ class _Gradients:
             if self.anchors is not None:
                 self.anchors[:, rows] = grad_anchors
             if self.scale is not None:
-                # The loss depends on the scale only through the logits scale * s, so d / d scale is
-                # sum(dS * S) / scale, and sum_c dS_rc S_rc = a_r . (dS_r @ columns): no c x C pass.
+                # The loss depends on the scale only through the logits scale * s + bias, so d / d scale
+                # is sum(dS * S) / scale, and sum_c dS_rc S_rc = a_r . (dS_r @ columns): no c x C pass.
                 self.scale += (grad_anchors * anchors).sum() / scale
+        if self.bias is not None:
+            self.bias += grad_scores.sum() / scale  # d logits / d bias = 1 = (d logits / d scores) / scale
         if self.columns is not None:
             self.columns.addmm_(grad_scores.flatten(0, 1).mT, anchors.flatten(0, 1))
 
@@ -278,7 +291,7 @@ class _Totals:
 
 
 def _chunk(work: Pass, anchors: torch.Tensor, columns: torch.Tensor, covariance: torch.Tensor | None,
-           scale: torch.Tensor, rows: slice, gradients: _Gradients, totals: _Totals) -> None:  # fmt: skip
+           logits: _Logits, rows: slice, gradients: _Gradients, totals: _Totals) -> None:  # fmt: skip
     """One chunk of anchors: scores, detection, keep-mask, formula, gradients; nothing ``c x C`` is kept."""
     bank = work.bank
     chunk_anchors_ = anchors[:, rows]
@@ -295,9 +308,10 @@ def _chunk(work: Pass, anchors: torch.Tensor, columns: torch.Tensor, covariance:
     else:
         keep, kept_count = functional.keep_nonempty(unflagged, unflagged_count, chunk.excluded)
     terms = work.formula(
-        RowInputs(scores, bank.positive_index[:, rows], keep, kept_count, state_rows, scale, chunk.num_negatives)
-    )
+        RowInputs(scores, bank.positive_index[:, rows], keep, kept_count, state_rows, logits.scale,
+                  chunk.num_negatives, logits.bias)
+    )  # fmt: skip
     totals.add(terms, detection, kept_count)
     if unflagged is not None and unflagged_count is not None:
         totals.add_flags(chunk, unflagged, unflagged_count)
-    gradients.add(terms.grad_scores.mul_(bank.row_weight), chunk_anchors_, columns, scale, rows)
+    gradients.add(terms.grad_scores.mul_(bank.row_weight), chunk_anchors_, columns, logits.scale, rows)

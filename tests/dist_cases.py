@@ -272,3 +272,38 @@ def uneven_batch_case(
         error = str(raised)
     unchanged = all(torch.equal(value, before[key]) for key, value in loss_fn.state_dict().items())
     return {"error": error, "state_unchanged": unchanged}
+
+
+def siglip_parity_case(
+    rank: int, world_size: int, images: torch.Tensor, texts: torch.Tensor, dist_impl: str
+) -> dict[str, Any]:
+    """open_clip's SigLipLoss with ``dist_impl`` and GloFNDSigLipLoss without a detector, on this rank's slice."""
+    from open_clip.loss import SigLipLoss
+
+    from glofnd_losses import GloFNDSigLipLoss
+
+    local = images.shape[0] // world_size
+    part = slice(rank * local, (rank + 1) * local)
+    results = {}
+    for label in ("open_clip", "glofnd"):
+        image_part = images[part].clone().requires_grad_(True)
+        text_part = texts[part].clone().requires_grad_(True)
+        logit_scale = torch.tensor(10.0, requires_grad=True)
+        logit_bias = torch.tensor(-4.0, requires_grad=True)
+        if label == "open_clip":
+            criterion = SigLipLoss(rank=rank, world_size=world_size, dist_impl=dist_impl)
+            loss = criterion(image_part, text_part, logit_scale, logit_bias)
+        else:
+            ours = GloFNDSigLipLoss(
+                images.shape[0], detector=None, rank=rank, world_size=world_size, dist_impl=dist_impl
+            )
+            loss = ours(image_part, text_part, logit_scale, logit_bias, indices=torch.arange(images.shape[0])[part])
+        loss.backward()
+        results[label] = (loss.detach(), image_part.grad, text_part.grad, logit_scale.grad, logit_bias.grad)
+    return results
+
+
+def siglip_equivalence_case(rank: int, world_size: int, kwargs: dict[str, Any], batches: list) -> dict[str, Any]:
+    from glofnd_losses import GloFNDSigLipLoss
+
+    return run_clip_steps(GloFNDSigLipLoss(**kwargs), batches, rank, world_size, scale=10.0)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
+from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSigLipLoss, GloFNDSogCLRLoss, ThresholdOptimizer
 from glofnd_losses.base import GloFNDLossBase
 
 NUM_SAMPLES = 40
@@ -22,7 +22,7 @@ DETECTORS: dict[str, dict[str, Any]] = {
     "oracle": {"detector": "oracle"},
     "none": {"detector": None},
 }
-LOSSES = ("sogclr", "ntxent", "clip_minibatch", "clip_sogclr", "clip_fastclip")
+LOSSES = ("sogclr", "ntxent", "clip_minibatch", "clip_sogclr", "clip_fastclip", "siglip")
 
 
 def make_loss(loss: str, detector: str, chunk_size: int | None) -> GloFNDLossBase:
@@ -32,6 +32,8 @@ def make_loss(loss: str, detector: str, chunk_size: int | None) -> GloFNDLossBas
         return GloFNDSogCLRLoss(NUM_SAMPLES, **options)
     if loss == "ntxent":
         return GloFNDNTXent(NUM_SAMPLES, gather_distributed=True, **options)
+    if loss == "siglip":
+        return GloFNDSigLipLoss(NUM_SAMPLES, **options)
     return GloFNDClipLoss(NUM_SAMPLES, loss.removeprefix("clip_"), **options)
 
 
@@ -49,16 +51,19 @@ def global_batches() -> list[tuple[torch.Tensor, ...]]:
 
 
 def run(loss: str, detector: str, chunk_size: int | None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Losses, gradients (features and logit_scale) and the final state of three steps on this rank's slice."""
+    """Losses, gradients (features, logit_scale, logit_bias) and the final state of three steps on this rank's slice."""
     loss_fn = make_loss(loss, detector, chunk_size)
     log_scale = torch.tensor(2.5, requires_grad=True)
+    logit_bias = torch.tensor(-4.0, requires_grad=True)
     values, grads = [], []
     for epoch, (view_a, view_b, indices, labels) in enumerate(global_batches()):
         local = GLOBAL_BATCH // world_size
         part = slice(rank * local, (rank + 1) * local)
         first, second = view_a[part].clone().requires_grad_(), view_b[part].clone().requires_grad_()
         loss_fn.set_epoch(epoch // 2)
-        if loss.startswith("clip"):
+        if loss == "siglip":
+            value = loss_fn(first, second, log_scale.exp(), logit_bias, indices=indices[part], labels=labels[part])
+        elif loss.startswith("clip"):
             value = loss_fn(first, second, log_scale.exp(), indices=indices[part], labels=labels[part])
         else:
             value = loss_fn(first, second, indices[part], labels=labels[part])
@@ -69,6 +74,7 @@ def run(loss: str, detector: str, chunk_size: int | None, rank: int = 0, world_s
         "values": values,
         "grads": grads,
         "scale_grad": log_scale.grad,
+        "bias_grad": logit_bias.grad,
         "state": {name: tensor.clone() for name, tensor in loss_fn.state_dict().items()},
         "stats": {name: tensor.clone() for name, tensor in loss_fn.last_stats.items()},
     }

@@ -35,10 +35,11 @@ def assert_same_results(chunked: dict[str, Any], dense: dict[str, Any]) -> None:
     for got_grads, expected_grads in zip(chunked["grads"], dense["grads"]):
         for got, expected in zip(got_grads, expected_grads):
             assert_close_to_scale(got, expected)
-    if dense["scale_grad"] is None:
-        assert chunked["scale_grad"] is None
-    else:
-        torch.testing.assert_close(chunked["scale_grad"], dense["scale_grad"], **TOLERANCE)
+    for name in ("scale_grad", "bias_grad"):
+        if dense[name] is None:
+            assert chunked[name] is None
+        else:
+            torch.testing.assert_close(chunked[name], dense[name], **TOLERANCE)
     assert chunked["state"].keys() == dense["state"].keys()
     for name, expected in dense["state"].items():
         if expected.is_floating_point():
