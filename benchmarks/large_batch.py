@@ -1,9 +1,11 @@
 """Peak memory and time of GloFND training steps at large batches, against the peers, as ratios.
 
-Two comparisons, each at two batch sizes (the larger 4x the smaller):
+Three comparisons, each at two batch sizes (the larger 4x the smaller):
 
 * CLIP, dim 512, batches 4096 and 16384: ``GloFNDClipLoss(num_samples, "minibatch")`` vs open_clip's
   ``ClipLoss()`` (``speed.py``'s ``clip_minibatch`` and ``open_clip`` cases);
+* SigLIP, dim 512, batches 4096 and 16384: ``GloFNDSigLipLoss(num_samples)`` vs open_clip's
+  ``SigLipLoss()``, logit bias -10 (``siglip_glofnd`` and ``open_clip_siglip``);
 * NT-Xent, dim 128, batches 2048 and 8192: ``GloFNDNTXent(num_samples, temperature=0.5)`` vs
   lightly's ``NTXentLoss(temperature=0.5)`` (``glofnd_ntxent`` and ``lightly_ntxent``).
 
@@ -32,7 +34,8 @@ raise ``--steps`` or ``--rounds`` for steadier medians.
 the constructor took it.
 
 Run: ``python benchmarks/large_batch.py --device cuda --out large_batch.json``; on a small machine
-``--quick`` (CLIP 512 and 2048, NT-Xent 256 and 1024) or ``--batch-sizes 512 2048`` (both comparisons).
+``--quick`` (CLIP and SigLIP 512 and 2048, NT-Xent 256 and 1024) or ``--batch-sizes 512 2048``
+(every comparison).
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ COMPARISONS: dict[str, dict[str, Any]] = {
         "title": "GloFNDClipLoss minibatch / open_clip ClipLoss",
         "ours": "clip_minibatch",
         "peer": "open_clip",
+        "dim": 512,
+        "batches": (4096, 16384),
+        "quick": (512, 2048),
+    },
+    "siglip": {
+        "title": "GloFNDSigLipLoss / open_clip SigLipLoss",
+        "ours": "siglip_glofnd",
+        "peer": "open_clip_siglip",
         "dim": 512,
         "batches": (4096, 16384),
         "quick": (512, 2048),
@@ -90,8 +101,10 @@ def accepts_chunk_size(cls: Any) -> bool:
 
 def build_ours(case: str, num_samples: int, chunk_size: int | None) -> Any:
     """Our loss of ``case``, learning and filtering from the first step, with ``chunk_size`` where accepted."""
-    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent
+    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSigLipLoss
 
+    if case == "siglip_glofnd":
+        return GloFNDSigLipLoss(num_samples, detector="glofnd", start_epoch=0, chunk_size=chunk_size)
     if case == "clip_minibatch":
         return GloFNDClipLoss(
             num_samples, "minibatch", detector="glofnd", start_epoch=0, **chunk_kwargs(GloFNDClipLoss, chunk_size)

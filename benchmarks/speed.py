@@ -75,6 +75,9 @@ CASES = {
     "clip_minibatch": "GloFNDClipLoss minibatch (GloFND)",
     "fastclip_plain": "GloFNDClipLoss fastclip (no detector)",
     "fastclip_glofnd": "GloFNDClipLoss fastclip (GloFND)",
+    "open_clip_siglip": "open_clip SigLipLoss",
+    "siglip_plain": "GloFNDSigLipLoss (no detector)",
+    "siglip_glofnd": "GloFNDSigLipLoss (GloFND)",
 }
 LADDER_CASES = {
     "sogclr_frozen": "GloFNDSogCLRLoss (GloFND, filter only)",
@@ -92,17 +95,27 @@ ALL_CASES = {**CASES, **LADDER_CASES}
 CLIP_CASES = {
     "open_clip", "clip_minibatch_plain", "clip_minibatch", "fastclip_plain",
     "fastclip_glofnd", "clip_minibatch_frozen", "clip_minibatch_paper", "fastclip_frozen", "fastclip_paper",
+    "open_clip_siglip", "siglip_plain", "siglip_glofnd",
 }  # fmt: skip
+SIGLIP_CASES = {"open_clip_siglip", "siglip_plain", "siglip_glofnd"}
+SIGLIP_BIAS = -10.0
+"""SigLIP's initial logit bias (open_clip's ``init_logit_bias`` for SigLIP models)."""
 
 
 def build(case: str, num_samples: int) -> Any:
-    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
+    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSigLipLoss, GloFNDSogCLRLoss, ThresholdOptimizer
 
     optimizer = ThresholdOptimizer.paper() if case.endswith("_paper") else None
     if case == "open_clip":
         from open_clip.loss import ClipLoss
 
         return ClipLoss()
+    if case == "open_clip_siglip":
+        from open_clip.loss import SigLipLoss
+
+        return SigLipLoss()
+    if case.startswith("siglip"):
+        return GloFNDSigLipLoss(num_samples, alpha=1e-3, detector=None if "plain" in case else "glofnd")
     if case.startswith("clip_minibatch"):
         return GloFNDClipLoss(
             num_samples,
@@ -183,6 +196,7 @@ class Workload:
         self.pool_indices = torch.randperm(num_samples, device=device)[: self.pool_size]
         self.first_epoch = case.endswith("first_epoch")
         self.logit_scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+        self.logit_bias = torch.tensor(SIGLIP_BIAS, device=device, requires_grad=True)
         self.generator = torch.Generator(device=device).manual_seed(1)
         self.compiled = compiled
         self.cuda = device.startswith("cuda")
@@ -219,7 +233,9 @@ class Workload:
         out0, out1, batch_indices = batch_inputs
         if self.case in CLIP_CASES:  # open_clip's models hand the loss normalised features
             images, texts = torch.nn.functional.normalize(out0, dim=1), torch.nn.functional.normalize(out1, dim=1)
-            extra = {} if self.case == "open_clip" else {"indices": batch_indices}
+            extra = {} if self.case.startswith("open_clip") else {"indices": batch_indices}
+            if self.case in SIGLIP_CASES:
+                extra["logit_bias"] = self.logit_bias
             loss = self.loss_fn(images, texts, self.logit_scale, **extra)
         elif self.case == "lightly_ntxent":
             loss = self.loss_fn(out0, out1)

@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from glofnd_losses import GloFNDClipLoss, ThresholdOptimizer
+from glofnd_losses import GloFNDClipLoss, GloFNDSigLipLoss, ThresholdOptimizer
 from glofnd_losses.integrations.open_clip import (
     SampleKeyIndex,
     load_loss_state,
@@ -319,6 +319,45 @@ def test_disabled_detector_matches_open_clip_loss(data: Data, tmp_path: Path) ->
     assert len(losses(ours)) == 4 and losses(ours) == losses(theirs)
 
 
+@pytest.mark.parametrize("kind, processes", [("csv", 1), ("webdataset", 2)])
+def test_siglip_trains_with_learned_thresholds_and_resumes(
+    data: Data, tmp_path: Path, kind: str, processes: int
+) -> None:
+    logs = tmp_path / "logs"
+    _ok(train(data, logs, *_data_flags(data, kind), "--siglip", processes=processes, epochs=1))
+    log = (logs / "run" / "out.log").read_text()
+    assert "GloFND: GloFNDSigLipLoss(" in log
+    stats = logged_stats(logs)
+    flagged = np.mean([step[f"{m}_flagged_fraction"] for step in stats for m in ("image", "text")])
+    assert ALPHA / 4 < flagged < 2.5 * ALPHA, flagged
+    assert loss_state_file(logs, "epoch_1.glofnd.pth")["estimator"] == "siglip"
+
+    _ok(train(data, logs, *_data_flags(data, kind), "--siglip", "--resume", "latest", processes=processes))
+    assert "GloFND: restored the loss state from" in (logs / "run" / "out.log").read_text()
+    for modality in ("image", "text"):
+        assert (state(logs, 2)[f"state.{modality}_threshold_visits"] == 2).all()
+
+
+def test_siglip_without_a_detector_matches_open_clip(data: Data, tmp_path: Path) -> None:
+    def losses(logs: Path) -> list[str]:
+        return re.findall(r"Contrastive_loss: (\S+)", (logs / "run" / "out.log").read_text())
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    _ok(train(data, ours, *_data_flags(data, "csv"), "--siglip", "--glofnd-detector", "none", epochs=1))
+    _ok(train(data, theirs, *_data_flags(data, "csv"), "--siglip", "--glofnd-disable", epochs=1))
+    assert len(losses(ours)) == 4 and losses(ours) == losses(theirs)
+
+
+def test_a_siglip_state_does_not_resume_a_clip_loss(tmp_path: Path) -> None:
+    # A run: open_clip itself refuses a SigLIP checkpoint (its logit_bias) in a CLIP model first.
+    path = str(tmp_path / "epoch_1.glofnd.pth")
+    save_loss_state(GloFNDSigLipLoss(10), path, checkpoint_epoch=1)
+    clip = GloFNDClipLoss(10, estimator="minibatch")
+    with pytest.raises(ValueError, match=r"'estimator': 'siglip'.*--glofnd-estimator or --siglip"):
+        load_loss_state(clip, path)
+    assert load_loss_state(GloFNDSigLipLoss(10), path) == 1
+
+
 def test_key_list_indexes_non_numeric_keys(data: Data, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     flags = ["--train-data", str(data.named_shard), "--glofnd-key-list", str(data.key_list)]
@@ -358,7 +397,7 @@ def test_bad_indices_fail_before_anything_is_saved(data: Data, tmp_path: Path, f
     "flags, message",
     [
         (["--accum-freq", "2"], "does not support --accum-freq > 1"),
-        (["--siglip"], "does not support --siglip"),
+        (["--siglip", "--glofnd-estimator", "fastclip"], "with --siglip the loss is SigLIP's sigmoid loss"),
         (["--model", "coca_ViT-B-32"], "does not support CoCa models"),
         (["--dataset-type", "synthetic"], "needs real samples"),
         (["--train-data", "shards-{0..3}.tar"], "webdataset training needs --glofnd-data-size"),
@@ -370,8 +409,8 @@ def test_bad_indices_fail_before_anything_is_saved(data: Data, tmp_path: Path, f
         (["--train-data", "shards-{0..3}.tar", "--glofnd-key-list", "missing-keys.txt"], "no such file"),
     ],
     ids=[
-        "accum-freq", "siglip", "coca", "synthetic", "webdataset-without-size", "bad-alpha", "joined-sources",
-        "missing-key-list",
+        "accum-freq", "siglip-with-estimator", "coca", "synthetic", "webdataset-without-size", "bad-alpha",
+        "joined-sources", "missing-key-list",
     ],
 )
 def test_unsupported_setups_are_refused_up_front(

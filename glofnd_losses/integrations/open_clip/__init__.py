@@ -11,8 +11,9 @@ commands). The patches swap six names that ``open_clip_train.main`` imports into
 * ``get_data``: the train split yields ``(image, text, index)``. CSV: the row number
   (:class:`IndexedCsvDataset`). Webdataset: the sample's ``__key__`` mapped to an int right before
   ``to_tuple`` (:class:`SampleKeyIndex`: img2dataset's numeric keys, or a key list).
-* ``create_loss``: a :class:`~glofnd_losses.GloFNDClipLoss` on the training device, its state
-  restored from beside ``--resume``'s checkpoint.
+* ``create_loss``: a :class:`~glofnd_losses.GloFNDClipLoss` (with ``--siglip``, a
+  :class:`~glofnd_losses.GloFNDSigLipLoss`) on the training device, its state restored from beside
+  ``--resume``'s checkpoint.
 * ``train_one_epoch``: ``loss.set_epoch(epoch)``; open_clip's loop gets a data loader that strips
   the indices from each batch and a loss that adds them back as ``indices=...``; the flagged
   fraction and mean thresholds are logged at open_clip's logging steps (text log, TensorBoard,
@@ -36,7 +37,7 @@ It records the checkpoint's epoch; a resume whose checkpoint and state disagree 
 before the first step.
 
 ``--glofnd-disable`` runs open_clip's own loss and data pipeline untouched (then accum-freq,
-distillation, SigLIP and CoCa are open_clip's business as usual).
+distillation and CoCa are open_clip's business as usual).
 
 The modules: :mod:`~glofnd_losses.integrations.open_clip.flags` (the flags, the checks, the loss
 they describe), :mod:`~glofnd_losses.integrations.open_clip.indices` (sample indices from the

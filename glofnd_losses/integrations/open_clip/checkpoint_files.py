@@ -19,7 +19,8 @@ import open_clip_train.main as oc_main
 import torch
 from open_clip_train.file_utils import check_exists, pt_load
 
-from glofnd_losses.clip import GloFNDClipLoss
+from glofnd_losses.image_text import ImageTextLossBase
+from glofnd_losses.integrations.open_clip.flags import loss_kind
 
 __all__ = [
     "LossStateFiles",
@@ -47,7 +48,7 @@ def loss_state_path(checkpoint_path: str) -> str:
     return stem + _STATE_SUFFIX
 
 
-def save_loss_state(loss: GloFNDClipLoss, path: str, checkpoint_epoch: int | None = None) -> None:
+def save_loss_state(loss: ImageTextLossBase, path: str, checkpoint_epoch: int | None = None) -> None:
     """Write ``loss``'s state (per-sample buffers, epoch and step) atomically to a local ``path``.
 
     ``checkpoint_epoch`` is the ``"epoch"`` of the open_clip checkpoint the state belongs to; a
@@ -56,7 +57,7 @@ def save_loss_state(loss: GloFNDClipLoss, path: str, checkpoint_epoch: int | Non
     payload = {
         "format": _STATE_FORMAT,
         "num_samples": loss.num_samples,
-        "estimator": loss.estimator,
+        "estimator": loss_kind(loss),
         "detector": loss.detector.name,
         "checkpoint_epoch": checkpoint_epoch,
         "state_dict": loss.state_dict(),
@@ -66,7 +67,7 @@ def save_loss_state(loss: GloFNDClipLoss, path: str, checkpoint_epoch: int | Non
     os.replace(temporary, path)
 
 
-def load_loss_state(loss: GloFNDClipLoss, path: str) -> int | None:
+def load_loss_state(loss: ImageTextLossBase, path: str) -> int | None:
     """Restore ``loss`` from :func:`save_loss_state`'s file (local path or fsspec URL).
 
     Returns:
@@ -79,11 +80,11 @@ def load_loss_state(loss: GloFNDClipLoss, path: str) -> int | None:
     if not isinstance(payload, dict) or payload.get("format") != _STATE_FORMAT:
         raise ValueError(f"{path} is not a GloFND loss state written by glofnd_losses.integrations.open_clip")
     saved = {name: payload[name] for name in ("num_samples", "estimator", "detector")}
-    current = {"num_samples": loss.num_samples, "estimator": loss.estimator, "detector": loss.detector.name}
+    current = {"num_samples": loss.num_samples, "estimator": loss_kind(loss), "detector": loss.detector.name}
     if saved != current:
         raise ValueError(
             f"{path} was saved by a loss with {saved}, this run has {current} "
-            "(--glofnd-data-size, --glofnd-estimator, --glofnd-detector)"
+            "(--glofnd-data-size, --glofnd-estimator or --siglip, --glofnd-detector)"
         )
     saved_fields, current_fields = sorted(payload["state_dict"]), sorted(loss.state_dict())
     if saved_fields != current_fields:
@@ -98,7 +99,7 @@ def load_loss_state(loss: GloFNDClipLoss, path: str) -> int | None:
     return None if checkpoint_epoch is None else int(checkpoint_epoch)
 
 
-def restore_loss_state(loss: GloFNDClipLoss, args: argparse.Namespace) -> int | None:
+def restore_loss_state(loss: ImageTextLossBase, args: argparse.Namespace) -> int | None:
     """Load the state saved beside ``args.resume``; a missing state is an error unless asked otherwise.
 
     Returns:
@@ -161,7 +162,7 @@ class LossStateFiles:
             checks it.
     """
 
-    loss: GloFNDClipLoss | None = None
+    loss: ImageTextLossBase | None = None
     checkpoint_path: str | None = None
     resumed_epoch: int | None = None
 

@@ -2,7 +2,8 @@
 
 ``python -m glofnd_losses.integrations.open_clip <open_clip_train flags> --glofnd-...``: every flag
 of ``python -m open_clip_train.main`` works unchanged; the ``--glofnd-*`` flags (``--help`` lists
-them) configure :class:`~glofnd_losses.GloFNDClipLoss`, which replaces open_clip's loss.
+them) configure :class:`~glofnd_losses.GloFNDClipLoss` (with ``--siglip``,
+:class:`~glofnd_losses.GloFNDSigLipLoss`), which replaces open_clip's loss.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ from typing import Any
 import open_clip_train.data as oc_data
 
 from glofnd_losses.clip import GloFNDClipLoss
+from glofnd_losses.image_text import ImageTextLossBase
 from glofnd_losses.integrations.open_clip.indices import SampleKeyIndex
+from glofnd_losses.siglip import GloFNDSigLipLoss
 from glofnd_losses.thresholds import ThresholdOptimizer
 
 __all__ = [
@@ -221,8 +223,11 @@ def threshold_optimizer_from_args(args: argparse.Namespace) -> ThresholdOptimize
     return dataclasses.replace(preset, **{field: value for field, value in overrides.items() if value is not None})
 
 
-def create_glofnd_loss(args: argparse.Namespace, num_samples: int | None = None) -> GloFNDClipLoss:
-    """The :class:`~glofnd_losses.GloFNDClipLoss` the ``--glofnd-*`` flags describe (on the CPU).
+def create_glofnd_loss(args: argparse.Namespace, num_samples: int | None = None) -> ImageTextLossBase:
+    """The loss the ``--glofnd-*`` flags describe (on the CPU).
+
+    :class:`~glofnd_losses.GloFNDSigLipLoss` with open_clip's ``--siglip`` (and its
+    ``--loss-dist-impl``), else :class:`~glofnd_losses.GloFNDClipLoss` with ``--glofnd-estimator``.
 
     Args:
         args: Parsed arguments with the ``glofnd_*`` attributes.
@@ -234,20 +239,35 @@ def create_glofnd_loss(args: argparse.Namespace, num_samples: int | None = None)
     size = args.glofnd_data_size if num_samples is None else num_samples
     if size is None:
         raise ValueError("the GloFND state size is unknown: pass --glofnd-data-size")
+    common = {
+        "num_samples": size,
+        "alpha": args.glofnd_alpha,
+        "start_epoch": args.glofnd_start_epoch,
+        "detector": None if args.glofnd_detector == "none" else args.glofnd_detector,
+        "threshold_optimizer": threshold_optimizer_from_args(args),
+        "filter_start_epoch": args.glofnd_filter_start_epoch,
+    }
+    if getattr(args, "siglip", False):
+        if args.glofnd_estimator != "minibatch":
+            raise ValueError(
+                f"--glofnd-estimator {args.glofnd_estimator} is for CLIP's softmax loss; with --siglip the loss is "
+                "SigLIP's sigmoid loss with GloFND (leave --glofnd-estimator at minibatch)"
+            )
+        return GloFNDSigLipLoss(**common, dist_impl=getattr(args, "loss_dist_impl", None))
     return GloFNDClipLoss(
-        num_samples=size,
+        **common,
         estimator=args.glofnd_estimator,
-        alpha=args.glofnd_alpha,
-        start_epoch=args.glofnd_start_epoch,
-        detector=None if args.glofnd_detector == "none" else args.glofnd_detector,
-        threshold_optimizer=threshold_optimizer_from_args(args),
         temperature=args.glofnd_temperature,
         rho=args.glofnd_rho,
         gamma=args.glofnd_gamma,
         gamma_min=args.glofnd_gamma_min,
         gamma_decay_epochs=args.glofnd_gamma_decay_epochs,
-        filter_start_epoch=args.glofnd_filter_start_epoch,
     )
+
+
+def loss_kind(loss: ImageTextLossBase) -> str:
+    """``"siglip"``, or the CLIP loss's estimator: what a saved state must match on resume."""
+    return "siglip" if isinstance(loss, GloFNDSigLipLoss) else str(getattr(loss, "estimator", type(loss).__name__))
 
 
 # ---------------------------------------------------------------------------------------------- the training data
@@ -309,7 +329,6 @@ def _check_training_mode(args: argparse.Namespace) -> None:
             "distillation (--distill-model)",
             "it trains with open_clip's DistillClipLoss",
         ),
-        (args.siglip, "--siglip", "SigLIP's sigmoid loss is not CLIP's softmax loss"),
         ("coca" in args.model.lower(), "CoCa models", "they train with open_clip's CoCaLoss (with a captioning term)"),
         (args.horovod, "--horovod", "the GloFND losses communicate through torch.distributed"),
     ]

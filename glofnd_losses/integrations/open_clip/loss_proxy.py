@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from open_clip_train.distributed import is_master
 
-from glofnd_losses.clip import GloFNDClipLoss
+from glofnd_losses.image_text import ImageTextLossBase
 from glofnd_losses.integrations.open_clip.indices import IndexStrippingLoader
 
 __all__ = ["IndexedLoss", "StatsLogger"]
@@ -73,7 +73,7 @@ class IndexedLoss:
     """
 
     def __init__(
-        self, loss: GloFNDClipLoss, loader: IndexStrippingLoader, logger: StatsLogger, device: torch.device
+        self, loss: ImageTextLossBase, loader: IndexStrippingLoader, logger: StatsLogger, device: torch.device
     ) -> None:
         self.loss = loss
         self.loader = loader

@@ -135,7 +135,7 @@ class _Patches:
             self.files.resumed_epoch = restore_loss_state(loss, args)
         self.files.loss, self.files.checkpoint_path = loss, args.checkpoint_path
         if is_master(args):
-            logging.info(f"GloFND: {type(loss).__name__}({loss.extra_repr()}, estimator={loss.estimator!r})")
+            logging.info(f"GloFND: {type(loss).__name__}({loss.extra_repr()})")
             if args.local_loss or args.gather_with_grad:
                 logging.info("GloFND: --local-loss/--gather-with-grad are implied (local anchors x global batch)")
         return loss
