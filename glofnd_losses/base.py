@@ -323,7 +323,7 @@ class GloFNDLossBase(nn.Module):
     def _run_bank(
         self,
         bank: engine.Bank,
-        formula: engine.Formula,
+        formula: engine.Formula | None,
         state_rows: dict[str, torch.Tensor],
         settings: StepSettings,
         scale: torch.Tensor,

@@ -93,12 +93,16 @@ class BankResult:
         new_rows: Per-sample fields the detector learned, ``(b,)`` each.
         outputs: Per-anchor results of the formula, ``(b,)`` each.
         stats: Per-step diagnostics (detached 0-d tensors, named with the bank's prefix).
+        thresholds: A detection-only pass's ``(b,)`` thresholds each anchor flagged above (``inf``
+            where every negative was flagged, as the loss then keeps them all), when filtering
+            with a detector that has thresholds; else None.
     """
 
     loss: torch.Tensor
     new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    thresholds: torch.Tensor | None = None
 
 
 @dataclass
@@ -107,7 +111,8 @@ class Pass:
 
     Attributes:
         bank: The bank.
-        formula: The loss's per-row formula.
+        formula: The loss's per-row formula, or None for a pass that only detects (and learns):
+            no loss, no gradients, and the thresholds each anchor flagged with are returned.
         detector: The loss's detector.
         state_rows: Stored rows of the bank's anchors, ``(b,)`` each.
         step: What the detector knows about the step.
@@ -116,7 +121,7 @@ class Pass:
     """
 
     bank: Bank
-    formula: Formula
+    formula: Formula | None
     detector: Detector
     state_rows: dict[str, torch.Tensor]
     step: Step
@@ -144,7 +149,10 @@ def run(work: Pass, scale: torch.Tensor, bias: torch.Tensor | None = None) -> Ba
     """
     bank = work.bank
     inputs = (bank.anchors, bank.columns, scale, bias)
-    wanted = [tensor is not None and torch.is_grad_enabled() and tensor.requires_grad for tensor in inputs]
+    wanted = [
+        tensor is not None and work.formula is not None and torch.is_grad_enabled() and tensor.requires_grad
+        for tensor in inputs
+    ]
     with torch.no_grad():
         anchors, columns, scale_value = (tensor.detach() for tensor in inputs[:3])
         logits = _Logits(scale_value, None if bias is None else bias.detach())
@@ -165,6 +173,7 @@ def run(work: Pass, scale: torch.Tensor, bias: torch.Tensor | None = None) -> Ba
         totals.per_anchor(totals.new_rows),
         totals.per_anchor(totals.outputs),
         totals.stats(bank.prefix, anchors.shape[0] * anchors.shape[1], num_negatives),
+        torch.cat(totals.flag_thresholds) if totals.flag_thresholds else None,
     )
 
 
@@ -242,6 +251,7 @@ class _Totals:
     flagged: torch.Tensor | float = 0.0
     kept: torch.Tensor | float = 0.0
     thresholds: list[torch.Tensor] = field(default_factory=list)
+    flag_thresholds: list[torch.Tensor] = field(default_factory=list)
     precision: list[torch.Tensor] = field(default_factory=list)
     recall: list[torch.Tensor] = field(default_factory=list)
 
@@ -266,11 +276,14 @@ class _Totals:
             stats["fn_recall"] = torch.cat(self.recall).mean()
         return {f"{prefix}{name}": torch.as_tensor(value).detach() for name, value in stats.items()}
 
-    def add(self, terms: RowTerms, detection: Detection, kept_count: torch.Tensor) -> None:
-        """Add a chunk's loss terms, learned rows, outputs and kept negatives."""
+    def add(self, terms: RowTerms) -> None:
+        """Add a chunk's loss terms and outputs."""
         self.loss = self.loss + terms.value.sum()
-        self.new_rows.append(detection.new_rows)
         self.outputs.append(terms.outputs)
+
+    def add_detection(self, detection: Detection, kept_count: torch.Tensor) -> None:
+        """Add a chunk's learned rows, thresholds and kept negatives."""
+        self.new_rows.append(detection.new_rows)
         self.kept = self.kept + kept_count.sum()
         if detection.thresholds is not None:
             self.thresholds.append(detection.thresholds)
@@ -307,11 +320,24 @@ def _chunk(work: Pass, anchors: torch.Tensor, columns: torch.Tensor, covariance:
         kept_count = torch.full(scores.shape[:2], float(chunk.num_negatives), device=scores.device)
     else:
         keep, kept_count = functional.keep_nonempty(unflagged, unflagged_count, chunk.excluded)
+    totals.add_detection(detection, kept_count)
+    if unflagged is not None and unflagged_count is not None:
+        totals.add_flags(chunk, unflagged, unflagged_count)
+    if work.formula is None:
+        if work.filtering and detection.thresholds is not None and unflagged_count is not None:
+            totals.flag_thresholds.append(_flag_thresholds(detection.thresholds, unflagged_count))
+        return
     terms = work.formula(
         RowInputs(scores, bank.positive_index[:, rows], keep, kept_count, state_rows, logits.scale,
                   chunk.num_negatives, logits.bias)
     )  # fmt: skip
-    totals.add(terms, detection, kept_count)
-    if unflagged is not None and unflagged_count is not None:
-        totals.add_flags(chunk, unflagged, unflagged_count)
+    totals.add(terms)
     gradients.add(terms.grad_scores.mul_(bank.row_weight), chunk_anchors_, columns, logits.scale, rows)
+
+
+def _flag_thresholds(thresholds: torch.Tensor, unflagged_count: torch.Tensor) -> torch.Tensor:
+    """``(c,)`` thresholds of one-row anchors, ``inf`` where every negative was flagged (all are kept then)."""
+    if unflagged_count.shape[0] != 1:
+        raise ValueError("a detection-only pass returns thresholds of one-row anchors only")
+    per_anchor = thresholds.reshape(-1)
+    return torch.where(unflagged_count[0] == 0, torch.inf, per_anchor)

@@ -403,29 +403,34 @@ def sogclr_rows(
 
 
 def sigmoid_rows(
-    scores: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, positive_index: torch.Tensor, keep: torch.Tensor
+    scores: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    positive_index: torch.Tensor,
+    negative_weight: torch.Tensor,
 ) -> RowTerms:
-    """SigLIP's per-row sum of pairwise sigmoid losses over the positive and the kept negatives.
+    """SigLIP's per-row sum of pairwise sigmoid losses over the positive and the weighted negatives.
 
-    With logits ``x = scale * s + bias``, a row's value is ``softplus(-x_pos) + sum_kept
-    softplus(x_neg)`` (``-log sigmoid(z x)`` with label ``z = +1`` for the positive, ``-1`` for a
-    negative). A flagged negative's term leaves the sum; nothing is rescaled, as each pair is
-    its own binary problem. Its gradient: ``scale * sigmoid(x)`` for a kept negative and
-    ``-scale * sigmoid(-x_pos)`` for the positive.
+    With logits ``x = scale * s + bias``, a row's value is ``softplus(-x_pos) + sum_n w_n
+    softplus(x_n)`` (``-log sigmoid(z x)`` with label ``z = +1`` for the positive, ``-1`` for a
+    negative). A flagged negative's weight drops (to 0, or 1/2 when one of its two sides flags
+    it); nothing is rescaled, as each pair is its own binary problem. The gradient:
+    ``w_n * scale * sigmoid(x_n)`` for a negative and ``-scale * sigmoid(-x_pos)`` for the positive.
 
     Args:
         scores: ``(V, c, C)`` float32 cosine scores.
         scale: 0-d positive inverse temperature.
         bias: 0-d logit bias.
         positive_index: ``(V, c)`` column of each row's positive.
-        keep: ``(V, c, C)`` bool kept negatives (the positive is not kept).
+        negative_weight: ``(V, c, C)`` weight of each column's negative term (bool or float; 0 on
+            the positive).
 
     Returns:
         Per-row sums and their gradients.
     """
     logits = torch.mul(scores, scale).add_(bias)
-    negative_sum = torch.nn.functional.softplus(logits).mul_(keep).sum(dim=-1)
+    negative_sum = torch.nn.functional.softplus(logits).mul_(negative_weight).sum(dim=-1)
     positive = logits.gather(-1, positive_index[..., None]).squeeze(-1)
-    grad_scores = logits.sigmoid_().mul_(keep).mul_(scale)
+    grad_scores = logits.sigmoid_().mul_(negative_weight).mul_(scale)
     grad_scores.scatter_add_(-1, positive_index[..., None], (-scale * torch.sigmoid(-positive))[..., None])
     return RowTerms(torch.nn.functional.softplus(-positive) + negative_sum, grad_scores)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -13,6 +15,11 @@ from glofnd_losses.image_text import ImageTextLossBase
 from glofnd_losses.thresholds import ThresholdOptimizer
 
 _SCALE, _BIAS = "open_clip's logit_scale.exp()", "open_clip's logit_bias"
+SCORE_TOLERANCE = 2.0**-16
+"""How far above a text's threshold an image row's score of the pair may lie and still count as kept
+by the text. The text rows compare their own product's scores; the image rows' product gives the
+same pair's score up to float32 accumulation order (~1e-6 at d = 512). A seeded or stopped threshold
+often sits exactly at one negative's score, which the text keeps: so must the image rows."""
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 """open_clip's communication schedules of SigLipLoss; all compute the same sum."""
 
@@ -29,11 +36,12 @@ class GloFNDSigLipLoss(ImageTextLossBase):
     ``detector=None`` the loss equals ``SigLipLoss``, values and gradients (features,
     ``logit_scale``, ``logit_bias``).
 
-    With several ranks each rank's value is half its images' rows plus half its texts' rows
-    against the global batch: the sum over ranks, and the gradients under DDP's averaging, equal
-    ``SigLipLoss``'s for every ``dist_impl``. The features are all-gathered once per modality
-    whatever ``dist_impl`` says, and scores are computed in chunks, so peak memory stays flat as
-    the batch grows.
+    A step first runs the local texts against the global images to learn (and flag with) the text
+    thresholds; those thresholds are all-gathered (``b`` floats per rank), and then the local
+    images' rows against the global texts give the loss and every gradient: four ``b x B x d``
+    products to ``SigLipLoss``'s three. Each rank's value and gradients equal ``SigLipLoss``'s for
+    every ``dist_impl``: the features are all-gathered once per modality whatever ``dist_impl``
+    says, and scores are computed in chunks, so peak memory stays flat as the batch grows.
 
     Args:
         num_samples: Number of image-text pairs; ``indices`` must lie in ``[0, num_samples)``.
@@ -129,16 +137,24 @@ class GloFNDSigLipLoss(ImageTextLossBase):
             scale = image_text.scalar_input(logit_scale, device, "logit_scale", _SCALE)
             bias = None if logit_bias is None else image_text.scalar_input(logit_bias, device, "logit_bias", _BIAS)
             local_size = image_features.shape[0]
-            banks = image_text.banks(image_features.float(), text_features.float(), labels, 0.5 / local_size)
-            if banks[0].columns.shape[0] == 1:
+            image_bank, text_bank = image_text.banks(
+                image_features.float(), text_features.float(), labels, 1.0 / local_size
+            )
+            if image_bank.columns.shape[0] == 1:
                 positive = _positive_term(image_features, text_features, scale, bias)
                 loss = self._loss_without_negatives([image_features, text_features, scale], checked, positive)
                 return image_text.as_output(loss, output_dict)
             state_rows = self.state.read(checked.indices)
-            image, text = (self._run_bank(bank, _sigmoid, state_rows, settings, scale, bias) for bank in banks)
-            loss = image.loss + text.loss
+            # The text anchors only detect (and learn); their flags reach the image rows' loss as
+            # thresholds on the columns, gathered from the texts' ranks.
+            text = self._run_bank(text_bank, None, state_rows, settings, scale)
+            text_bounds = (
+                None if text.thresholds is None else distributed.gather_rows(text.thresholds) + SCORE_TOLERANCE
+            )
+            formula = functools.partial(_sigmoid, text_bounds)
+            image = self._run_bank(image_bank, formula, state_rows, settings, scale, bias)
         self._end_step(checked, {**image.new_rows, **text.new_rows}, {**image.stats, **text.stats}, local_size)
-        return image_text.as_output(loss, output_dict)
+        return image_text.as_output(image.loss, output_dict)
 
     def _check_process_group(self) -> None:
         """A ``rank`` or ``world_size`` given to the constructor must be torch.distributed's."""
@@ -154,9 +170,19 @@ class GloFNDSigLipLoss(ImageTextLossBase):
         return f"dist_impl={self.dist_impl!r}" if self.dist_impl is not None else ""
 
 
-def _sigmoid(rows: RowInputs) -> RowTerms:
+def _sigmoid(text_bounds: torch.Tensor | None, rows: RowInputs) -> RowTerms:
+    """Image rows' sigmoid terms; a negative's weight is 1/2 per side (image, text) that keeps it.
+
+    ``text_bounds``: ``(C,)`` the columns' thresholds plus :data:`SCORE_TOLERANCE`, or None where
+    the texts flag what the images flag (no detector, not filtering, or the oracle's symmetric
+    same-label flags).
+    """
     bias = rows.scale.new_zeros(()) if rows.bias is None else rows.bias
-    return sigmoid_rows(rows.scores, rows.scale, bias, rows.positive_index, rows.keep)
+    weight = rows.keep.float()
+    if text_bounds is not None:
+        text_keep = (rows.scores <= text_bounds).scatter_(-1, rows.positive_index[..., None], False)
+        weight.add_(text_keep).mul_(0.5)
+    return sigmoid_rows(rows.scores, rows.scale, bias, rows.positive_index, weight)
 
 
 def _positive_term(
