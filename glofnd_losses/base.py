@@ -15,7 +15,7 @@ import operator
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,15 @@ class StepSettings:
     detector_step: Step
     filtering: bool
     gamma: float | None = None
+
+
+@dataclass
+class _AccumulationWindow:
+    """The calls of one accumulated optimiser step: how many, how many made, the first one's indices."""
+
+    calls: int
+    made: int = 0
+    indices: torch.Tensor | None = None
 
 
 @dataclass
@@ -144,6 +153,7 @@ class GloFNDLossBase(nn.Module):
         # A loop that never calls set_epoch stays in epoch 0: warned once after an epoch's worth of samples.
         self._epoch_was_set = False
         self._samples_in_epoch_zero = 0
+        self._accumulation: _AccumulationWindow | None = None
 
     def add_state(self, name: str, dtype: torch.dtype, init: float) -> None:
         """Declare a per-sample field of the loss (one row per data set item, synced by index)."""
@@ -224,6 +234,89 @@ class GloFNDLossBase(nn.Module):
         """Whether flagged negatives are removed from the loss in the current step."""
         return self.learning and self.epoch >= self.filter_start_epoch
 
+    # ------------------------------------------------------------------ gradient accumulation
+    def begin_accumulation(self, num_calls: int) -> None:
+        """The next ``num_calls`` calls form one optimiser step of gradient accumulation.
+
+        As open_clip's ``--accum-freq``: every call gets the whole accumulated batch (the same
+        ``indices``), with one micro-batch's features carrying gradients. Every call reads the
+        state as it was before the step, so each computes what one call on the whole batch would
+        (its masks, ``u`` and learned rows), and only the last call writes the state and counts
+        the step: the summed feature gradients and the state equal those of one call on the whole
+        batch. The window closes after the last call. Prefer :meth:`accumulation` where the calls
+        are in your own loop.
+
+        Args:
+            num_calls: Calls of the optimiser step (open_clip's ``accum_freq``); 1 is a plain step.
+        """
+        calls = check_int_at_least("num_calls", num_calls, 1, "loss calls per optimiser step")
+        if self._accumulation is not None:
+            window = self._accumulation
+            raise RuntimeError(
+                f"begin_accumulation({calls}) during an accumulation of {window.calls} calls of which {window.made} "
+                "were made: finish its calls first"
+            )
+        self._accumulation = _AccumulationWindow(calls) if calls > 1 else None
+
+    @contextlib.contextmanager
+    def accumulation(self, num_calls: int) -> Iterator[None]:
+        """Context manager around the ``num_calls`` loss calls of one accumulated optimiser step.
+
+        See :meth:`begin_accumulation`. Leaving the block after another number of calls raises
+        a ``RuntimeError``; the state is then unchanged by the step.
+
+        Examples:
+            >>> import torch
+            >>> from glofnd_losses import GloFNDSogCLRLoss
+            >>> loss_fn, model = GloFNDSogCLRLoss(num_samples=100), torch.nn.Linear(16, 8)
+            >>> inputs = [torch.randn(8, 16) for _ in range(2)]  # two views of the accumulated batch
+            >>> with torch.no_grad():
+            ...     cached = [model(view) for view in inputs]
+            >>> with loss_fn.accumulation(2):
+            ...     for part in (slice(0, 4), slice(4, 8)):  # each micro-batch's features with gradients
+            ...         z1, z2 = (torch.cat([old[: part.start], model(view[part]), old[part.stop :]])
+            ...                   for old, view in zip(cached, inputs))
+            ...         loss_fn(z1, z2, torch.arange(8)).backward()
+            >>> loss_fn.step
+            1
+        """
+        self.begin_accumulation(num_calls)
+        window = self._accumulation
+        try:
+            yield
+        finally:
+            unfinished = window is not None and self._accumulation is window
+            self._accumulation = None
+        if unfinished and window is not None:
+            raise RuntimeError(f"an accumulation of {window.calls} loss calls ended after {window.made}")
+
+    def _count_call(self) -> bool:
+        """Count a call of an accumulated step; whether this call ends its step (always, outside one)."""
+        window = self._accumulation
+        if window is None:
+            return True
+        window.made += 1
+        if window.made < window.calls:
+            return False
+        self._accumulation = None
+        return True
+
+    def _check_accumulated_indices(self, indices: torch.Tensor) -> None:
+        """Every call of an accumulated step takes the first one's indices (compared where the host reads them)."""
+        window = self._accumulation
+        if window is None:
+            return
+        if window.made == 0:
+            window.indices = indices
+            return
+        assert window.indices is not None
+        same_shape = window.indices.shape == indices.shape
+        if not same_shape or (host.reads_without_sync(indices.device) and not torch.equal(window.indices, indices)):
+            raise ValueError(
+                f"indices: call {window.made + 1} of an accumulation of {window.calls} got other indices than the "
+                "first call: every call of an accumulated step takes the whole accumulated batch's indices"
+            )
+
     def get_extra_state(self) -> torch.Tensor:
         """The host-side schedule position, ``[epoch, step]`` as an int64 tensor.
 
@@ -272,6 +365,7 @@ class GloFNDLossBase(nn.Module):
         validation.check_index_shape(indices, embeddings[0][1].shape[0])
         device = embeddings[0][1].device
         indices = indices.to(device=device, dtype=torch.int64)
+        self._check_accumulated_indices(indices)
         names = tuple(name for name, _ in embeddings)
         if host.reads_without_sync(device):
             validation.check_values_eagerly(indices, self.num_samples, embeddings, unit_norm)
@@ -309,7 +403,7 @@ class GloFNDLossBase(nn.Module):
             # Also in eval mode: nothing is written there, but clamped indices read other samples' thresholds.
             self._deferred.record(checked.error_bits, self.num_samples, checked.names)
             valid = checked.error_bits == 0
-        updates_state = self.updates_state
+        updates_state = self._count_call() and self.updates_state
         if updates_state and new_rows:
             self.state.commit(checked.indices, new_rows, valid)
         self.last_stats = stats

@@ -307,3 +307,54 @@ def siglip_equivalence_case(rank: int, world_size: int, kwargs: dict[str, Any], 
     from glofnd_losses import GloFNDSigLipLoss
 
     return run_clip_steps(GloFNDSigLipLoss(**kwargs), batches, rank, world_size, scale=10.0)
+
+
+def make_accumulation_loss(name: str) -> nn.Module:
+    """A loss of every kind that accumulation supports, learning and filtering from the first step."""
+    from glofnd_losses import GloFNDClipLoss, GloFNDSigLipLoss
+
+    options: dict[str, Any] = {"alpha": 0.15, "chunk_size": 5}
+    if name == "siglip":
+        return GloFNDSigLipLoss(40, **options)
+    if name.startswith("clip_"):
+        return GloFNDClipLoss(40, name.removeprefix("clip_"), gamma=0.5, **options)
+    return LOSSES[name](40, **options)
+
+
+def _call(loss_fn: nn.Module, name: str, first: torch.Tensor, second: torch.Tensor, indices: torch.Tensor,
+          scalars: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    if name == "siglip":
+        return loss_fn(first, second, scalars[0], scalars[1], indices=indices)  # type: ignore[no-any-return]
+    if name.startswith("clip_"):
+        return loss_fn(first, second, scalars[0], indices=indices)  # type: ignore[no-any-return]
+    return loss_fn(first, second, indices)  # type: ignore[no-any-return]
+
+
+def accumulation_case(rank: int, world_size: int, name: str, batches: list, num_calls: int) -> dict[str, Any]:
+    """Optimiser steps on this rank's slice of each global batch, in ``num_calls`` accumulated calls.
+
+    Each call takes the whole local batch with one micro-batch's rows carrying gradients, as
+    open_clip's ``--accum-freq`` loop does; ``num_calls == 1`` is one plain call per step.
+    """
+    loss_fn = make_accumulation_loss(name)
+    values, grads = [], []
+    for first_all, second_all, indices_all, _ in batches:
+        local = first_all.shape[0] // world_size
+        part = slice(rank * local, (rank + 1) * local)
+        first, second, indices = first_all[part], second_all[part], indices_all[part]
+        scalars = (torch.tensor(10.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True))
+        micro = local // num_calls
+        leaves = [(first[j * micro:(j + 1) * micro].clone().requires_grad_(), second[j * micro:(j + 1) * micro]
+                   .clone().requires_grad_()) for j in range(num_calls)]  # fmt: skip
+        with loss_fn.accumulation(num_calls):
+            for j, (first_j, second_j) in enumerate(leaves):
+                rows = slice(j * micro, (j + 1) * micro)
+                mixed = [torch.cat([cached[: rows.start], fresh, cached[rows.stop :]])
+                         for cached, fresh in ((first, first_j), (second, second_j))]  # fmt: skip
+                value = _call(loss_fn, name, mixed[0], mixed[1], indices, scalars)
+                value.backward()
+                values.append(value.detach())
+        grads.append((torch.cat([leaf[0].grad for leaf in leaves]), torch.cat([leaf[1].grad for leaf in leaves]),
+                      scalars[0].grad, scalars[1].grad))  # fmt: skip
+    state = {key: value.clone() for key, value in loss_fn.state_dict().items() if key.startswith("state.")}
+    return {"values": values, "grads": grads, "state": state, "step": loss_fn.step}
