@@ -108,8 +108,8 @@ class GloFNDClipLoss(GloFNDLossBase):
             chunk_size, banks=("image_", "text_"),
         )  # fmt: skip
         if estimator != "minibatch":
-            self.add_state("u_image", torch.float32, 0.0)
-            self.add_state("u_text", torch.float32, 0.0)
+            self.add_state("u_image", torch.float32, 0.0, minimum=0.0)
+            self.add_state("u_text", torch.float32, 0.0, minimum=0.0)
         self.estimator: Estimator = estimator
         self.temperature = float(temperature)
         self.rho = float(rho)
@@ -128,13 +128,13 @@ class GloFNDClipLoss(GloFNDLossBase):
 
     @property
     def image_thresholds(self) -> torch.Tensor:
-        """Per-sample thresholds of image anchors against texts, ``(num_samples,)`` (read-only)."""
-        return self._threshold_buffer("image_").detach()
+        """Per-sample thresholds of image anchors against texts, ``(num_samples,)`` (a copy of the state's)."""
+        return self._threshold_buffer("image_").detach().clone()
 
     @property
     def text_thresholds(self) -> torch.Tensor:
-        """Per-sample thresholds of text anchors against images, ``(num_samples,)`` (read-only)."""
-        return self._threshold_buffer("text_").detach()
+        """Per-sample thresholds of text anchors against images, ``(num_samples,)`` (a copy of the state's)."""
+        return self._threshold_buffer("text_").detach().clone()
 
     def _epoch_dependence(self) -> list[str]:
         reasons = super()._epoch_dependence()
