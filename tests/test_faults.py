@@ -243,3 +243,31 @@ def test_writing_to_a_public_view_leaves_the_state_unchanged(name: str, view: st
     assert_unchanged(loss_fn, before)
 
 
+# ---------------------------------------------------------------- alpha = 0
+RULES = {"default": None, "paper": PAPER, "clipped": ThresholdOptimizer.clipped()}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("name", ["sogclr", "ntxent", "clip_minibatch"])
+def test_alpha_zero_flags_nothing_and_fewer_than_a_small_alpha(name: str, rule: str) -> None:
+    flagged = {}
+    for alpha in (0.0, 1e-3):
+        loss_fn = LOSSES[name](64, alpha=alpha, threshold_optimizer=RULES[rule])
+        loss_fn.set_epoch(0)
+        generator = torch.Generator().manual_seed(0)
+        flagged[alpha] = []
+        for step in range(10):
+            indices = torch.randperm(64, generator=generator)[:32]
+            call(loss_fn, *pairs(step, size=32), indices)
+            flagged[alpha].append(sum(float(loss_fn.last_stats[f"{bank}flagged_fraction"]) for bank in loss_fn.banks))
+    assert flagged[0.0] == [0.0] * 10
+    assert sum(flagged[1e-3]) > 0  # the comparison is not vacuous: a small alpha does flag
+
+
+@pytest.mark.parametrize("name", ["sogclr", "ntxent", "clip_minibatch"])
+def test_alpha_zero_with_fnc_flags_nothing(name: str) -> None:
+    loss_fn = LOSSES[name](64, alpha=0.0, detector="fnc")
+    call(loss_fn, *pairs(0, size=32), torch.arange(32))
+    assert all(float(loss_fn.last_stats[f"{bank}flagged_fraction"]) == 0.0 for bank in loss_fn.banks)
+
+
