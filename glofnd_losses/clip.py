@@ -175,11 +175,14 @@ class GloFNDClipLoss(GloFNDLossBase):
             output_dict: Return ``{"contrastive_loss": loss}`` as open_clip's losses do.
             indices: Data set indices of the ``b`` pairs, ``(b,)`` integers.
             labels: Optional ``(b,)`` class labels (oracle detector, FN precision/recall).
-            **kwargs: Other model outputs open_clip passes along (ignored).
+            **kwargs: Other outputs of open_clip's models, passed along by its training loop
+                (ignored; see :data:`~glofnd_losses.validation.OPEN_CLIP_MODEL_OUTPUTS`). Any
+                other name is a TypeError, so a misspelled ``output_dict`` is not swallowed.
 
         Returns:
             The scalar loss, or open_clip's dict.
         """
+        validation.check_model_outputs(kwargs, type(self).__name__)
         if logit_bias is not None:
             raise ValueError("logit_bias must be None: GloFNDClipLoss is CLIP's softmax loss, not SigLIP's")
         settings = self._begin_step()

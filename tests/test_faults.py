@@ -271,3 +271,26 @@ def test_alpha_zero_with_fnc_flags_nothing(name: str) -> None:
     assert all(float(loss_fn.last_stats[f"{bank}flagged_fraction"]) == 0.0 for bank in loss_fn.banks)
 
 
+# ---------------------------------------------------------------- misspelled keywords
+def test_a_misspelled_keyword_of_the_clip_loss_is_a_type_error() -> None:
+    loss_fn = GloFNDClipLoss(NUM_SAMPLES, "minibatch")
+    images, texts = pairs(0)
+    before = snapshot(loss_fn)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'outputdict'"):
+        loss_fn(images, texts, torch.tensor(10.0), outputdict=True, indices=torch.arange(BATCH))
+    assert_unchanged(loss_fn, before)
+
+
+def test_the_clip_loss_takes_open_clip_s_other_model_outputs() -> None:
+    # CoCa returns image_embs / logits; distillation adds the teacher's outputs as dist_<name>.
+    images, texts = pairs(0)
+    plain, extra = GloFNDClipLoss(NUM_SAMPLES, "minibatch"), GloFNDClipLoss(NUM_SAMPLES, "minibatch")
+    expected = plain(images, texts, torch.tensor(10.0), output_dict=True, indices=torch.arange(BATCH))
+    model_out = {"image_embs": images, "text_embs": texts, "logits": torch.zeros(BATCH, 3)}
+    model_out["dist_image_features"] = images
+    got = extra(image_features=images, text_features=texts, logit_scale=torch.tensor(10.0), **model_out,
+                output_dict=True, indices=torch.arange(BATCH))  # fmt: skip
+    assert isinstance(got, dict) and isinstance(expected, dict)
+    assert torch.equal(got["contrastive_loss"], expected["contrastive_loss"])
+
+
