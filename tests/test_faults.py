@@ -7,7 +7,15 @@ Each case states what happens and checks that the per-sample state and the sched
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -345,3 +353,44 @@ def test_second_order_gradients_are_refused_with_a_clear_error(name: str) -> Non
     assert torch.isfinite(first_order).all()  # the first-order gradient still works
 
 
+# ---------------------------------------------------------------- a process killed while saving
+SAVER = textwrap.dedent(
+    """
+    import sys, torch
+    from glofnd_losses import GloFNDClipLoss
+    from glofnd_losses.integrations.open_clip.checkpoint_files import save_loss_state
+    loss = GloFNDClipLoss(int(sys.argv[2]), "minibatch")
+    for step in range(1, 10**6):
+        loss.step = step
+        loss.state.buffer("image_threshold").fill_(1.0 / step)  # the file's content says which save it is
+        save_loss_state(loss, sys.argv[1], checkpoint_epoch=step)
+        print(step, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_process_killed_while_saving_leaves_the_previous_complete_state(tmp_path: Path, seed: int) -> None:
+    pytest.importorskip("open_clip_train")
+    from glofnd_losses.integrations.open_clip.checkpoint_files import load_loss_state, save_loss_state
+
+    num_samples, path = 2_000_000, str(tmp_path / "epoch_latest.glofnd.pth")  # ~16 MB per save
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, path, str(num_samples)], stdout=subprocess.PIPE, env=env)
+    assert saver.stdout is not None
+    first = saver.stdout.readline()  # the first save is complete
+    assert first.strip() == b"1", first
+    time.sleep(random.Random(seed).uniform(0.0, 0.5))
+    saver.send_signal(signal.SIGKILL)
+    saver.wait()
+    loss = GloFNDClipLoss(num_samples, "minibatch")
+    checkpoint_epoch = load_loss_state(loss, path)
+    assert checkpoint_epoch == loss.step and loss.step >= 1
+    assert torch.equal(loss.image_thresholds, torch.full((num_samples,), 1.0 / loss.step))
+    # A temporary file left by the killed process breaks neither the next save nor the resume.
+    loss.step = 10**6
+    Path(f"{path}.{os.getpid()}.tmp").write_bytes(b"the start of a state")  # as a crash of this pid would leave
+    save_loss_state(loss, path, checkpoint_epoch=7)
+    resumed = GloFNDClipLoss(num_samples, "minibatch")
+    assert load_loss_state(resumed, path) == 7 and resumed.step == 10**6
+    assert not os.path.exists(f"{path}.{os.getpid()}.tmp")
