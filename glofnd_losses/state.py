@@ -80,23 +80,35 @@ def checked_rows(key: str, value: Any, field: Field, num_samples: int) -> torch.
         )
     if value.is_complex():
         raise ValueError(f"{key} must hold real numbers (stored as {field.dtype}), got dtype {value.dtype}")
-    converted = value.detach().to(field.dtype)
+    value = value.detach()
+    converted = value.to(field.dtype)
     if value.is_meta:  # no values to check
         return converted
-    wide = value.detach().to(torch.float64)
-    bad = ~torch.isfinite(converted.to(torch.float64)) | (converted.to(torch.float64) != wide)
-    if field.dtype.is_floating_point:  # rounding to float32 is fine; overflowing it is not
-        bad = ~torch.isfinite(wide) | ~torch.isfinite(converted)
-    if field.minimum is not None:
-        bad |= wide < field.minimum
-    if field.maximum is not None:
-        bad |= wide > field.maximum
+    bad = _bad_rows(value, converted, field)
     if bool(bad.any()):
         row = int(bad.to(torch.uint8).argmax())
         raise ValueError(
-            f"{key} must hold {field.range_text()} (as {field.dtype}), got {float(wide[row])!r} at row {row}"
+            f"{key} must hold {field.range_text()} (as {field.dtype}), got {float(value[row])!r} at row {row}"
         )
     return converted
+
+
+def _bad_rows(value: torch.Tensor, converted: torch.Tensor, field: Field) -> torch.Tensor:
+    """Bool mask of the rows ``converted`` (``value`` in ``field.dtype``) does not hold, or out of range.
+
+    Compared in the value's own dtype, so that checking a large state makes no float64 copy of it.
+    """
+    if field.dtype.is_floating_point:  # rounding to float32 is fine; not finite, or overflowing it, is not
+        bad = ~torch.isfinite(converted)
+        if value.is_floating_point():
+            bad |= ~torch.isfinite(value)
+    else:  # a fraction, NaN or a value beyond the dtype's range does not come back unchanged
+        bad = converted.to(value.dtype) != value
+    if field.minimum is not None:
+        bad |= value < field.minimum
+    if field.maximum is not None:
+        bad |= value > field.maximum
+    return bad
 
 
 def _count_load(module: nn.Module, incompatible_keys: object) -> None:
