@@ -15,7 +15,7 @@ import operator
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,9 +155,14 @@ class GloFNDLossBase(nn.Module):
         self._samples_in_epoch_zero = 0
         self._accumulation: _AccumulationWindow | None = None
 
-    def add_state(self, name: str, dtype: torch.dtype, init: float) -> None:
-        """Declare a per-sample field of the loss (one row per data set item, synced by index)."""
-        self.state.add(name, Field(dtype, init))
+    def add_state(
+        self, name: str, dtype: torch.dtype, init: float, minimum: float | None = None, maximum: float | None = None
+    ) -> None:
+        """Declare a per-sample field of the loss (one row per data set item, synced by index).
+
+        ``minimum`` and ``maximum`` bound the values a loaded state may hold (see :class:`Field`).
+        """
+        self.state.add(name, Field(dtype, init, minimum, maximum))
 
     # ------------------------------------------------------------------ schedule
     def set_epoch(self, epoch: int) -> None:
@@ -317,6 +322,46 @@ class GloFNDLossBase(nn.Module):
                 "first call: every call of an accumulated step takes the whole accumulated batch's indices"
             )
 
+    # ------------------------------------------------------------------ loading a state
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` that writes nothing unless the whole state loads.
+
+        With ``strict=True`` a state with missing or unexpected entries (another loss, another
+        threshold rule) is refused before anything is written; with ``strict=False`` missing
+        entries keep their values and unexpected ones are ignored. Either way every entry is
+        checked (shape, dtype, finite values in range, see :meth:`_load_from_state_dict`) first.
+
+        Raises:
+            RuntimeError: ``strict=True`` and the keys differ (as ``nn.Module``'s message).
+            ValueError: An entry of another size, dtype or range, naming its key and what it must be.
+        """
+        if strict:
+            expected = set(self.state_dict(keep_vars=True))
+            missing = sorted(expected - set(state_dict))
+            unexpected = sorted(set(state_dict) - expected)
+            if missing or unexpected:
+                problems = [f"{kind} key(s) in state_dict: {', '.join(map(repr, keys))}."
+                            for kind, keys in (("Missing", missing), ("Unexpected", unexpected)) if keys]  # fmt: skip
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: {' '.join(problems)} Nothing was "
+                    "loaded: was the state saved by another loss or threshold rule? (strict=False loads the "
+                    "entries that match)"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Check the loss's whole incoming state before any of it is written.
+
+        ``nn.Module`` loads a module's own entries (here the schedule position) before its
+        submodules' (the per-sample table), whether the loss is loaded directly or as part of a
+        model: checking everything under ``prefix`` here makes the load all or nothing.
+        """
+        extra_key = prefix + "_extra_state"
+        if extra_key in state_dict:
+            _schedule_position(state_dict[extra_key], extra_key)
+        self.state.checked_fields(state_dict, prefix + "state.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_extra_state(self) -> torch.Tensor:
         """The host-side schedule position, ``[epoch, step]`` as an int64 tensor.
 
@@ -327,12 +372,7 @@ class GloFNDLossBase(nn.Module):
 
     def set_extra_state(self, state: torch.Tensor) -> None:
         """Restore :meth:`get_extra_state`'s value."""
-        if not isinstance(state, torch.Tensor) or state.shape != (2,):
-            shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"the loss's extra state must be [epoch, step], a tensor of shape (2,); got {shape}")
-        epoch, step = state.tolist()
-        self.epoch = int(epoch)
-        self.step = int(step)
+        self.epoch, self.step = _schedule_position(state)
 
     # ------------------------------------------------------------------ state access
     def _threshold_buffer(self, prefix: str, field: str = "threshold") -> torch.Tensor:
@@ -346,12 +386,16 @@ class GloFNDLossBase(nn.Module):
 
     @property
     def threshold_visits(self) -> torch.Tensor:
-        """Training steps that updated each sample's thresholds, ``(num_samples,)`` int32 (read-only view).
+        """Training steps that updated each sample's thresholds, ``(num_samples,)`` int32.
 
         0 marks a sample whose threshold was never learned (still at its initial value). With two
         threshold banks (CLIP) both are updated by the same steps.
+
+        A copy (``num_samples`` values per access; nothing in the training step reads it), so
+        that writing to it cannot change the state: a view would write through. The same holds
+        for the losses' ``thresholds``, ``image_thresholds``, ``text_thresholds`` and ``u``.
         """
-        return self._threshold_buffer(self.banks[0], "threshold_visits").detach()
+        return self._threshold_buffer(self.banks[0], "threshold_visits").detach().clone()
 
     # ------------------------------------------------------------------ validation
     def _validate(
@@ -552,6 +596,17 @@ def check_finite_positive(name: str, value: float) -> None:
     """A ValueError naming ``name`` unless ``0 < value < inf`` (NaN fails too)."""
     if not 0 < value < math.inf:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def _schedule_position(state: Any, key: str = "_extra_state") -> tuple[int, int]:
+    """``(epoch, step)`` from a stored schedule position, or a ValueError naming its entry ``key``."""
+    if not isinstance(state, torch.Tensor) or state.shape != (2,):
+        shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise ValueError(f"the loss's extra state must be [epoch, step], a tensor of shape (2,); got {shape} ({key})")
+    values = state.detach().to(torch.float64).tolist() if not state.is_complex() else [math.nan]
+    if state.dtype == torch.bool or not all(math.isfinite(v) and v >= 0 and v == int(v) for v in values):
+        raise ValueError(f"the loss's extra state [epoch, step] must hold whole numbers >= 0, got {values} ({key})")
+    return int(values[0]), int(values[1])
 
 
 def _schedule_starts(start_epoch: Any, start_step: Any, filter_start_epoch: Any) -> tuple[int, int, int]:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from glofnd_losses import engine, functional, image_text
+from glofnd_losses import engine, functional, image_text, validation
 from glofnd_losses.base import (
     StepSettings,
     autocast_disabled,
@@ -109,8 +109,8 @@ class GloFNDClipLoss(ImageTextLossBase):
             chunk_size, banks=("image_", "text_"),
         )  # fmt: skip
         if estimator != "minibatch":
-            self.add_state("u_image", torch.float32, 0.0)
-            self.add_state("u_text", torch.float32, 0.0)
+            self.add_state("u_image", torch.float32, 0.0, minimum=0.0)
+            self.add_state("u_text", torch.float32, 0.0, minimum=0.0)
         self.estimator: Estimator = estimator
         self.temperature = float(temperature)
         self.rho = float(rho)
@@ -166,11 +166,14 @@ class GloFNDClipLoss(ImageTextLossBase):
             output_dict: Return ``{"contrastive_loss": loss}`` as open_clip's losses do.
             indices: Data set indices of the ``b`` pairs, ``(b,)`` integers.
             labels: Optional ``(b,)`` class labels (oracle detector, FN precision/recall).
-            **kwargs: Other model outputs open_clip passes along (ignored).
+            **kwargs: Other outputs of open_clip's models, passed along by its training loop
+                (ignored; see :data:`~glofnd_losses.validation.OPEN_CLIP_MODEL_OUTPUTS`). Any
+                other name is a TypeError, so a misspelled ``output_dict`` is not swallowed.
 
         Returns:
             The scalar loss, or open_clip's dict.
         """
+        validation.check_model_outputs(kwargs, type(self).__name__)
         if logit_bias is not None:
             raise ValueError("logit_bias must be None: GloFNDClipLoss is CLIP's softmax loss, not SigLIP's")
         settings = self._begin_step()

@@ -172,6 +172,11 @@ class GloFNDDetector(Detector):
     step of the rule (:func:`glofnd_losses.thresholds.step`), and the negatives scoring strictly
     above the *updated* threshold are flagged (paper order).
 
+    ``alpha=0`` flags nothing and learns nothing: the target, the largest score over the whole
+    data set, is above every batch's scores, but a rule would learn it from below (a seeded
+    start begins at the batch maximum, and the subgradient, ``-fraction above``, cannot be
+    normalised by ``alpha``), flagging negatives on the way.
+
     Args:
         alpha: Target fraction of each item's negatives (over the whole data set) to flag.
         optimizer: Update rule of the thresholds.
@@ -191,6 +196,8 @@ class GloFNDDetector(Detector):
         return thresholds.threshold_fields(prefix, self.optimizer)
 
     def detect(self, chunk: ScoreChunk, state_rows: dict[str, torch.Tensor], prefix: str, step: Step) -> Detection:
+        if self.alpha == 0:
+            return Detection()
         current = ThresholdRows.from_state(state_rows, prefix)
         if not step.learn:
             return Detection(current.threshold)

@@ -30,6 +30,16 @@ SCORE_CHUNK_BYTES = 16 * 2**20
 """Default size of one chunk's float32 scores (``V x c x C x 4`` bytes); the chunk's other
 intermediates (masks, exponentials, their gradient) take about three times as much again."""
 
+SECOND_ORDER_ERROR = (
+    "The GloFND losses (GloFNDSogCLRLoss, GloFNDNTXent, GloFNDClipLoss, GloFNDSigLipLoss) do not support "
+    "second-order gradients "
+    "(backward or torch.autograd.grad with create_graph=True, e.g. a gradient penalty): the chunked engine "
+    "computes the loss's gradient in the forward pass, so it has no graph to differentiate again. Compute "
+    "the penalty's gradient on a separate forward of the model without the GloFND loss, or use "
+    "create_graph=False."
+)
+"""The error a backward with ``create_graph=True`` through a loss's engine raises."""
+
 Formula = Callable[["RowInputs"], RowTerms]
 """A loss's formula: per-row values and score gradients of a chunk (see :class:`RowInputs`)."""
 
@@ -192,8 +202,14 @@ class _WithGradients(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # Grad mode is on in a backward only under create_graph=True. The saved gradients are
+        # constants, so a graph built through them would miss the loss's second derivative and a
+        # gradient penalty would be silently wrong: refuse it (once_differentiable did not, as
+        # the incoming gradient needs no grad and the inputs' graphs, e.g. a normalisation,
+        # still carried one).
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_ORDER_ERROR)
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * grad_loss if present else None for present in ctx.present]
         return (None, *grads, *(None for _ in grads))

@@ -17,13 +17,13 @@ class ImageTextLossBase(GloFNDLossBase):
 
     @property
     def image_thresholds(self) -> torch.Tensor:
-        """Per-sample thresholds of image anchors against texts, ``(num_samples,)`` (read-only)."""
-        return self._threshold_buffer("image_").detach()
+        """Per-sample thresholds of image anchors against texts, ``(num_samples,)`` (a copy of the state's)."""
+        return self._threshold_buffer("image_").detach().clone()
 
     @property
     def text_thresholds(self) -> torch.Tensor:
-        """Per-sample thresholds of text anchors against images, ``(num_samples,)`` (read-only)."""
-        return self._threshold_buffer("text_").detach()
+        """Per-sample thresholds of text anchors against images, ``(num_samples,)`` (a copy of the state's)."""
+        return self._threshold_buffer("text_").detach().clone()
 
 
 def scalar_input(value: torch.Tensor | float, device: torch.device, name: str, example: str) -> torch.Tensor:

@@ -87,8 +87,8 @@ class GloFNDNTXent(GloFNDLossBase):
 
     @property
     def thresholds(self) -> torch.Tensor:
-        """Per-sample GloFND thresholds, shape ``(num_samples,)`` (read-only view)."""
-        return self._threshold_buffer("").detach()
+        """Per-sample GloFND thresholds, ``(num_samples,)``: a copy, so writing to it leaves the state as it is."""
+        return self._threshold_buffer("").detach().clone()
 
     def forward(
         self, out0: torch.Tensor, out1: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor | None = None

@@ -87,9 +87,9 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size
         )
-        self.add_state("u", torch.float32, 0.0)
+        self.add_state("u", torch.float32, 0.0, minimum=0.0)
         # A 0/1 byte, not bool: weight-averaging callbacks (Lightning's WeightAveraging) subtract buffers.
-        self.add_state("u_initialized", torch.uint8, 0.0)
+        self.add_state("u_initialized", torch.uint8, 0.0, minimum=0.0, maximum=1.0)
         self.temperature = float(temperature)
         self.gamma = float(gamma)
 
@@ -98,13 +98,13 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
 
     @property
     def thresholds(self) -> torch.Tensor:
-        """Per-sample GloFND thresholds, shape ``(num_samples,)`` (read-only view)."""
-        return self._threshold_buffer("").detach()
+        """Per-sample GloFND thresholds, ``(num_samples,)``: a copy, so writing to it leaves the state as it is."""
+        return self._threshold_buffer("").detach().clone()
 
     @property
     def u(self) -> torch.Tensor:
-        """Per-sample moving averages of the negatives' mean exponential (read-only view)."""
-        return self.state.buffer("u").detach()
+        """Per-sample moving averages of the negatives' mean exponential: a copy, as :attr:`thresholds`."""
+        return self.state.buffer("u").detach().clone()
 
     def forward(
         self, z1: torch.Tensor, z2: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor | None = None

@@ -28,7 +28,7 @@ data sets of hundreds of millions of items) only changes :meth:`read` and :meth:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,10 +47,68 @@ class Field:
             float64). Flags kept as ``uint8``, not ``bool``, survive weight averaging, which
             subtracts buffers.
         init: Initial value of every row.
+        minimum: Smallest value a loaded state may hold (None: no bound). Values are always finite.
+        maximum: Largest value a loaded state may hold (None: no bound).
     """
 
     dtype: torch.dtype
     init: float
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def range_text(self) -> str:
+        """The values this field accepts, for error messages: ``"finite values in [-1.0, 1.0]"``."""
+        low = "-inf" if self.minimum is None else repr(float(self.minimum))
+        high = "inf" if self.maximum is None else repr(float(self.maximum))
+        kind = "whole numbers" if not self.dtype.is_floating_point else "finite values"
+        return f"{kind} in [{low}, {high}]" if self.minimum is not None or self.maximum is not None else kind
+
+
+def checked_rows(key: str, value: Any, field: Field, num_samples: int) -> torch.Tensor:
+    """A loaded field's rows converted to ``field.dtype``, or a ValueError naming ``key``.
+
+    The rows must be a ``(num_samples,)`` tensor of real numbers that ``field.dtype`` holds exactly
+    (whole numbers for integer fields) and lie in the field's range. Reads every value: meant for
+    load time, not the training step.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{key} must be a tensor of shape ({num_samples},), got {type(value).__name__}")
+    if tuple(value.shape) != (num_samples,):
+        raise ValueError(
+            f"{key} must have shape (num_samples={num_samples},), got {tuple(value.shape)}: "
+            "was the state saved by a loss with another num_samples?"
+        )
+    if value.is_complex():
+        raise ValueError(f"{key} must hold real numbers (stored as {field.dtype}), got dtype {value.dtype}")
+    value = value.detach()
+    converted = value.to(field.dtype)
+    if value.is_meta:  # no values to check
+        return converted
+    bad = _bad_rows(value, converted, field)
+    if bool(bad.any()):
+        row = int(bad.to(torch.uint8).argmax())
+        raise ValueError(
+            f"{key} must hold {field.range_text()} (as {field.dtype}), got {float(value[row])!r} at row {row}"
+        )
+    return converted
+
+
+def _bad_rows(value: torch.Tensor, converted: torch.Tensor, field: Field) -> torch.Tensor:
+    """Bool mask of the rows ``converted`` (``value`` in ``field.dtype``) does not hold, or out of range.
+
+    Compared in the value's own dtype, so that checking a large state makes no float64 copy of it.
+    """
+    if field.dtype.is_floating_point:  # rounding to float32 is fine; not finite, or overflowing it, is not
+        bad = ~torch.isfinite(converted)
+        if value.is_floating_point():
+            bad |= ~torch.isfinite(value)
+    else:  # a fraction, NaN or a value beyond the dtype's range does not come back unchanged
+        bad = converted.to(value.dtype) != value
+    if field.minimum is not None:
+        bad |= value < field.minimum
+    if field.maximum is not None:
+        bad |= value > field.maximum
+    return bad
 
 
 def _count_load(module: nn.Module, incompatible_keys: object) -> None:
@@ -110,17 +168,29 @@ class PerSampleState(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Load the fields in their declared dtypes, also with ``load_state_dict(..., assign=True)``.
+        """Check every incoming field, then load them in their declared dtypes (all or nothing).
 
-        A plain load copies into the fp32 buffers; ``assign=True`` would keep a checkpoint's
-        tensors as they are, so a checkpoint stored in bf16 would round every later update.
-        ``state_dict`` is the caller's shallow copy: replacing its entries changes nothing of theirs.
+        Every field present is checked (:func:`checked_rows`) before any is written, so a state
+        of another size or with a NaN leaves this table as it was. The fields are loaded in their
+        declared dtypes, also with ``load_state_dict(..., assign=True)``: a plain load copies into
+        the fp32 buffers; ``assign=True`` would keep a checkpoint's tensors as they are, so a
+        checkpoint stored in bf16 would round every later update. ``state_dict`` is the caller's
+        shallow copy: replacing its entries changes nothing of theirs.
         """
-        for name, field in self.fields.items():
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.dtype != field.dtype:
-                state_dict[prefix + name] = value.to(field.dtype)
+        state_dict.update(self.checked_fields(state_dict, prefix))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def checked_fields(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+        """The fields of ``state_dict`` under ``prefix``, checked and in their dtypes (absent ones left out).
+
+        Raises:
+            ValueError: A field of another size, dtype or range, naming its key.
+        """
+        return {
+            prefix + name: checked_rows(prefix + name, state_dict[prefix + name], field, self.num_samples)
+            for name, field in self.fields.items()
+            if prefix + name in state_dict
+        }
 
     def add(self, name: str, field: Field) -> None:
         """Declare one more field: a persistent buffer of ``num_samples`` rows at ``field.init``."""

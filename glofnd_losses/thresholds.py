@@ -165,13 +165,14 @@ def threshold_fields(prefix: str, optimizer: ThresholdOptimizer) -> dict[str, Fi
     threshold and a visit count per sample (8 bytes), and the state's all-gather sends these two
     fields per anchor (as float64, beside the index and a validity flag).
     """
+    # The bounds are what a loaded state may hold: every rule keeps thresholds in the score range.
     fields = {
-        f"{prefix}threshold": Field(torch.float32, 1.0),
-        f"{prefix}threshold_visits": Field(torch.int32, 0),
+        f"{prefix}threshold": Field(torch.float32, 1.0, minimum=-1.0, maximum=1.0),
+        f"{prefix}threshold_visits": Field(torch.int32, 0, minimum=0),
     }
     if optimizer.rule == "adam":
         fields[f"{prefix}threshold_exp_avg"] = Field(torch.float32, 0.0)
-        fields[f"{prefix}threshold_exp_avg_sq"] = Field(torch.float32, 0.0)
+        fields[f"{prefix}threshold_exp_avg_sq"] = Field(torch.float32, 0.0, minimum=0.0)
     return fields
 
 

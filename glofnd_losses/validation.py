@@ -12,7 +12,7 @@ in range, finite embeddings) need the data:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -143,3 +143,34 @@ class DeferredErrors:
                 self._pending = []
                 raise ValueError(_message(bits, num_samples, names.split(",")))
         self._pending = still_pending
+
+
+OPEN_CLIP_MODEL_OUTPUTS = frozenset({"image_features", "text_features", "logit_scale", "logit_bias", "image_embs",
+                                     "text_embs", "logits", "labels"})  # fmt: skip
+"""Names of the outputs open_clip's models return (``CLIP``, ``CustomTextCLIP``, ``CoCa``, open_clip 3.x).
+
+open_clip's training loop calls ``loss(**model_out, output_dict=True)``; with distillation it adds
+each of the teacher's outputs as ``dist_<name>``.
+"""
+
+
+def check_model_outputs(extra: Mapping[str, object], loss_name: str) -> None:
+    """Refuse keyword arguments that are not open_clip model outputs (a misspelled argument).
+
+    A loss that takes ``**kwargs`` to swallow the model outputs it does not use would also swallow
+    ``outputdict=True`` and return a tensor where a dict was asked for.
+
+    Args:
+        extra: The keyword arguments the loss did not name.
+        loss_name: The loss's class name, for the message.
+
+    Raises:
+        TypeError: As Python's for an unknown keyword: ``unexpected keyword argument 'outputdict'``.
+    """
+    unknown = [name for name in extra if name.removeprefix("dist_") not in OPEN_CLIP_MODEL_OUTPUTS]
+    if unknown:
+        known = ", ".join(sorted(OPEN_CLIP_MODEL_OUTPUTS))
+        raise TypeError(
+            f"{loss_name}.forward() got an unexpected keyword argument {unknown[0]!r} (besides its own arguments it "
+            f"takes only the outputs of open_clip's models, ignored: {known}, and their 'dist_' forms)"
+        )

@@ -9,6 +9,7 @@ before the first step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -53,6 +54,11 @@ def save_loss_state(loss: ImageTextLossBase, path: str, checkpoint_epoch: int | 
 
     ``checkpoint_epoch`` is the ``"epoch"`` of the open_clip checkpoint the state belongs to; a
     resume checks that the two match (:func:`load_loss_state`).
+
+    The state is written to a temporary file named after the process (open_clip saves on rank 0
+    only, but two processes saving to one path must not write into each other's file) and moved
+    onto ``path`` with ``os.replace``: a process killed while saving leaves ``path`` holding the
+    previous complete state. A save that fails removes its temporary file.
     """
     payload = {
         "format": _STATE_FORMAT,
@@ -62,9 +68,14 @@ def save_loss_state(loss: ImageTextLossBase, path: str, checkpoint_epoch: int | 
         "checkpoint_epoch": checkpoint_epoch,
         "state_dict": loss.state_dict(),
     }
-    temporary = path + ".tmp"
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def load_loss_state(loss: ImageTextLossBase, path: str) -> int | None:
