@@ -391,13 +391,13 @@ class GloFNDLossBase(nn.Module):
         if isinstance(optimizer, ThresholdOptimizer):
             settings.update({f"threshold_optimizer.{key}": repr(value) for key, value in asdict(optimizer).items()})
         settings["state fields"] = ", ".join(f"{name}: {field.dtype}" for name, field in self.state.fields.items())
-        settings["epoch, step"] = f"{self.epoch}, {self.step}"
+        settings["(epoch, step)"] = f"({self.epoch}, {self.step})"
         if self.state.fields:
             # Differs where one rank loaded a checkpoint and another did not, or another one. Ten
             # digits: equal states on different device models may round the last bits apart.
             digests = torch.stack([_sum_and_squares(self.state.buffer(name)) for name in self.state.fields])
             for name, (total, squares) in zip(self.state.fields, digests.tolist()):  # once per run and load
-                settings[f"state.{name} (sum, sum of squares)"] = f"{total:.10g}, {squares:.10g}"
+                settings[f"state.{name} (sum, sum of squares)"] = f"({total:.10g}, {squares:.10g})"
         return settings
 
     def _agreement_device(self) -> torch.device:

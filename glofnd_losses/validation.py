@@ -224,7 +224,8 @@ def raise_if_settings_differ(settings: dict[str, str], device: torch.device) -> 
     be one).
 
     Args:
-        settings: Setting name to its value's text, e.g. ``{"num_samples": "40"}``.
+        settings: Setting name to its value's text, e.g. ``{"num_samples": "40"}``; the message
+            reads ``num_samples: rank 0 = 40, rank 1 = 41``.
         device: Where the process group's collectives take tensors.
     """
     per_rank = [json.loads(text) for text in distributed.gather_texts(json.dumps(settings), device)]
@@ -232,7 +233,7 @@ def raise_if_settings_differ(settings: dict[str, str], device: torch.device) -> 
     for key in dict.fromkeys(key for rank_settings in per_rank for key in rank_settings):
         values = [rank_settings.get(key, "(none)") for rank_settings in per_rank]
         if len(set(values)) > 1:
-            differing.append(f"{key}: " + ", ".join(f"rank {rank} {value}" for rank, value in enumerate(values)))
+            differing.append(f"{key}: " + ", ".join(f"rank {rank} = {value}" for rank, value in enumerate(values)))
     if differing:
         raise ValueError(
             "every rank must build the loss with the same settings and load the same state (the per-sample "
