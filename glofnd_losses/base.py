@@ -396,7 +396,7 @@ class GloFNDLossBase(nn.Module):
             # Differs where one rank loaded a checkpoint and another did not, or another one. Ten
             # digits: equal states on different device models may round the last bits apart.
             digests = torch.stack([_sum_and_squares(self.state.buffer(name)) for name in self.state.fields])
-            for name, (total, squares) in zip(self.state.fields, digests.tolist()):  # once per run and load
+            for name, (total, squares) in zip(self.state.fields, digests.tolist()):  # once per run
                 settings[f"state.{name} (sum, sum of squares)"] = f"({total:.10g}, {squares:.10g})"
         return settings
 

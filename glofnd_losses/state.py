@@ -79,7 +79,8 @@ class PerSampleState(nn.Module):
         >>> import torch
         >>> state = PerSampleState(10, {"threshold": Field(torch.float32, 1.0)})
         >>> idx = torch.tensor([3, 7])
-        >>> state.commit(idx, {"threshold": torch.tensor([0.5, 0.25])})
+        >>> state.commit(idx, {"threshold": torch.tensor([0.5, 0.25])})  # every rank's check bits
+        tensor([0])
         >>> state.read(idx)["threshold"]
         tensor([0.5000, 0.2500])
         >>> state.commit(idx, {"threshold": torch.tensor([0.0, 0.0])}, error_bits=torch.tensor(1))
