@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -65,11 +65,14 @@ class CheckedIndices:
         error_bits: 0-d int device tensor of deferred check results (0: valid), or None when the
             inputs were checked eagerly.
         names: Names of the checked embeddings, for the deferred error message.
+        collective: Whether the ranks share the check results (several ranks, and the step makes
+            a collective: every rank then raises in the same call).
     """
 
     indices: torch.Tensor
     error_bits: torch.Tensor | None
     names: tuple[str, ...]
+    collective: bool = False
 
 
 @dataclass
@@ -145,6 +148,11 @@ class GloFNDLossBase(nn.Module):
         self.step = 0
         self.last_stats: dict[str, torch.Tensor] = {}
         self._deferred = validation.DeferredErrors()
+        # Forward calls, for raising a deferred error on every rank in the same call.
+        self._calls = 0
+        # Several ranks: whether the ranks have compared their settings (at the first call). Not
+        # again after a load: a rank that loads alone would run the comparison's collectives alone.
+        self._ranks_agreed = False
         # Once every sample has been visited, first-visit work (the mini-batch quantile that seeds
         # a threshold) is skipped. Learned without blocking; forgotten when a state is loaded
         # (through this module, a parent, or self.state directly).
@@ -399,11 +407,27 @@ class GloFNDLossBase(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _validate(
-        self, embeddings: Sequence[tuple[str, torch.Tensor]], indices: torch.Tensor, unit_norm: bool = False
+        self,
+        embeddings: Sequence[tuple[str, torch.Tensor]],
+        indices: torch.Tensor,
+        unit_norm: bool = False,
+        gathers: bool = True,
     ) -> CheckedIndices:
         """Check the inputs: at once where the host can read them, else as bits :meth:`_end_step` records.
 
-        ``unit_norm``: the embeddings must also be L2-normalised (inputs that are not normalised here).
+        With several ranks a bad batch on one rank raises on every rank in the same call: on CPU
+        here (one all-gather of the ranks' check results, before the step's other collectives),
+        on an accelerator at a later call (the results ride with the state rows).
+
+        Args:
+            embeddings: The batch's embeddings, by name (the names appear in error messages).
+            indices: The batch's data set indices.
+            unit_norm: The embeddings must also be L2-normalised (inputs that are not normalised here).
+            gathers: Whether the step gathers the embeddings across ranks; False only for a loss
+                that contrasts locally (``GloFNDNTXent(gather_distributed=False)``).
+
+        Returns:
+            The indices, safe to index the state with, and the deferred check results.
         """
         validation.check_embeddings(embeddings)
         validation.check_index_shape(indices, embeddings[0][1].shape[0])
@@ -411,11 +435,16 @@ class GloFNDLossBase(nn.Module):
         indices = indices.to(device=device, dtype=torch.int64)
         self._check_accumulated_indices(indices)
         names = tuple(name for name, _ in embeddings)
+        # A step without any collective (local contrast, no state rows to sync) keeps its errors to itself.
+        collective = distributed.is_distributed() and (gathers or (self.updates_state and bool(self.state.fields)))
         if host.reads_without_sync(device):
-            validation.check_values_eagerly(indices, self.num_samples, embeddings, unit_norm)
-            return CheckedIndices(indices, None, names)
+            if collective:
+                validation.raise_together(indices, self.num_samples, embeddings, unit_norm)
+            else:
+                validation.check_values_eagerly(indices, self.num_samples, embeddings, unit_norm)
+            return CheckedIndices(indices, None, names, collective)
         bits = validation.value_error_bits(indices, self.num_samples, embeddings, unit_norm)
-        return CheckedIndices(indices.clamp(0, self.num_samples - 1), bits, names)
+        return CheckedIndices(indices.clamp(0, self.num_samples - 1), bits, names, collective)
 
     def check_errors(self) -> None:
         """Raise any pending ``ValueError`` from accelerator-side input checks (blocks)."""
@@ -428,8 +457,17 @@ class GloFNDLossBase(nn.Module):
     # start non-blocking reads, and run the state's collective.
     @torch.compiler.disable
     def _begin_step(self) -> StepSettings:
-        """Raise errors found by earlier steps' deferred checks; read this step's settings."""
-        self._deferred.raise_if_any()
+        """Start a step: agree with the other ranks, raise earlier steps' deferred errors, read the settings.
+
+        The ranks compare their settings and state at the first call of a run (once, a sync): a
+        checkpoint loaded before it on some ranks only is found there. A deferred error is raised
+        when found (one process) or when due (several ranks).
+        """
+        self._calls += 1
+        if not self._ranks_agreed and distributed.is_distributed():
+            validation.raise_if_settings_differ(self._agreement_settings(), self._agreement_device())
+            self._ranks_agreed = True
+        self._deferred.raise_if_any(call=self._calls)
         step = Step(learn=self.updates_state and self.learning, epoch=self.epoch, all_seeded=self._known_all_seeded())
         return StepSettings(step, self.filtering)
 
@@ -442,20 +480,69 @@ class GloFNDLossBase(nn.Module):
         local_size: int,
     ) -> None:
         """Record the deferred input checks, write the state rows (training) and count the step."""
-        valid = None
+        updates_state = self._count_call() and self.updates_state
+        per_rank_bits = None
+        if updates_state and new_rows:
+            per_rank_bits = self.state.commit(checked.indices, new_rows, checked.error_bits)
         if checked.error_bits is not None:
             # Also in eval mode: nothing is written there, but clamped indices read other samples' thresholds.
-            self._deferred.record(checked.error_bits, self.num_samples, checked.names)
-            valid = checked.error_bits == 0
-        updates_state = self._count_call() and self.updates_state
-        if updates_state and new_rows:
-            self.state.commit(checked.indices, new_rows, valid)
+            self._record_checks(checked, per_rank_bits)
         self.last_stats = stats
         if updates_state:
             self.step += 1
             if self.step % SEEDING_CHECK_INTERVAL == 0:
                 self._check_seeding()
             self._count_samples_without_epoch(local_size)
+
+    def _record_checks(self, checked: CheckedIndices, per_rank_bits: torch.Tensor | None) -> None:
+        """Send the step's deferred check results to the host: this rank's, or every rank's."""
+        assert checked.error_bits is not None
+        if not checked.collective:
+            self._deferred.record(checked.error_bits, self.num_samples, checked.names)
+            return
+        if per_rank_bits is None:  # no state rows this step (eval): the results travel on their own
+            per_rank_bits = distributed.gather_rows(checked.error_bits.to(torch.int64).reshape(1))
+        rank = distributed.rank()
+        combined = validation.combine_rank_bits(per_rank_bits, rank)
+        due = self._calls + validation.COLLECTIVE_ERROR_DELAY
+        self._deferred.record(combined, self.num_samples, checked.names, due=due, rank=rank)
+
+    # ------------------------------------------------------------------ agreement between ranks
+    def _agreement_settings(self) -> dict[str, str]:
+        """What every rank's loss must share: configuration, state fields, schedule position, state digest.
+
+        Not ``chunk_size``, which changes how the rows are computed, not what.
+        """
+        settings = {
+            "loss": type(self).__name__,
+            "num_samples": str(self.num_samples),
+            "alpha": repr(self.alpha),
+            "detector": repr(self.detector.name),
+            "start_epoch": str(self.start_epoch),
+            "start_step": str(self.start_step),
+            "filter_start_epoch": str(self.filter_start_epoch),
+        }
+        for part in filter(None, self._loss_settings().split(", ")):
+            key, _, value = part.partition("=")
+            settings[key] = value
+        optimizer = getattr(self.detector, "optimizer", None)
+        if isinstance(optimizer, ThresholdOptimizer):
+            settings.update({f"threshold_optimizer.{key}": repr(value) for key, value in asdict(optimizer).items()})
+        settings["state fields"] = ", ".join(f"{name}: {field.dtype}" for name, field in self.state.fields.items())
+        settings["(epoch, step)"] = f"({self.epoch}, {self.step})"
+        if self.state.fields:
+            # Differs where one rank loaded a checkpoint and another did not, or another one. Ten
+            # digits: equal states on different device models may round the last bits apart.
+            digests = torch.stack([_sum_and_squares(self.state.buffer(name)) for name in self.state.fields])
+            for name, (total, squares) in zip(self.state.fields, digests.tolist()):  # once per run
+                settings[f"state.{name} (sum, sum of squares)"] = f"({total:.10g}, {squares:.10g})"
+        return settings
+
+    def _agreement_device(self) -> torch.device:
+        """Where the agreement's gathers run: the state's device, else the process group's."""
+        for buffer in self.state.buffers():
+            return buffer.device
+        return distributed.collective_device()
 
     # ------------------------------------------------------------------ the engine
     def _run_bank(
@@ -516,7 +603,7 @@ class GloFNDLossBase(nn.Module):
         row_weight: float,
     ) -> TwoViewInputs:
         """Validate, normalise in fp32 and gather (with gradient) the two views as one bank."""
-        checked = self._validate([(names[0], view_a), (names[1], view_b)], indices)
+        checked = self._validate([(names[0], view_a), (names[1], view_b)], indices, gathers=gather)
         view_a = nn.functional.normalize(view_a.float(), dim=1)
         view_b = nn.functional.normalize(view_b.float(), dim=1)
         local_size = view_a.shape[0]
@@ -577,6 +664,12 @@ def _caller_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def _sum_and_squares(values: torch.Tensor) -> torch.Tensor:
+    """``[sum, sum of squares]`` of a state buffer in float64 (one float64 copy at a time)."""
+    values = values.double()
+    return torch.stack([values.sum(), values.square().sum()])
 
 
 def check_int_at_least(name: str, value: Any, minimum: int, meaning: str = "") -> int:

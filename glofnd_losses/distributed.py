@@ -1,7 +1,7 @@
 """Every collective the package performs lives in this module.
 
 The rest of the package asks three questions (is there a process group, how many ranks, which one
-am I) and calls two gathers:
+am I) and calls two gathers in the training step:
 
 * :func:`gather_with_grad` for embeddings: an all-gather whose backward sums the incoming gradient
   over ranks and hands each rank its own slice, so that with DDP's gradient averaging the result
@@ -11,6 +11,9 @@ am I) and calls two gathers:
   agrees with ``torch.distributed`` about the number of processes, and ``torch.distributed``
   otherwise. accelerate's default state on a CPU-only host can report a single process while two
   ranks are running, which would make its gather silently return only the local rows.
+
+Two more serve agreement between ranks: :func:`gather_host_ints` (the CPU step's batch sizes and
+input check results) and :func:`gather_texts` (the configurations, compared once).
 
 ``torch.distributed.is_initialized()`` is the source of truth. Nothing here constructs
 accelerate state or initialises a process group.
@@ -48,6 +51,13 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def collective_device() -> torch.device:
+    """The device of the default process group's tensors: CUDA's current device under NCCL, else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def check_equal_sizes(tensor: torch.Tensor) -> None:
     """Raise on every rank if the ranks' leading sizes differ (CPU only: reading them needs no device sync).
 
@@ -55,16 +65,49 @@ def check_equal_sizes(tensor: torch.Tensor) -> None:
     """
     if not host.reads_without_sync(tensor.device):
         return
-    local = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-    sizes = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, local)
-    per_rank = [int(size) for size in sizes]
+    per_rank = [row[0] for row in gather_host_ints([tensor.shape[0]], tensor.device)]
+    raise_if_unequal_sizes(per_rank)
+
+
+def raise_if_unequal_sizes(per_rank: list[int]) -> None:
+    """The ``ValueError`` of ranks that passed different batch sizes (``per_rank``, in rank order)."""
     if len(set(per_rank)) > 1:
         raise ValueError(
             f"every rank must pass the loss the same batch size (the batch and the per-sample state rows are "
             f"all-gathered), got {per_rank} on ranks 0..{len(per_rank) - 1}: use drop_last=True or a "
             "DistributedSampler for the training loader"
         )
+
+
+@torch.compiler.disable
+def gather_host_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on each), in rank order, read on the host.
+
+    For host-side agreement between ranks: one all-gather of a small int64 tensor on ``device``.
+    Reading the result is free on CPU; elsewhere it is a device sync, so the training step calls
+    this on CPU only.
+    """
+    local = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return [part.tolist() for part in parts]
+
+
+@torch.compiler.disable
+def gather_texts(text: str, device: torch.device) -> list[str]:
+    """Every rank's ``text``, in rank order (two all-gathers; reading them is a device sync off CPU).
+
+    For comparing the ranks' configurations once; not for the training step. Not
+    ``all_gather_object``, which picks the CUDA device from the current device rather than the
+    loss's.
+    """
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    lengths = [row[0] for row in gather_host_ints([data.numel()], device)]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(parts, padded)
+    return [bytes(part[:length].tolist()).decode() for part, length in zip(parts, lengths)]
 
 
 def _all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

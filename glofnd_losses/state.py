@@ -7,7 +7,7 @@ field.
 
 Sync rule (compare torchmetrics' declared states with a reduction; ours is scatter-by-index):
 each rank computes new rows for its local anchors, :meth:`PerSampleState.commit` packs
-``(index, valid, field_1, ..., field_F)`` of those rows into one ``float64`` tensor, runs **one**
+``(index, error_bits, field_1, ..., field_F)`` of those rows into one ``float64`` tensor, runs **one**
 all-gather, and every rank writes every row. The state is therefore bit-identical on every rank
 after every step and any rank can checkpoint at any step.
 
@@ -15,8 +15,10 @@ Duplicate indices in a global batch are resolved deterministically: the last occ
 batch order (rank order, then position) wins on every rank. The rows of the earlier occurrences
 are replaced by the winner's before the scatter, so the scatter never races.
 
-If any rank flags its batch as invalid, the whole step writes nothing (the old rows are written
-back), so a rejected batch never corrupts or half-updates the state.
+If any rank flags its batch as invalid (non-zero error bits of its input checks), the whole step
+writes nothing (the old rows are written back), so a rejected batch never corrupts or
+half-updates the state; :meth:`PerSampleState.commit` returns every rank's error bits, so that
+every rank can raise the same error in the same step.
 
 With one process there is nothing to gather: the rows are written as they are, with the same
 last-occurrence rule and no float64 pack (some single-device backends, e.g. Apple's MPS, have no
@@ -135,7 +137,12 @@ class PerSampleState(nn.Module):
         >>> import torch
         >>> state = PerSampleState(10, {"threshold": Field(torch.float32, 1.0)})
         >>> idx = torch.tensor([3, 7])
-        >>> state.commit(idx, {"threshold": torch.tensor([0.5, 0.25])})
+        >>> state.commit(idx, {"threshold": torch.tensor([0.5, 0.25])})  # every rank's check bits
+        tensor([0])
+        >>> state.read(idx)["threshold"]
+        tensor([0.5000, 0.2500])
+        >>> state.commit(idx, {"threshold": torch.tensor([0.0, 0.0])}, error_bits=torch.tensor(1))
+        tensor([1])
         >>> state.read(idx)["threshold"]
         tensor([0.5000, 0.2500])
     """
@@ -224,8 +231,8 @@ class PerSampleState(nn.Module):
         self,
         indices: torch.Tensor,
         rows: dict[str, torch.Tensor],
-        valid: torch.Tensor | None = None,
-    ) -> None:
+        error_bits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Write new rows for the local ``indices`` on every rank (one all-gather).
 
         Must be called by every rank in the same step (it is a collective when a process group
@@ -234,28 +241,36 @@ class PerSampleState(nn.Module):
         Args:
             indices: Local data set indices, 1-D int64 of length ``b`` (equal on every rank).
             rows: New values per field, each of shape ``(b,)``; fields not given keep their value.
-            valid: Optional 0-d bool tensor; if it is False on any rank, nothing is written.
+            error_bits: Optional 0-d integer tensor of this rank's input check results (0: valid,
+                below 2**53); if it is non-zero on any rank, nothing is written on any rank.
+
+        Returns:
+            ``(world_size,)`` int64 error bits of every rank in rank order, on ``indices``' device
+            (zeros where none were given); the caller raises from them without a host read.
         """
+        device = indices.device
+        local_bits = torch.zeros((), dtype=torch.int64, device=device) if error_bits is None else error_bits
         if not distributed.is_distributed():
             # One process: the local rows are all the rows, written as they are (no float64 pack,
             # which some backends, e.g. Apple's MPS, do not have).
             winners = _last_occurrence(indices)
-            self._write(indices, {name: rows[name].detach().index_select(0, winners) for name in rows}, valid)
-            return
+            new_rows = {name: rows[name].detach().index_select(0, winners) for name in rows}
+            self._write(indices, new_rows, None if error_bits is None else error_bits == 0)
+            return local_bits.to(torch.int64).reshape(1)
         names = list(rows)
-        device = indices.device
-        # Every rank checks: a rank that validated eagerly raised before this collective on bad
-        # input, but another rank may object.
-        valid_flag = torch.ones((), dtype=torch.bool, device=device) if valid is None else valid
-        columns = [indices.to(torch.float64), valid_flag.to(torch.float64).expand(indices.shape[0])]
+        # The check result rides with the rows: every rank learns every rank's verdict from the
+        # all-gather the step makes anyway (float64 holds integers exactly below 2**53).
+        columns = [indices.to(torch.float64), local_bits.to(torch.float64).expand(indices.shape[0])]
         columns += [rows[name].detach().to(torch.float64) for name in names]
         packed = distributed.gather_rows(torch.stack(columns, dim=1))
 
         global_indices = packed[:, 0].to(torch.int64)
         # Every occurrence of an index carries its last occurrence's row: the scatter never races.
         winning_rows = packed.index_select(0, _last_occurrence(global_indices))
-        step_valid = packed[:, 1].min() > 0.5
-        self._write(global_indices, {name: winning_rows[:, column] for column, name in enumerate(names, 2)}, step_valid)
+        per_rank_bits = packed[:: indices.shape[0], 1].to(torch.int64)  # each rank's first row
+        new_rows = {name: winning_rows[:, column] for column, name in enumerate(names, 2)}
+        self._write(global_indices, new_rows, (per_rank_bits == 0).all())
+        return per_rank_bits
 
     def _write(self, indices: torch.Tensor, rows: dict[str, torch.Tensor], valid: torch.Tensor | None) -> None:
         """Write ``rows`` (one value per index; duplicates carry equal values) unless ``valid`` is False."""

@@ -30,7 +30,7 @@ def test_duplicate_indices_last_occurrence_wins() -> None:
 def test_invalid_step_writes_nothing() -> None:
     state = make_state()
     before = {name: tensor.clone() for name, tensor in state.state_dict().items()}
-    state.commit(torch.tensor([0, 3]), {"value": torch.tensor([0.0, 0.0])}, valid=torch.tensor(False))
+    state.commit(torch.tensor([0, 3]), {"value": torch.tensor([0.0, 0.0])}, error_bits=torch.tensor(1))
     for name, tensor in state.state_dict().items():
         assert torch.equal(tensor, before[name])
 
