@@ -358,6 +358,32 @@ def test_a_siglip_state_does_not_resume_a_clip_loss(tmp_path: Path) -> None:
     assert load_loss_state(GloFNDSigLipLoss(10), path) == 1
 
 
+@pytest.mark.parametrize("kind, processes, loss", [("csv", 1, "clip"), ("webdataset", 2, "siglip")])
+def test_accum_freq_learns_once_per_optimiser_step(data: Data, tmp_path: Path, kind: str, processes: int,
+                                                   loss: str) -> None:  # fmt: skip
+    logs = tmp_path / "logs"
+    siglip = ["--siglip"] if loss == "siglip" else []
+    _ok(train(data, logs, *_data_flags(data, kind), *siglip, "--accum-freq", "2", processes=processes))
+    for modality in ("image", "text"):  # each sample learned once per epoch, not once per call
+        assert (state(logs, 2)[f"state.{modality}_threshold_visits"] == 2).all()
+    steps = 2 * NUM_SAMPLES // (16 * 2 * processes)  # two batches of 16 per rank and optimiser step
+    stats = logged_stats(logs)
+    assert len(stats) == steps
+    flagged = np.mean([step[f"{m}_flagged_fraction"] for step in stats for m in ("image", "text")])
+    assert ALPHA / 4 < flagged < 2.5 * ALPHA, flagged
+
+
+def test_accum_freq_without_a_detector_matches_open_clip(data: Data, tmp_path: Path) -> None:
+    def losses(logs: Path) -> list[str]:
+        return re.findall(r"Contrastive_loss: (\S+)", (logs / "run" / "out.log").read_text())
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    flags = [*_data_flags(data, "csv"), "--accum-freq", "2"]
+    _ok(train(data, ours, *flags, "--glofnd-detector", "none", epochs=1))
+    _ok(train(data, theirs, *flags, "--glofnd-disable", epochs=1))
+    assert len(losses(ours)) == 2 and losses(ours) == losses(theirs)
+
+
 def test_key_list_indexes_non_numeric_keys(data: Data, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     flags = ["--train-data", str(data.named_shard), "--glofnd-key-list", str(data.key_list)]
@@ -396,7 +422,6 @@ def test_bad_indices_fail_before_anything_is_saved(data: Data, tmp_path: Path, f
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--accum-freq", "2"], "does not support --accum-freq > 1"),
         (["--siglip", "--glofnd-estimator", "fastclip"], "with --siglip the loss is SigLIP's sigmoid loss"),
         (["--model", "coca_ViT-B-32"], "does not support CoCa models"),
         (["--dataset-type", "synthetic"], "needs real samples"),
@@ -409,7 +434,7 @@ def test_bad_indices_fail_before_anything_is_saved(data: Data, tmp_path: Path, f
         (["--train-data", "shards-{0..3}.tar", "--glofnd-key-list", "missing-keys.txt"], "no such file"),
     ],
     ids=[
-        "accum-freq", "siglip-with-estimator", "coca", "synthetic", "webdataset-without-size", "bad-alpha",
+        "siglip-with-estimator", "coca", "synthetic", "webdataset-without-size", "bad-alpha",
         "joined-sources", "missing-key-list",
     ],
 )

@@ -319,12 +319,6 @@ def _check_training_mode(args: argparse.Namespace) -> None:
     """Refuse open_clip's modes that call another loss, or call the loss several times per step."""
     problems = [
         (
-            args.accum_freq > 1,
-            "--accum-freq > 1",
-            "open_clip calls the loss several times per optimiser step with the same samples, which would update "
-            "their GloFND state several times; use a larger --batch-size (or more processes) instead",
-        ),
-        (
             bool(args.distill_model and args.distill_pretrained),
             "distillation (--distill-model)",
             "it trains with open_clip's DistillClipLoss",

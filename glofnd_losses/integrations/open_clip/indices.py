@@ -164,7 +164,7 @@ class IndexedWebdataset:
 
 
 class IndexStrippingLoader:
-    """Yields ``(images, texts)`` from an indexed loader and keeps each batch's indices for the loss.
+    """Yields ``(images, texts)`` from an indexed loader and keeps the batches' indices for the loss.
 
     Args:
         loader: open_clip's train data loader, built with the indexed data sets (batches
@@ -175,7 +175,7 @@ class IndexStrippingLoader:
         self.loader = loader
         self.num_batches = loader.num_batches
         self.num_samples = loader.num_samples
-        self._pending: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -187,12 +187,19 @@ class IndexStrippingLoader:
                     "expected (images, texts, indices) batches: the train data was not built by the GloFND get_data"
                 )
             images, texts, indices = batch
-            self._pending = torch.as_tensor(indices)
+            self._pending.append(torch.as_tensor(indices))
             yield images, texts
 
-    def take_indices(self) -> torch.Tensor:
-        """The current batch's indices; each batch's indices can be taken once."""
-        if self._pending is None:
-            raise RuntimeError("the loss was called twice for one batch (or before the first batch)")
-        indices, self._pending = self._pending, None
+    def take_indices(self, batches: int = 1) -> torch.Tensor:
+        """The indices of the ``batches`` batches yielded since the last take, in order.
+
+        ``batches`` is open_clip's ``accum_freq``: its loop loads that many batches before it calls
+        the loss on all of them. Each batch's indices can be taken once.
+        """
+        if len(self._pending) != batches:
+            raise RuntimeError(
+                f"the loss was called for {batches} batch(es) but {len(self._pending)} were loaded since its last "
+                "step: the loss was called more often than open_clip's loop does (or before the first batch)"
+            )
+        indices, self._pending = torch.cat(self._pending), []
         return indices

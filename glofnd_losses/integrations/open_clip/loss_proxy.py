@@ -63,28 +63,46 @@ class StatsLogger:
 
 
 class IndexedLoss:
-    """Calls the GloFND loss with the current batch's indices; logs its stats when due.
+    """Calls the GloFND loss with the current step's indices; logs its stats when due.
+
+    With ``--accum-freq N`` open_clip loads N batches, then calls the loss N times on all of them
+    (one micro-batch's features with gradients each time): those calls get the N batches'
+    indices and form one accumulated step of the loss (:meth:`GloFNDLossBase.begin_accumulation`).
 
     Args:
         loss: The run's GloFND loss.
-        loader: The loader whose current batch's indices the loss takes.
+        loader: The loader whose batches' indices the loss takes.
         logger: Writes the loss's stats.
         device: Where the indices go (the training device).
+        accum_freq: open_clip's ``--accum-freq``: loss calls (and batches) per optimiser step.
     """
 
     def __init__(
-        self, loss: ImageTextLossBase, loader: IndexStrippingLoader, logger: StatsLogger, device: torch.device
+        self,
+        loss: ImageTextLossBase,
+        loader: IndexStrippingLoader,
+        logger: StatsLogger,
+        device: torch.device,
+        accum_freq: int = 1,
     ) -> None:
         self.loss = loss
         self.loader = loader
         self.logger = logger
         self.device = device
+        self.accum_freq = accum_freq
         self.batch = 0
+        self.calls_in_step = 0
+        self.indices: torch.Tensor | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        indices = self.loader.take_indices().to(self.device, non_blocking=True)
-        out = self.loss(*args, indices=indices, **kwargs)
-        if self.logger.due(self.batch):
-            self.logger.log(self.batch, self.loss.last_stats)
-        self.batch += 1
+        if self.calls_in_step == 0:
+            self.indices = self.loader.take_indices(self.accum_freq).to(self.device, non_blocking=True)
+            self.loss.begin_accumulation(self.accum_freq)
+        out = self.loss(*args, indices=self.indices, **kwargs)
+        self.calls_in_step += 1
+        if self.calls_in_step == self.accum_freq:
+            self.calls_in_step = 0
+            if self.logger.due(self.batch):
+                self.logger.log(self.batch, self.loss.last_stats)
+            self.batch += 1
         return out

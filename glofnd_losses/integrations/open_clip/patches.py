@@ -163,8 +163,9 @@ class _Patches:
         loss.set_epoch(epoch)
         loader = IndexStrippingLoader(data["train"].dataloader)
         indexed_data = {**data, "train": dataclasses.replace(data["train"], dataloader=loader)}
-        logger = StatsLogger(args, epoch, loader.num_batches, tb_writer)
-        indexed_loss = IndexedLoss(loss, loader, logger, torch.device(args.device))
+        # open_clip's steps per epoch with --accum-freq: every accum_freq batches make one.
+        logger = StatsLogger(args, epoch, loader.num_batches // args.accum_freq, tb_writer)
+        indexed_loss = IndexedLoss(loss, loader, logger, torch.device(args.device), args.accum_freq)
         result = self.original_train_one_epoch(
             model,
             indexed_data,
