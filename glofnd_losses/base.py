@@ -28,6 +28,9 @@ from glofnd_losses.host import LatchedHostFlag
 from glofnd_losses.state import Field, PerSampleState
 from glofnd_losses.thresholds import ThresholdOptimizer
 
+TREATMENTS = ("eliminate", "attract")
+"""What a loss does with flagged negatives: remove them, or pull them in as extra positives."""
+
 SEEDING_CHECK_INTERVAL = 256
 """Training steps between two non-blocking checks of whether every sample has been visited."""
 
@@ -109,6 +112,8 @@ class GloFNDLossBase(nn.Module):
             picks it from a memory budget so that peak memory stays flat as the batch grows; a
             value at least the batch size computes the rows in one piece.
         banks: Threshold bank prefixes (one per anchor modality).
+        treatment: What becomes of flagged negatives: ``"eliminate"`` (they leave the loss, the
+            paper) or ``"attract"`` (they become extra positives, Huynh et al.'s other treatment).
 
     Examples:
         See :class:`~glofnd_losses.GloFNDSogCLRLoss` and :class:`~glofnd_losses.GloFNDNTXent`.
@@ -125,9 +130,13 @@ class GloFNDLossBase(nn.Module):
         filter_start_epoch: int | None,
         chunk_size: int | None = None,
         banks: Sequence[str] = ("",),
+        treatment: str = "eliminate",
     ) -> None:
         super().__init__()
         num_samples = check_int_at_least("num_samples", num_samples, 1, "the data set size")
+        if treatment not in TREATMENTS:
+            raise ValueError(f"treatment must be one of {TREATMENTS}, got {treatment!r}")
+        self.treatment = treatment
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         self.start_epoch, self.start_step, self.filter_start_epoch = _schedule_starts(
@@ -556,8 +565,9 @@ class GloFNDLossBase(nn.Module):
     ) -> engine.BankResult:
         """Run one bank of rows through the engine with this loss's detector and schedule."""
         work = engine.Pass(
-            bank, formula, self.detector, state_rows, settings.detector_step, settings.filtering, self.chunk_size
-        )
+            bank, formula, self.detector, state_rows, settings.detector_step, settings.filtering, self.chunk_size,
+            attract=self.treatment == "attract",
+        )  # fmt: skip
         return engine.run(work, scale, bias)
 
     def _loss_without_negatives(
@@ -644,6 +654,7 @@ class GloFNDLossBase(nn.Module):
             + f"num_samples={self.num_samples}, alpha={self.alpha}, detector={self.detector.name!r}, "
             + f"start_epoch={self.start_epoch}, start_step={self.start_step}, "
             + f"filter_start_epoch={self.filter_start_epoch}"
+            + (f", treatment={self.treatment!r}" if self.treatment != "eliminate" else "")
             + (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "")
         )
 

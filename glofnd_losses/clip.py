@@ -18,6 +18,7 @@ from glofnd_losses.base import (
 from glofnd_losses.engine import RowInputs
 from glofnd_losses.functional import RowTerms
 from glofnd_losses.image_text import ImageTextLossBase
+from glofnd_losses.ntxent import cross_entropy
 from glofnd_losses.schedules import cosine_gamma
 from glofnd_losses.thresholds import ThresholdOptimizer
 
@@ -70,6 +71,8 @@ class GloFNDClipLoss(ImageTextLossBase):
         filter_start_epoch: First epoch in which flagged negatives are removed.
         chunk_size: Anchors per chunk of the score rows; None (default) keeps each chunk's scores
             within a fixed memory budget, so peak memory stays flat as the batch grows.
+        treatment: ``"eliminate"`` (flagged negatives leave the loss) or ``"attract"`` (they become
+            extra positives: ``-(1/|P|) sum_{q in P} log softmax_q``; ``"minibatch"`` only).
 
     Examples:
         >>> import torch
@@ -102,11 +105,17 @@ class GloFNDClipLoss(ImageTextLossBase):
         start_step: int = 0,
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
+        treatment: str = "eliminate",
     ) -> None:
         _check_estimator_settings(estimator, temperature, gamma, gamma_min, gamma_decay_epochs)
+        if treatment == "attract" and estimator != "minibatch":
+            raise ValueError(
+                "treatment='attract' needs estimator='minibatch' (the softmax over the batch): the sogclr and "
+                f"fastclip estimators track their denominator with u, which has no attracted form; got {estimator!r}"
+            )
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch,
-            chunk_size, banks=("image_", "text_"),
+            chunk_size, banks=("image_", "text_"), treatment=treatment,
         )  # fmt: skip
         if estimator != "minibatch":
             self.add_state("u_image", torch.float32, 0.0, minimum=0.0)
@@ -203,7 +212,7 @@ class GloFNDClipLoss(ImageTextLossBase):
     def _formula(self, bank: engine.Bank, settings: StepSettings) -> engine.Formula:
         """The row formula of a bank: cross-entropy, or FastCLIP's ratio with its ``u`` update."""
         if self.estimator == "minibatch":
-            return _cross_entropy
+            return cross_entropy
         assert settings.gamma is not None  # set by this class's _begin_step
         return functools.partial(_global_ratio, "u_image" if bank.prefix == "image_" else "u_text", settings.gamma)
 
@@ -249,9 +258,3 @@ def _global_ratio(u_name: str, gamma: float, rows: RowInputs) -> RowTerms:
     u_new = torch.where(fresh, estimate, (1.0 - gamma) * u_previous + gamma * estimate)
     denominator = u_new + _U_EPS
     return RowTerms(terms.value / denominator, terms.grad_scores.div_(denominator[:, None]), {u_name: u_new})
-
-
-def _cross_entropy(rows: RowInputs) -> RowTerms:
-    return functional.cross_entropy_rows(
-        rows.scores, rows.scale, rows.positive_index, rows.keep, rows.kept_count, rows.num_negatives
-    )

@@ -82,6 +82,8 @@ class RowInputs:
         scale: 0-d inverse temperature.
         num_negatives: Negatives per row before filtering.
         bias: 0-d logit bias (SigLIP), or None for losses without one.
+        flagged: ``(V, c, C)`` bool negatives flagged and taken out of ``keep``, for a loss that
+            attracts them as positives; None when it eliminates them (or nothing is filtered).
     """
 
     scores: torch.Tensor
@@ -92,6 +94,7 @@ class RowInputs:
     scale: torch.Tensor
     num_negatives: int
     bias: torch.Tensor | None = None
+    flagged: torch.Tensor | None = None
 
 
 @dataclass
@@ -128,6 +131,7 @@ class Pass:
         step: What the detector knows about the step.
         filtering: Whether flagged negatives leave the loss.
         chunk_size: Anchors per chunk, or None for :data:`SCORE_CHUNK_BYTES`.
+        attract: Whether the formula receives the flagged negatives (as extra positives).
     """
 
     bank: Bank
@@ -137,6 +141,7 @@ class Pass:
     step: Step
     filtering: bool
     chunk_size: int | None
+    attract: bool = False
 
 
 def chunk_anchors(chunk_size: int | None, views: int, columns: int, anchors: int) -> int:
@@ -343,9 +348,12 @@ def _chunk(work: Pass, anchors: torch.Tensor, columns: torch.Tensor, covariance:
         if work.filtering and detection.thresholds is not None and unflagged_count is not None:
             totals.flag_thresholds.append(_flag_thresholds(detection.thresholds, unflagged_count))
         return
+    flagged = None
+    if work.attract and work.filtering and unflagged is not None:
+        flagged = functional.negative_mask(chunk.excluded, scores.shape[-1]) & ~keep
     terms = work.formula(
         RowInputs(scores, bank.positive_index[:, rows], keep, kept_count, state_rows, logits.scale,
-                  chunk.num_negatives, logits.bias)
+                  chunk.num_negatives, logits.bias, flagged)
     )  # fmt: skip
     totals.add(terms)
     gradients.add(terms.grad_scores.mul_(bank.row_weight), chunk_anchors_, columns, logits.scale, rows)

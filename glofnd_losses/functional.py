@@ -292,6 +292,44 @@ def cross_entropy_rows(
     return RowTerms(torch.logaddexp(positive, negative_lse) - positive, grad_scores)
 
 
+def supervised_cross_entropy_rows(
+    scores: torch.Tensor,
+    scale: torch.Tensor,
+    positive_index: torch.Tensor,
+    keep: torch.Tensor,
+    flagged: torch.Tensor,
+) -> RowTerms:
+    """Cross-entropy per row whose flagged negatives are extra positives (supervised-contrastive form).
+
+    With ``P`` the row's positive and its flagged negatives, and the softmax over the positive and
+    every negative (kept or flagged, none rescaled): ``-(1/|P|) sum_{q in P} log softmax(l)_q``,
+    ``l = scale * s``. Its gradient: ``scale * (p_c - [c in P] / |P|)``. With nothing flagged it
+    is the usual cross-entropy.
+
+    Args:
+        scores: ``(V, c, C)`` float32 cosine scores.
+        scale: 0-d positive inverse temperature.
+        positive_index: ``(V, c)`` column of each row's positive.
+        keep: ``(V, c, C)`` bool kept negatives.
+        flagged: ``(V, c, C)`` bool flagged negatives (disjoint from ``keep``).
+
+    Returns:
+        Per-row losses and their gradients.
+    """
+    positives = flagged.float().scatter_(-1, positive_index[..., None], 1.0)
+    positive_count = positives.sum(dim=-1)
+    logits = torch.where(keep | flagged, scores, float("-inf")).scatter_(
+        -1, positive_index[..., None], row_positive(scores, positive_index)[..., None]
+    )
+    row_max = logits.amax(dim=-1, keepdim=True)  # finite: the positive is in every row
+    exponentials = logits.sub_(row_max).mul_(scale).exp_()
+    total = exponentials.sum(dim=-1)
+    log_normaliser = scale * row_max.squeeze(-1) + total.log()
+    mean_positive_logit = scale * (scores * positives).sum(dim=-1) / positive_count
+    grad_scores = exponentials.div_(total[..., None]).sub_(positives.div_(positive_count[..., None])).mul_(scale)
+    return RowTerms(log_normaliser - mean_positive_logit, grad_scores)
+
+
 MAX_EXPONENT = 80.0
 """Cap of :func:`kept_mean_exp_rows`'s exponents at up to 2,900 columns (``exp(80) ~ 5.5e34``)."""
 
@@ -408,6 +446,7 @@ def sigmoid_rows(
     bias: torch.Tensor,
     positive_index: torch.Tensor,
     negative_weight: torch.Tensor,
+    attracted_weight: torch.Tensor | None = None,
 ) -> RowTerms:
     """SigLIP's per-row sum of pairwise sigmoid losses over the positive and the weighted negatives.
 
@@ -424,6 +463,8 @@ def sigmoid_rows(
         positive_index: ``(V, c)`` column of each row's positive.
         negative_weight: ``(V, c, C)`` weight of each column's negative term (bool or float; 0 on
             the positive).
+        attracted_weight: ``(V, c, C)`` weight of each column's term as an extra positive
+            (label ``+1``: ``softplus(-x)``, gradient ``-scale * sigmoid(-x)``), or None.
 
     Returns:
         Per-row sums and their gradients.
@@ -431,6 +472,11 @@ def sigmoid_rows(
     logits = torch.mul(scores, scale).add_(bias)
     negative_sum = torch.nn.functional.softplus(logits).mul_(negative_weight).sum(dim=-1)
     positive = logits.gather(-1, positive_index[..., None]).squeeze(-1)
+    if attracted_weight is not None:
+        negative_sum += torch.nn.functional.softplus(-logits).mul_(attracted_weight).sum(dim=-1)
+        attracted_grad = torch.sigmoid(-logits).mul_(attracted_weight).mul_(-scale)
     grad_scores = logits.sigmoid_().mul_(negative_weight).mul_(scale)
+    if attracted_weight is not None:
+        grad_scores += attracted_grad
     grad_scores.scatter_add_(-1, positive_index[..., None], (-scale * torch.sigmoid(-positive))[..., None])
     return RowTerms(torch.nn.functional.softplus(-positive) + negative_sum, grad_scores)

@@ -40,6 +40,8 @@ class GloFNDNTXent(GloFNDLossBase):
         filter_start_epoch: First epoch in which flagged negatives are removed.
         chunk_size: Anchors per chunk of the score rows; None (default) keeps each chunk's scores
             within a fixed memory budget, so peak memory stays flat as the batch grows.
+        treatment: ``"eliminate"`` (flagged negatives leave the loss) or ``"attract"`` (they become
+            extra positives: ``-(1/|P|) sum_{q in P} log softmax_q`` over the positive and every negative).
 
     Examples:
         >>> import torch
@@ -65,6 +67,7 @@ class GloFNDNTXent(GloFNDLossBase):
         start_step: int = 0,
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
+        treatment: str = "eliminate",
     ) -> None:
         bank_size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size or (0,))
         if bank_size[0] != 0:  # lightly's rule: a bank of 0 items, (0,) or (0, dim), is no bank
@@ -77,8 +80,9 @@ class GloFNDNTXent(GloFNDLossBase):
         # lightly refuses only |temperature| < 1e-8; a negative one inverts the softmax.
         check_finite_positive("temperature", temperature)
         super().__init__(
-            num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size
-        )
+            num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size,
+            treatment=treatment,
+        )  # fmt: skip
         self.temperature = float(temperature)
         self.gather_distributed = bool(gather_distributed)
 
@@ -120,7 +124,15 @@ class GloFNDNTXent(GloFNDLossBase):
 
 
 def cross_entropy(rows: RowInputs) -> RowTerms:
-    """NT-Xent's row formula: :func:`~glofnd_losses.functional.cross_entropy_rows` on a chunk."""
+    """The softmax losses' row formula (NT-Xent, CLIP's minibatch estimator) on a chunk.
+
+    :func:`~glofnd_losses.functional.cross_entropy_rows` without the flagged negatives, or
+    :func:`~glofnd_losses.functional.supervised_cross_entropy_rows` with them as extra positives.
+    """
+    if rows.flagged is not None:
+        return functional.supervised_cross_entropy_rows(
+            rows.scores, rows.scale, rows.positive_index, rows.keep, rows.flagged
+        )
     return functional.cross_entropy_rows(
         rows.scores, rows.scale, rows.positive_index, rows.keep, rows.kept_count, rows.num_negatives
     )

@@ -60,6 +60,8 @@ class GloFNDSigLipLoss(ImageTextLossBase):
         filter_start_epoch: First epoch in which flagged negatives are removed.
         chunk_size: Anchors per chunk of the score rows; None (default) keeps each chunk's scores
             within a fixed memory budget.
+        treatment: ``"eliminate"`` (a flagging side's half of the pair's negative term leaves the
+            sum) or ``"attract"`` (that half's label flips to ``+1``: the pair is pulled together).
 
     Examples:
         >>> import torch
@@ -90,10 +92,11 @@ class GloFNDSigLipLoss(ImageTextLossBase):
         start_step: int = 0,
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
+        treatment: str = "eliminate",
     ) -> None:
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch,
-            chunk_size, banks=("image_", "text_"),
+            chunk_size, banks=("image_", "text_"), treatment=treatment,
         )  # fmt: skip
         if dist_impl is not None and dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
@@ -151,7 +154,7 @@ class GloFNDSigLipLoss(ImageTextLossBase):
             text_bounds = (
                 None if text.thresholds is None else distributed.gather_rows(text.thresholds) + SCORE_TOLERANCE
             )
-            formula = functools.partial(_sigmoid, text_bounds)
+            formula = functools.partial(_sigmoid, text_bounds, self.treatment == "attract")
             image = self._run_bank(image_bank, formula, state_rows, settings, scale, bias)
         self._end_step(checked, {**image.new_rows, **text.new_rows}, {**image.stats, **text.stats}, local_size)
         return image_text.as_output(image.loss, output_dict)
@@ -170,19 +173,23 @@ class GloFNDSigLipLoss(ImageTextLossBase):
         return f"dist_impl={self.dist_impl!r}" if self.dist_impl is not None else ""
 
 
-def _sigmoid(text_bounds: torch.Tensor | None, rows: RowInputs) -> RowTerms:
+def _sigmoid(text_bounds: torch.Tensor | None, attract: bool, rows: RowInputs) -> RowTerms:
     """Image rows' sigmoid terms; a negative's weight is 1/2 per side (image, text) that keeps it.
 
     ``text_bounds``: ``(C,)`` the columns' thresholds plus :data:`SCORE_TOLERANCE`, or None where
     the texts flag what the images flag (no detector, not filtering, or the oracle's symmetric
-    same-label flags).
+    same-label flags). ``attract``: the flagging sides' halves become positive terms.
     """
     bias = rows.scale.new_zeros(()) if rows.bias is None else rows.bias
     weight = rows.keep.float()
     if text_bounds is not None:
         text_keep = (rows.scores <= text_bounds).scatter_(-1, rows.positive_index[..., None], False)
         weight.add_(text_keep).mul_(0.5)
-    return sigmoid_rows(rows.scores, rows.scale, bias, rows.positive_index, weight)
+    attracted = None
+    if attract and rows.flagged is not None:
+        # Every column but the positive is a negative: what its sides do not keep, they attract.
+        attracted = torch.ones_like(weight).scatter_(-1, rows.positive_index[..., None], 0.0).sub_(weight)
+    return sigmoid_rows(rows.scores, rows.scale, bias, rows.positive_index, weight, attracted)
 
 
 def _positive_term(

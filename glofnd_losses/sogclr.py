@@ -50,6 +50,8 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
             ``start_epoch``).
         chunk_size: Anchors per chunk of the score rows; None (default) keeps each chunk's scores
             within a fixed memory budget, so peak memory stays flat as the batch grows.
+        treatment: ``"eliminate"`` only (flagged negatives leave the loss): SogCLR tracks its
+            denominator with ``u``, which has no attracted form.
 
     Examples:
         >>> import torch
@@ -76,6 +78,7 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         start_step: int = 0,
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
+        treatment: str = "eliminate",
     ) -> None:
         if not MIN_TEMPERATURE <= temperature < math.inf:
             raise ValueError(
@@ -84,9 +87,15 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
             )
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if treatment == "attract":
+            raise ValueError(
+                "treatment='attract' is not available for GloFNDSogCLRLoss: SogCLR tracks its denominator with u, "
+                "which has no attracted form; use GloFNDNTXent(treatment='attract') or treatment='eliminate'"
+            )
         super().__init__(
-            num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size
-        )
+            num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size,
+            treatment=treatment,
+        )  # fmt: skip
         self.add_state("u", torch.float32, 0.0, minimum=0.0)
         # A 0/1 byte, not bool: weight-averaging callbacks (Lightning's WeightAveraging) subtract buffers.
         self.add_state("u_initialized", torch.uint8, 0.0, minimum=0.0, maximum=1.0)

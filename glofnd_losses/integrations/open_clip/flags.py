@@ -97,6 +97,13 @@ def _add_loss_arguments(add: _AddArgument) -> None:
         help="False-negative detector: learned global thresholds, FNC's mini-batch quantile, or none.",
     )
     add(
+        "--glofnd-treatment",
+        choices=("eliminate", "attract"),
+        default="eliminate",
+        help="What flagged negatives become: removed from the loss (the paper), or extra positives (minibatch "
+        "estimator and --siglip).",
+    )
+    add(
         "--glofnd-start-epoch",
         type=int,
         default=0,
@@ -246,6 +253,7 @@ def create_glofnd_loss(args: argparse.Namespace, num_samples: int | None = None)
         "detector": None if args.glofnd_detector == "none" else args.glofnd_detector,
         "threshold_optimizer": threshold_optimizer_from_args(args),
         "filter_start_epoch": args.glofnd_filter_start_epoch,
+        "treatment": args.glofnd_treatment,
     }
     if getattr(args, "siglip", False):
         if args.glofnd_estimator != "minibatch":
