@@ -8,7 +8,7 @@ each in its own process:
    name, parameters or markers say ``cuda`` (``-k`` matches marker names too). They must pass, and
    none may be skipped (a skip on a CUDA machine means they did not see the device).
 2. ``sync_free_bf16_steps``: each loss (``GloFNDSogCLRLoss``, ``GloFNDNTXent``, ``GloFNDClipLoss``
-   with the ``"minibatch"``, ``"sogclr"`` and ``"fastclip"`` estimators; GloFND learning and
+   with the ``"minibatch"``, ``"sogclr"`` and ``"fastclip"`` estimators, ``GloFNDSigLipLoss``; GloFND learning and
    filtering from the first step) trains a small linear encoder for two epochs of bf16-autocast
    steps (forward, backward, SGD step, ``set_epoch``) under ``torch.cuda.set_sync_debug_mode("error")``:
    any synchronising call (``.item()``, a blocking copy, ``nonzero``) raises. Afterwards, outside
@@ -57,14 +57,19 @@ NO_CUDA_STATUS = 2
 STEP_BATCH, STEP_DIM, STEP_INPUT_DIM, STEP_NUM_SAMPLES = 256, 64, 32, 1024
 """The sync-free steps' batch, embedding and input widths, and data set size (four batches an epoch)."""
 STEP_EPOCHS = 2
-STEP_LOSSES = ("sogclr", "ntxent", "clip_minibatch", "clip_sogclr", "clip_fastclip")
+STEP_LOSSES = ("sogclr", "ntxent", "clip_minibatch", "clip_sogclr", "clip_fastclip", "siglip")
+
+
+def loss_class(name: str) -> Any:
+    """The loss class of a step case's name."""
+    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSigLipLoss, GloFNDSogCLRLoss
+
+    return {"sogclr": GloFNDSogCLRLoss, "ntxent": GloFNDNTXent, "siglip": GloFNDSigLipLoss}.get(name, GloFNDClipLoss)
 
 
 def build_loss(name: str, chunk_size: int | None) -> Any:
     """A loss learning and filtering from the first step, with ``chunk_size`` where it is accepted and asked for."""
-    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss
-
-    cls: Any = {"sogclr": GloFNDSogCLRLoss, "ntxent": GloFNDNTXent}.get(name, GloFNDClipLoss)
+    cls = loss_class(name)
     kwargs: dict[str, Any] = {"detector": "glofnd", "start_epoch": 0, "alpha": 0.05}
     if name.startswith("clip_"):
         kwargs["estimator"] = name.removeprefix("clip_")
@@ -74,10 +79,7 @@ def build_loss(name: str, chunk_size: int | None) -> Any:
 
 
 def accepts_chunk_size(name: str) -> bool:
-    from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss
-
-    cls = {"sogclr": GloFNDSogCLRLoss, "ntxent": GloFNDNTXent}.get(name, GloFNDClipLoss)
-    return "chunk_size" in inspect.signature(cls).parameters
+    return "chunk_size" in inspect.signature(loss_class(name)).parameters
 
 
 @contextlib.contextmanager
@@ -117,16 +119,17 @@ def sync_free_steps(name: str, device: torch.device, chunk_size: int | None) -> 
     Everything the steps need is on ``device`` before they start; on CUDA the steps run under
     ``torch.cuda.set_sync_debug_mode("error")``. Returns what was checked after them.
     """
-    from glofnd_losses import GloFNDClipLoss
+    from glofnd_losses.image_text import ImageTextLossBase
 
     torch.manual_seed(0)
     loss_fn = build_loss(name, chunk_size).to(device)
-    clip = isinstance(loss_fn, GloFNDClipLoss)
+    clip = isinstance(loss_fn, ImageTextLossBase)
+    bias = (torch.nn.Parameter(torch.tensor(-10.0, device=device)),) if name == "siglip" else ()
     encoders = torch.nn.ModuleList(torch.nn.Linear(STEP_INPUT_DIM, STEP_DIM) for _ in range(2 if clip else 1)).to(
         device
     )
     logit_scale = torch.nn.Parameter(torch.tensor(10.0, device=device))
-    optimizer = torch.optim.SGD([*encoders.parameters(), logit_scale], lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD([*encoders.parameters(), logit_scale, *bias], lr=0.1, momentum=0.9)
     steps = step_batches(device)
     losses, phase = [], "set-up"
     try:
@@ -140,7 +143,7 @@ def sync_free_steps(name: str, device: torch.device, chunk_size: int | None) -> 
                     if clip:
                         images = torch.nn.functional.normalize(encoders[0](view_a), dim=1)
                         texts = torch.nn.functional.normalize(encoders[1](view_b), dim=1)
-                        loss = loss_fn(images, texts, logit_scale, indices=indices)
+                        loss = loss_fn(images, texts, logit_scale, *bias, indices=indices)
                     else:
                         loss = loss_fn(encoders[0](view_a), encoders[0](view_b), indices)
                 phase = f"step {step}: backward"

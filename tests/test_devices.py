@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from glofnd_losses import (
     GloFNDClipLoss,
     GloFNDNTXent,
+    GloFNDSigLipLoss,
     GloFNDSogCLRLoss,
     ThresholdOptimizer,
     functional,
@@ -37,6 +38,7 @@ from glofnd_losses import (
     validation,
 )
 from glofnd_losses.base import GloFNDLossBase
+from glofnd_losses.image_text import ImageTextLossBase
 from tests import dist_cases
 
 NUM_SAMPLES = 64
@@ -56,6 +58,9 @@ LOSSES: dict[str, Callable[[], GloFNDLossBase]] = {
     "clip_minibatch": lambda: GloFNDClipLoss(NUM_SAMPLES, "minibatch", alpha=0.1, start_epoch=1),
     "clip_sogclr": lambda: GloFNDClipLoss(NUM_SAMPLES, "sogclr", alpha=0.1, start_epoch=1),
     "clip_fastclip": lambda: GloFNDClipLoss(NUM_SAMPLES, "fastclip", alpha=0.1, start_epoch=1),
+    "clip_attract": lambda: GloFNDClipLoss(NUM_SAMPLES, "minibatch", alpha=0.1, start_epoch=1, treatment="attract"),
+    "siglip": lambda: GloFNDSigLipLoss(NUM_SAMPLES, alpha=0.1, start_epoch=1),
+    "siglip_attract": lambda: GloFNDSigLipLoss(NUM_SAMPLES, alpha=0.1, start_epoch=1, treatment="attract"),
 }
 
 
@@ -80,9 +85,10 @@ def forward(
     labels: torch.Tensor | None,
     logit_scale: torch.Tensor,
 ) -> torch.Tensor:
-    if isinstance(loss_fn, GloFNDClipLoss):
+    if isinstance(loss_fn, ImageTextLossBase):
         images, texts = F.normalize(view_a, dim=1), F.normalize(view_b, dim=1)
-        loss: torch.Tensor = loss_fn(images, texts, logit_scale, indices=indices, labels=labels)
+        bias = (torch.full_like(logit_scale, -5.0),) if isinstance(loss_fn, GloFNDSigLipLoss) else ()
+        loss: torch.Tensor = loss_fn(images, texts, logit_scale, *bias, indices=indices, labels=labels)
         return loss
     return loss_fn(view_a, view_b, indices, labels)
 
@@ -123,7 +129,7 @@ def run(
     results["losses"] = torch.stack(losses)
     assert view_a.grad is not None
     results["grad_a"] = view_a.grad
-    if isinstance(loss_fn, GloFNDClipLoss) and logit_scale.grad is not None:
+    if isinstance(loss_fn, ImageTextLossBase) and logit_scale.grad is not None:
         results["grad_logit_scale"] = logit_scale.grad
     return results
 

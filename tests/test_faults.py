@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSogCLRLoss, ThresholdOptimizer
+from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSigLipLoss, GloFNDSogCLRLoss, ThresholdOptimizer
 from glofnd_losses.base import GloFNDLossBase
 
 NUM_SAMPLES = 24
@@ -33,6 +33,7 @@ LOSSES: dict[str, Callable[..., GloFNDLossBase]] = {
     "ntxent": lambda n, **kw: GloFNDNTXent(n, alpha=kw.pop("alpha", 0.2), **kw),
     "clip_minibatch": lambda n, **kw: GloFNDClipLoss(n, "minibatch", alpha=kw.pop("alpha", 0.2), **kw),
     "clip_fastclip": lambda n, **kw: GloFNDClipLoss(n, "fastclip", alpha=kw.pop("alpha", 0.2), **kw),
+    "siglip": lambda n, **kw: GloFNDSigLipLoss(n, alpha=kw.pop("alpha", 0.2), **kw),
 }
 PAPER = ThresholdOptimizer.paper()
 
@@ -47,7 +48,9 @@ def pairs(seed: int, size: int = BATCH, dim: int = 8) -> tuple[torch.Tensor, tor
 
 
 def call(loss_fn: GloFNDLossBase, view_a: torch.Tensor, view_b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    if isinstance(loss_fn, GloFNDClipLoss):
+    if isinstance(loss_fn, GloFNDSigLipLoss):
+        out = loss_fn(view_a, view_b, torch.tensor(10.0), torch.tensor(-5.0), indices=indices)
+    elif isinstance(loss_fn, GloFNDClipLoss):
         out = loss_fn(view_a, view_b, torch.tensor(10.0), indices=indices)
     else:
         out = loss_fn(view_a, view_b, indices)
@@ -313,6 +316,10 @@ def _reference(name: str, view_a: torch.Tensor, view_b: torch.Tensor, scale: tor
         from open_clip.loss import ClipLoss
 
         return ClipLoss()(view_a, view_b, scale)
+    if name == "siglip":
+        from open_clip.loss import SigLipLoss
+
+        return SigLipLoss()(view_a, view_b, scale, None)
     return None
 
 
@@ -321,7 +328,7 @@ def test_a_second_backward_with_retain_graph_accumulates_the_same_gradient(name:
     view_a, view_b = (view.requires_grad_() for view in pairs(4))
     scale = torch.tensor(10.0, requires_grad=True)
     loss_fn = LOSSES[name](NUM_SAMPLES, detector=None)
-    loss = loss_fn(view_a, view_b, scale, indices=torch.arange(BATCH)) if "clip" in name else call(
+    loss = loss_fn(view_a, view_b, scale, indices=torch.arange(BATCH)) if "clip" in name or name == "siglip" else call(
         loss_fn, view_a, view_b, torch.arange(BATCH))  # fmt: skip
     loss.backward(retain_graph=True)
     assert view_a.grad is not None and view_b.grad is not None
