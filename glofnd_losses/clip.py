@@ -190,7 +190,8 @@ class GloFNDClipLoss(ImageTextLossBase):
             checked = self._validate(
                 [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
             )
-            scale = image_text.scalar_input(logit_scale, image_features.device, "logit_scale", _SCALE_EXAMPLE)
+            device = image_features.device
+            scale = image_text.scalar_input(logit_scale, device, "logit_scale", _SCALE_EXAMPLE, positive=True)
             # The minibatch loss averages the two directions; the global estimators add them.
             rows = 2 * image_features.shape[0] if self.estimator == "minibatch" else image_features.shape[0]
             banks = image_text.banks(image_features.float(), text_features.float(), labels, 1.0 / rows)

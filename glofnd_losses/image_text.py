@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from glofnd_losses import distributed, engine, functional, validation
+from glofnd_losses import distributed, engine, functional, host, validation
 from glofnd_losses.base import GloFNDLossBase
 
 
@@ -26,14 +28,20 @@ class ImageTextLossBase(GloFNDLossBase):
         return self._threshold_buffer("text_").detach().clone()
 
 
-def scalar_input(value: torch.Tensor | float, device: torch.device, name: str, example: str) -> torch.Tensor:
+def scalar_input(
+    value: torch.Tensor | float, device: torch.device, name: str, example: str, positive: bool = False
+) -> torch.Tensor:
     """open_clip's ``logit_scale`` or ``logit_bias`` as a 0-d float32 tensor (a float is accepted too).
+
+    Its value is checked where the host reads it without a device sync (CPU): finite, and > 0 if
+    ``positive``. Every rank holds the same value (a model parameter), so every rank raises.
 
     Args:
         value: The scalar, a tensor of one element or a float.
         device: Device of the features.
         name: The argument's name, for the error.
         example: What such a tensor usually is, for the error.
+        positive: Whether the value must be > 0 (an inverse temperature).
     """
     scalar = torch.as_tensor(value, device=device).float()
     if scalar.numel() != 1:
@@ -41,6 +49,11 @@ def scalar_input(value: torch.Tensor | float, device: torch.device, name: str, e
             f"{name} must be a scalar (a float, or a tensor of one element such as {example}), "
             f"got shape {tuple(scalar.shape)}"
         )
+    if host.reads_without_sync(scalar.device):
+        number = float(scalar)
+        if not math.isfinite(number) or (positive and number <= 0):
+            requirement = "finite and > 0 (it is 1 / temperature)" if positive else "finite"
+            raise ValueError(f"{name} must be {requirement}, got {number}")
     return scalar.reshape(())  # a (1,) scalar must not make the loss (1,)
 
 

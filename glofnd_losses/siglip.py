@@ -137,7 +137,7 @@ class GloFNDSigLipLoss(ImageTextLossBase):
             checked = self._validate(
                 [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
             )
-            scale = image_text.scalar_input(logit_scale, device, "logit_scale", _SCALE)
+            scale = image_text.scalar_input(logit_scale, device, "logit_scale", _SCALE, positive=True)
             bias = None if logit_bias is None else image_text.scalar_input(logit_bias, device, "logit_bias", _BIAS)
             local_size = image_features.shape[0]
             image_bank, text_bank = image_text.banks(

@@ -401,3 +401,13 @@ def test_a_process_killed_while_saving_leaves_the_previous_complete_state(tmp_pa
     resumed = GloFNDClipLoss(num_samples, "minibatch")
     assert load_loss_state(resumed, path) == 7 and resumed.step == 10**6
     assert not os.path.exists(f"{path}.{os.getpid()}.tmp")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -2.0])
+@pytest.mark.parametrize("name", ["clip_minibatch", "clip_fastclip"])
+def test_a_logit_scale_that_is_not_finite_and_positive_is_refused_by_name(name: str, scale: float) -> None:
+    loss_fn = trained(name, seed=7)
+    before = snapshot(loss_fn)
+    with pytest.raises(ValueError, match="logit_scale must be finite and > 0"):
+        loss_fn(*pairs(8), torch.tensor(scale), indices=torch.arange(BATCH))
+    assert_unchanged(loss_fn, before)

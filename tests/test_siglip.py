@@ -177,3 +177,23 @@ def test_bf16_autocast_computes_in_float32() -> None:
         actual = GloFNDSigLipLoss(10, detector=None)(images, texts, 10.0, -5.0, indices=indices)
     assert actual.dtype == torch.float32
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("scale", "bias", "message"),
+    [
+        (float("nan"), -5.0, r"logit_scale must be finite and > 0 .*got nan"),
+        (0.0, -5.0, "logit_scale must be finite and > 0"),
+        (-3.0, -5.0, "logit_scale must be finite and > 0"),
+        (float("inf"), -5.0, "logit_scale must be finite and > 0"),
+        (10.0, float("nan"), "logit_bias must be finite, got nan"),
+    ],
+)
+def test_bad_scalar_values_are_refused_by_name_and_learn_nothing(scale: float, bias: float, message: str) -> None:
+    images, texts, indices, _ = make_pairs(1, 4, 10)[0]
+    loss_fn = GloFNDSigLipLoss(10, alpha=0.2)
+    before = {name: value.clone() for name, value in loss_fn.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        loss_fn(images, texts, torch.tensor(scale), torch.tensor(bias), indices=indices)
+    for name, value in loss_fn.state_dict().items():
+        assert torch.equal(value, before[name]), name
