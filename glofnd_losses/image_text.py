@@ -50,7 +50,7 @@ def scalar_input(
             f"got shape {tuple(scalar.shape)}"
         )
     if host.reads_without_sync(scalar.device):
-        number = float(scalar)
+        number = float(scalar.detach())
         if not math.isfinite(number) or (positive and number <= 0):
             requirement = "finite and > 0 (it is 1 / temperature)" if positive else "finite"
             raise ValueError(f"{name} must be {requirement}, got {number}")
