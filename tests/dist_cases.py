@@ -274,6 +274,13 @@ def uneven_batch_case(
     return {"error": error, "state_unchanged": unchanged}
 
 
+def siglip_parity_cases(
+    rank: int, world_size: int, images: torch.Tensor, texts: torch.Tensor, dist_impls: list[str]
+) -> dict[str, dict[str, Any]]:
+    """:func:`siglip_parity_case` for each of ``dist_impls`` (one spawn for all)."""
+    return {dist_impl: siglip_parity_case(rank, world_size, images, texts, dist_impl) for dist_impl in dist_impls}
+
+
 def siglip_parity_case(
     rank: int, world_size: int, images: torch.Tensor, texts: torch.Tensor, dist_impl: str
 ) -> dict[str, Any]:
@@ -328,6 +335,13 @@ def _call(loss_fn: nn.Module, name: str, first: torch.Tensor, second: torch.Tens
     if name.startswith("clip_"):
         return loss_fn(first, second, scalars[0], indices=indices)  # type: ignore[no-any-return]
     return loss_fn(first, second, indices)  # type: ignore[no-any-return]
+
+
+def accumulation_cases(
+    rank: int, world_size: int, names: list[str], batches: list, num_calls: int
+) -> dict[str, dict[str, Any]]:
+    """:func:`accumulation_case` for each loss of ``names`` (one spawn for all)."""
+    return {name: accumulation_case(rank, world_size, name, batches, num_calls) for name in names}
 
 
 def accumulation_case(rank: int, world_size: int, name: str, batches: list, num_calls: int) -> dict[str, Any]:

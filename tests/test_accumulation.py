@@ -43,11 +43,11 @@ def test_accumulated_calls_equal_one_call_on_the_whole_batch(name: str) -> None:
 
 def test_accumulated_calls_on_two_ranks_equal_one_call_on_the_whole_batch() -> None:
     batches = make_pairs(2, 12, 40, seed=4)
+    whole = run_ranks(dist_cases.accumulation_cases, 2, NAMES, batches, 1)
+    accumulated = run_ranks(dist_cases.accumulation_cases, 2, NAMES, batches, 2)
     for name in NAMES:
-        whole = run_ranks(dist_cases.accumulation_case, 2, name, batches, 1)
-        accumulated = run_ranks(dist_cases.accumulation_case, 2, name, batches, 2)
         for rank in range(2):
-            assert_accumulated_equals_whole(accumulated[rank], whole[rank], 2)
+            assert_accumulated_equals_whole(accumulated[rank][name], whole[rank][name], 2)
 
 
 def test_the_calls_of_an_accumulated_step_must_share_their_indices() -> None:
