@@ -83,7 +83,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_
     run.add_argument("--seed", type=int, default=0)
 
     glofnd = parser.add_argument_group("GloFND")
-    glofnd.add_argument("--detector", choices=("glofnd", "fnc", "none"), default="glofnd")
+    glofnd.add_argument(
+        "--detector",
+        choices=("glofnd", "fnc", "oracle", "none"),
+        default="glofnd",
+        help="oracle: flags exactly the same-class pairs (uses the labels; an upper bound to compare with)",
+    )
     glofnd.add_argument("--alpha", type=float, default=0.02, help="target fraction of negatives flagged")
     glofnd.add_argument("--start-epoch", type=int, default=1, help="first 0-based epoch that learns and filters")
     glofnd.add_argument(

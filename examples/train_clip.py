@@ -1,4 +1,4 @@
-"""A tiny CLIP trained from scratch with GloFNDClipLoss, with accelerate.
+"""A tiny CLIP trained from scratch with GloFNDClipLoss (or GloFNDSigLipLoss), with accelerate.
 
 CAPTIONS COME FROM THE LABELS. There is no image-caption data set that installs offline, so each
 image is paired with one caption written from its class name with a fixed template ("a photo of
@@ -10,11 +10,15 @@ of them GloFND finds. Labels are used for captions and for those metrics only.
 Model: a small CNN image tower, a bag-of-words text tower over the captions' tiny vocabulary (no
 tokenizer download) and a learnable ``logit_scale``, as in CLIP. Loss:
 :class:`glofnd_losses.GloFNDClipLoss` with ``--estimator minibatch`` (open_clip's ClipLoss with
-filtered negatives), ``sogclr`` (FastCLIP-v1) or ``fastclip`` (FastCLIP-v3, learned temperature).
+filtered negatives), ``sogclr`` (FastCLIP-v1) or ``fastclip`` (FastCLIP-v3, learned temperature);
+with ``--loss siglip``, :class:`glofnd_losses.GloFNDSigLipLoss` (open_clip's SigLipLoss with
+filtered negatives) and a learnable ``logit_bias``, initialised as open_clip's SigLIP models
+(``logit_scale = log 10``, ``logit_bias = -10``).
 
 Commands (docs/examples.md has them all)::
 
     python examples/train_clip.py --max-steps 20                                      # 1 process
+    python examples/train_clip.py --max-steps 20 --loss siglip                        # SigLIP
     accelerate launch --multi_gpu --num_processes 2 examples/train_clip.py ...        # 2 processes, CPU
     accelerate launch --num_processes 8 examples/train_clip.py ...                    # 8 GPUs
 """
@@ -22,6 +26,7 @@ Commands (docs/examples.md has them all)::
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +47,8 @@ from offline_data import ImageSplit, load_train_split
 from torch import nn
 from torch.utils.data import DataLoader
 
-from glofnd_losses import GloFNDClipLoss
+from glofnd_losses import GloFNDClipLoss, GloFNDSigLipLoss
+from glofnd_losses.base import GloFNDLossBase
 
 CAPTION_NOTE = (
     "Captions are generated from the class labels, so same-class pairs are exactly the ground-truth "
@@ -66,6 +72,12 @@ CLASS_TEMPLATES = (
 )
 PAD = "<pad>"
 MAX_LOGIT_SCALE = math.log(100.0)
+LOSS_CLASSES: dict[str, type[GloFNDLossBase]] = {"clip": GloFNDClipLoss, "siglip": GloFNDSigLipLoss}
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # open_clip_train's init_logit_scale for SigLIP
+SIGLIP_INIT_LOGIT_BIAS = -10.0  # open_clip_train's init_logit_bias for SigLIP
+DEFAULT_ESTIMATOR = "fastclip"
+DEFAULT_TREATMENT = "eliminate"
 
 
 # ------------------------------------------------------------------------------------------------ captions
@@ -168,6 +180,8 @@ class TinyClip(nn.Module):
         vocab_size: Number of token ids (0 pads).
         embed_dim: Shared embedding size.
         width: Base width of the image tower.
+        init_logit_scale: Initial ``logit_scale`` (the log of the inverse temperature).
+        init_logit_bias: Initial learnable ``logit_bias`` (SigLIP); None: the model has none.
 
     Examples:
         >>> import torch
@@ -175,9 +189,21 @@ class TinyClip(nn.Module):
         >>> images, texts, scale = model(torch.randn(2, 1, 28, 28), torch.tensor([[1, 2], [3, 0]]))
         >>> images.shape, texts.shape, round(float(scale.detach()), 2)
         (torch.Size([2, 8]), torch.Size([2, 8]), 14.29)
+        >>> siglip = TinyClip(1, 10, 8, init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=-10.0)
+        >>> *_, scale, bias = siglip(torch.randn(2, 1, 28, 28), torch.tensor([[1, 2], [3, 0]]))
+        >>> round(float(scale.detach()), 2), float(bias.detach())
+        (10.0, -10.0)
     """
 
-    def __init__(self, in_chans: int, vocab_size: int, embed_dim: int = 64, width: int = 32) -> None:
+    def __init__(
+        self,
+        in_chans: int,
+        vocab_size: int,
+        embed_dim: int = 64,
+        width: int = 32,
+        init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
+        init_logit_bias: float | None = None,
+    ) -> None:
         super().__init__()
         self.image_tower = nn.Sequential(
             conv_block(in_chans, width, 1),
@@ -189,13 +215,19 @@ class TinyClip(nn.Module):
         )
         self.word_embedding = nn.EmbeddingBag(vocab_size, 4 * width, mode="mean", padding_idx=0)
         self.text_head = nn.Sequential(nn.ReLU(), nn.Linear(4 * width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised image and text features and ``exp(logit_scale)``, as open_clip's models return."""
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normalised image and text features, ``exp(logit_scale)`` and ``logit_bias`` if the model has one.
+
+        As open_clip's models return them: three tensors, or four with a ``logit_bias`` (SigLIP).
+        """
         image_features = nn.functional.normalize(self.image_tower(images), dim=-1)
         text_features = nn.functional.normalize(self.text_head(self.word_embedding(tokens)), dim=-1)
-        return image_features, text_features, self.logit_scale.exp()
+        if self.logit_bias is None:
+            return image_features, text_features, self.logit_scale.exp()
+        return image_features, text_features, self.logit_scale.exp(), self.logit_bias
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -206,11 +238,82 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_common_arguments(parser, epochs=20, batch_size=128, lr=2e-3)
     model = parser.add_argument_group("model and loss")
-    model.add_argument("--estimator", choices=("fastclip", "sogclr", "minibatch"), default="fastclip")
+    model.add_argument(
+        "--loss",
+        choices=sorted(LOSS_CLASSES),
+        default="clip",
+        help="clip: GloFNDClipLoss; siglip: GloFNDSigLipLoss with a learnable logit_bias (init -10) and "
+        "logit_scale init log(10), as open_clip's SigLIP models",
+    )
+    model.add_argument(
+        "--estimator",
+        choices=("fastclip", "sogclr", "minibatch"),
+        default=DEFAULT_ESTIMATOR,
+        help="GloFNDClipLoss's estimator (--loss clip only)",
+    )
+    model.add_argument(
+        "--treatment",
+        choices=("eliminate", "attract"),
+        default=DEFAULT_TREATMENT,
+        help="what becomes of flagged negatives (attract: needs a loss that accepts treatment=)",
+    )
     model.add_argument("--embed-dim", type=int, default=64)
     model.add_argument("--width", type=int, default=32, help="image tower base width")
     model.add_argument("--temperature", type=float, default=0.03, help="fixed temperature of --estimator sogclr")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_loss_options(parser, args)
+    return args
+
+
+def accepts_treatment(loss_class: type[GloFNDLossBase]) -> bool:
+    """Whether ``loss_class``'s constructor takes a ``treatment`` keyword.
+
+    Examples:
+        >>> isinstance(accepts_treatment(GloFNDSigLipLoss), bool)
+        True
+    """
+    return "treatment" in inspect.signature(loss_class).parameters
+
+
+def check_loss_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flags the chosen loss cannot honour (exits with an argparse error).
+
+    Args:
+        parser: The script's parser (for ``parser.error``).
+        args: The parsed flags.
+    """
+    if args.loss == "siglip" and args.estimator != DEFAULT_ESTIMATOR:
+        parser.error(f"--estimator {args.estimator} applies to --loss clip only (SigLIP has no estimator)")
+    loss_class = LOSS_CLASSES[args.loss]
+    if args.treatment != DEFAULT_TREATMENT and not accepts_treatment(loss_class):
+        parser.error(
+            f"--treatment {args.treatment}: this version of {loss_class.__name__} takes no treatment= "
+            f"argument (only --treatment {DEFAULT_TREATMENT} is available)"
+        )
+
+
+def make_model(args: argparse.Namespace, in_chans: int, vocab_size: int) -> TinyClip:
+    """The model of ``--loss``: SigLIP's gets open_clip's SigLIP initial scale and a bias."""
+    if args.loss == "siglip":
+        return TinyClip(
+            in_chans, vocab_size, args.embed_dim, args.width, SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS
+        )
+    return TinyClip(in_chans, vocab_size, args.embed_dim, args.width)
+
+
+def make_loss(args: argparse.Namespace, num_samples: int) -> GloFNDLossBase:
+    """The GloFND loss of ``--loss`` with the GloFND group's flags (and ``--treatment`` where accepted).
+
+    Args:
+        args: The parsed flags (already checked by :func:`check_loss_options`).
+        num_samples: Number of image-caption pairs.
+    """
+    options = glofnd_arguments(args)
+    if accepts_treatment(LOSS_CLASSES[args.loss]):
+        options["treatment"] = args.treatment
+    if args.loss == "siglip":
+        return GloFNDSigLipLoss(num_samples=num_samples, **options)
+    return GloFNDClipLoss(num_samples=num_samples, estimator=args.estimator, temperature=args.temperature, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -223,27 +326,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     transform = view_transform(split.images, scale=(0.7, 1.0))
     dataset = CaptionedImages(split, vocabulary.encode(captions), transform, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers)
-    model = TinyClip(split.images.shape[1], len(vocabulary), args.embed_dim, args.width)
+    model = make_model(args, split.images.shape[1], len(vocabulary))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loss = GloFNDClipLoss(
-        num_samples=len(dataset),
-        estimator=args.estimator,
-        temperature=args.temperature,
-        **glofnd_arguments(args),
-    )
+    loss = make_loss(args, len(dataset))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    loss_name = f"loss {args.loss}" + (f", estimator {args.estimator}" if args.loss == "clip" else "")
     describe_run(
         accelerator,
         args,
-        f"{len(dataset)} {args.data} images, {len(vocabulary)} words, estimator {args.estimator}, "
+        f"{len(dataset)} {args.data} images, {len(vocabulary)} words, {loss_name}, "
         f'e.g. "{captions[0]}". {CAPTION_NOTE}',
     )
-    logit_scale = accelerator.unwrap_model(model).logit_scale
+    unwrapped = accelerator.unwrap_model(model)
+    logit_scale, logit_bias = unwrapped.logit_scale, unwrapped.logit_bias
 
     def compute_loss(batch: Any) -> torch.Tensor:
         images, tokens, labels, indices = batch
-        image_features, text_features, scale = model(images, tokens)
-        out = loss(image_features, text_features, scale, output_dict=True, indices=indices, labels=labels)
+        outputs = model(images, tokens)  # (image_features, text_features, scale[, bias])
+        out = loss(*outputs, output_dict=True, indices=indices, labels=labels)
         value: torch.Tensor = out["contrastive_loss"]
         return value
 
@@ -252,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
     def temperature() -> dict[str, torch.Tensor]:
-        return {"temperature": 1.0 / logit_scale.detach().exp()}
+        stats = {"temperature": 1.0 / logit_scale.detach().exp()}
+        return stats if logit_bias is None else {**stats, "logit_bias": logit_bias.detach()}
 
     training = Training(
         model, optimizer, loader, dataset, loss, compute_loss, after_step=clamp_logit_scale, extra_stats=temperature

@@ -209,6 +209,18 @@ def test_clip_two_processes_with_torchrun(tmp_path: Path) -> None:
     assert int((state["state.u_image"] > 0).sum()) == 128
 
 
+def test_clip_siglip_loss_trains_a_logit_bias_and_refuses_an_estimator(
+    examples: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    train_clip = examples["train_clip"]
+    steps = ["--max-steps", "2", "--log-every", "2", "--start-epoch", "0", "--no-progress", "--out", str(tmp_path)]
+    metrics = train_clip.main([*CLIP, *ONE_PROCESS_BATCH, *steps, "--loss", "siglip"])["metrics"]
+    assert 0.0 < metrics["image_flagged_fraction"] < 0.1 and 0.0 < metrics["text_flagged_fraction"] < 0.1
+    assert metrics["logit_bias"] != -10.0 and {"image_fn_recall", "text_fn_precision"} <= set(metrics)
+    with pytest.raises(SystemExit):
+        train_clip.parse_args(["--loss", "siglip", "--estimator", "sogclr"])
+
+
 def test_clip_help_says_captions_come_from_labels(
     examples: dict[str, ModuleType], capsys: pytest.CaptureFixture[str]
 ) -> None:
