@@ -382,6 +382,39 @@ def test_accum_freq_without_a_detector_matches_open_clip(data: Data, tmp_path: P
     assert len(losses(ours)) == 2 and losses(ours) == losses(theirs)
 
 
+COCA_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "multimodal_cfg": {"width": 64, "context_length": 16, "vocab_size": 49408, "mlp_ratio": 2, "layers": 1,
+                           "dim_head": 32, "heads": 2, "n_queries": 8, "attn_pooler_heads": 2},
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8,
+                       "output_tokens": True},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "layers": 1, "heads": 2, "width": 64,
+                     "embed_cls": True, "output_tokens": True},
+        "custom_text": True,
+    },
+    "preprocess_cfg": {},
+}  # fmt: skip
+
+
+def test_a_coca_model_trains_glofnd_on_its_contrastive_part(data: Data, tmp_path: Path) -> None:
+    def losses(logs: Path, name: str) -> list[str]:
+        return re.findall(rf"{name}: (\S+)", (logs / "run" / "out.log").read_text())
+
+    coca = tmp_path / "coca_tiny"  # open_clip picks CoCaLoss by the model's name
+    coca.mkdir()
+    (coca / "open_clip_config.json").write_text(json.dumps(COCA_CONFIG))
+    flags = [*_data_flags(data, "csv"), "--model", f"local-dir:{coca}", "--coca-contrastive-loss-weight", "0.5"]
+    ours, plain, theirs = tmp_path / "ours", tmp_path / "plain", tmp_path / "theirs"
+    _ok(train(data, ours, *flags, epochs=1))
+    assert (state(ours, 1)["state.image_threshold_visits"] == 1).all()
+    _ok(train(data, plain, *flags, "--glofnd-detector", "none", epochs=1))
+    _ok(train(data, theirs, *flags, "--glofnd-disable", epochs=1))
+    for name in ("Contrastive_loss", "Caption_loss"):  # without a detector: open_clip's CoCaLoss, to the digit
+        assert len(losses(plain, name)) == 4 and losses(plain, name) == losses(theirs, name)
+    assert losses(ours, "Caption_loss") and losses(ours, "Contrastive_loss") != losses(plain, "Contrastive_loss")
+
+
 def test_key_list_indexes_non_numeric_keys(data: Data, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     flags = ["--train-data", str(data.named_shard), "--glofnd-key-list", str(data.key_list)]
@@ -421,7 +454,7 @@ def test_bad_indices_fail_before_anything_is_saved(data: Data, tmp_path: Path, f
     "flags, message",
     [
         (["--siglip", "--glofnd-estimator", "fastclip"], "with --siglip the loss is SigLIP's sigmoid loss"),
-        (["--model", "coca_ViT-B-32"], "does not support CoCa models"),
+        (["--model", "coca_ViT-B-32", "--siglip"], "does not support --siglip with a CoCa model"),
         (["--dataset-type", "synthetic"], "needs real samples"),
         (["--train-data", "shards-{0..3}.tar"], "webdataset training needs --glofnd-data-size"),
         (["--glofnd-alpha", "1.5"], "alpha must be in"),
@@ -432,7 +465,7 @@ def test_bad_indices_fail_before_anything_is_saved(data: Data, tmp_path: Path, f
         (["--train-data", "shards-{0..3}.tar", "--glofnd-key-list", "missing-keys.txt"], "no such file"),
     ],
     ids=[
-        "siglip-with-estimator", "coca", "synthetic", "webdataset-without-size", "bad-alpha",
+        "siglip-with-estimator", "coca-siglip", "synthetic", "webdataset-without-size", "bad-alpha",
         "joined-sources", "missing-key-list",
     ],
 )

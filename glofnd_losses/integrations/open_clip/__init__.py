@@ -36,9 +36,11 @@ The loss state is saved as ``epoch_<n>.glofnd.pth`` (and ``epoch_latest.glofnd.p
 It records the checkpoint's epoch; a resume whose checkpoint and state disagree stops with an error
 before the first step.
 
-``--glofnd-disable`` runs open_clip's own loss and data pipeline untouched (then distillation and
-CoCa are open_clip's business as usual). With ``--accum-freq N`` the N loss calls of an optimiser
-step form one accumulated step of the GloFND loss: it learns once, from the whole accumulated batch.
+``--glofnd-disable`` runs open_clip's own loss and data pipeline untouched (then distillation is
+open_clip's business as usual). A CoCa model trains GloFND on its contrastive part and open_clip's
+caption loss unchanged (both weighted by open_clip's ``--coca-*-loss-weight``). With
+``--accum-freq N`` the N loss calls of an optimiser step form one accumulated step of the GloFND
+loss: it learns once, from the whole accumulated batch.
 
 The modules: :mod:`~glofnd_losses.integrations.open_clip.flags` (the flags, the checks, the loss
 they describe), :mod:`~glofnd_losses.integrations.open_clip.indices` (sample indices from the

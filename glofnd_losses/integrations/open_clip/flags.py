@@ -324,14 +324,20 @@ def check_supported(args: argparse.Namespace) -> None:
 
 
 def _check_training_mode(args: argparse.Namespace) -> None:
-    """Refuse open_clip's modes that call another loss, or call the loss several times per step."""
+    """Refuse open_clip's modes whose loss GloFND does not replace."""
     problems = [
         (
             bool(args.distill_model and args.distill_pretrained),
             "distillation (--distill-model)",
-            "it trains with open_clip's DistillClipLoss",
+            "it trains with open_clip's DistillClipLoss, which matches the teacher's logits: another objective "
+            "than the contrastive loss GloFND filters",
         ),
-        ("coca" in args.model.lower(), "CoCa models", "they train with open_clip's CoCaLoss (with a captioning term)"),
+        (
+            is_coca(args) and args.siglip,
+            "--siglip with a CoCa model",
+            "open_clip trains CoCa models with CoCaLoss, CLIP's softmax loss plus the caption term, whatever --siglip "
+            "says",
+        ),
         (args.horovod, "--horovod", "the GloFND losses communicate through torch.distributed"),
     ]
     for present, what, why in problems:
@@ -339,6 +345,11 @@ def _check_training_mode(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"GloFND does not support {what}: {why}. Pass --glofnd-disable to train with open_clip's own loss."
             )
+
+
+def is_coca(args: argparse.Namespace) -> bool:
+    """Whether open_clip trains this model with its CoCa loss (its own test: the model name)."""
+    return "coca" in str(args.model).lower()
 
 
 def _check_training_data(args: argparse.Namespace, kind: str) -> None:

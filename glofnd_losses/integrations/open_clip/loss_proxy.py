@@ -62,6 +62,29 @@ class StatsLogger:
             wandb.log(scalars, step=step)
 
 
+class CaptionLoss:
+    """CoCa's captioning term, as open_clip's ``CoCaLoss`` adds it to the contrastive one.
+
+    ``caption_weight * cross_entropy(logits, labels)`` over the caption tokens, padding (token 0
+    of open_clip's tokenizers) ignored; the contrastive loss is scaled by ``contrastive_weight``.
+
+    Args:
+        caption_weight: open_clip's ``--coca-caption-loss-weight``.
+        contrastive_weight: open_clip's ``--coca-contrastive-loss-weight``.
+        pad_id: The padding token of the captions.
+    """
+
+    def __init__(self, caption_weight: float, contrastive_weight: float, pad_id: int = 0) -> None:
+        self.caption_weight = caption_weight
+        self.contrastive_weight = contrastive_weight
+        self.pad_id = pad_id
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The weighted caption loss of token ``logits`` ``(b, n, vocab)`` against ``labels`` ``(b, n)``."""
+        per_token = torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=self.pad_id)
+        return self.caption_weight * per_token
+
+
 class IndexedLoss:
     """Calls the GloFND loss with the current step's indices; logs its stats when due.
 
@@ -75,6 +98,7 @@ class IndexedLoss:
         logger: Writes the loss's stats.
         device: Where the indices go (the training device).
         accum_freq: open_clip's ``--accum-freq``: loss calls (and batches) per optimiser step.
+        caption: CoCa's captioning term (the model's ``logits`` and caption ``labels``), or None.
     """
 
     def __init__(
@@ -84,8 +108,10 @@ class IndexedLoss:
         logger: StatsLogger,
         device: torch.device,
         accum_freq: int = 1,
+        caption: CaptionLoss | None = None,
     ) -> None:
         self.loss = loss
+        self.caption = caption
         self.loader = loader
         self.logger = logger
         self.device = device
@@ -98,7 +124,7 @@ class IndexedLoss:
         if self.calls_in_step == 0:
             self.indices = self.loader.take_indices(self.accum_freq).to(self.device, non_blocking=True)
             self.loss.begin_accumulation(self.accum_freq)
-        out = self.loss(*args, indices=self.indices, **kwargs)
+        out = self._losses(*args, **kwargs)
         self.calls_in_step += 1
         if self.calls_in_step == self.accum_freq:
             self.calls_in_step = 0
@@ -106,3 +132,14 @@ class IndexedLoss:
                 self.logger.log(self.batch, self.loss.last_stats)
             self.batch += 1
         return out
+
+    def _losses(self, *args: Any, **kwargs: Any) -> Any:
+        """The GloFND loss's output, with CoCa's weighted contrastive and caption terms where there is a caption."""
+        if self.caption is None:
+            return self.loss(*args, indices=self.indices, **kwargs)
+        # CoCa's model outputs: the caption's token logits and labels are not the contrastive loss's.
+        logits, labels = kwargs.pop("logits"), kwargs.pop("labels")
+        output_dict = kwargs.pop("output_dict", False)
+        contrastive = self.loss(*args, indices=self.indices, **kwargs) * self.caption.contrastive_weight
+        caption = self.caption(logits, labels)
+        return {"contrastive_loss": contrastive, "caption_loss": caption} if output_dict else (contrastive, caption)

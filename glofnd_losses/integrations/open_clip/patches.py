@@ -31,12 +31,13 @@ from glofnd_losses.integrations.open_clip.flags import (
     create_glofnd_loss,
     dataset_kind,
     glofnd_parser,
+    is_coca,
     is_enabled,
     key_index_from_args,
     resolve_data_size,
 )
 from glofnd_losses.integrations.open_clip.indices import IndexedCsvDataset, IndexedWebdataset, IndexStrippingLoader
-from glofnd_losses.integrations.open_clip.loss_proxy import IndexedLoss, StatsLogger
+from glofnd_losses.integrations.open_clip.loss_proxy import CaptionLoss, IndexedLoss, StatsLogger
 
 __all__ = ["patch_open_clip_train"]
 
@@ -165,7 +166,10 @@ class _Patches:
         indexed_data = {**data, "train": dataclasses.replace(data["train"], dataloader=loader)}
         # open_clip's steps per epoch with --accum-freq: every accum_freq batches make one.
         logger = StatsLogger(args, epoch, loader.num_batches // args.accum_freq, tb_writer)
-        indexed_loss = IndexedLoss(loss, loader, logger, torch.device(args.device), args.accum_freq)
+        caption = None
+        if is_coca(args):
+            caption = CaptionLoss(args.coca_caption_loss_weight, args.coca_contrastive_loss_weight)
+        indexed_loss = IndexedLoss(loss, loader, logger, torch.device(args.device), args.accum_freq, caption)
         result = self.original_train_one_epoch(
             model,
             indexed_data,
