@@ -24,7 +24,6 @@ from glofnd_losses.thresholds import ThresholdOptimizer
 
 Estimator = Literal["minibatch", "sogclr", "fastclip"]
 _U_EPS = 1e-14
-_SCALE_EXAMPLE = "open_clip's logit_scale.exp()"
 
 
 class GloFNDClipLoss(ImageTextLossBase):
@@ -187,11 +186,7 @@ class GloFNDClipLoss(ImageTextLossBase):
             raise ValueError("logit_bias must be None: GloFNDClipLoss is CLIP's softmax loss, not SigLIP's")
         settings = self._begin_step()
         with autocast_disabled(image_features.device.type):
-            checked = self._validate(
-                [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
-            )
-            device = image_features.device
-            scale = image_text.scalar_input(logit_scale, device, "logit_scale", _SCALE_EXAMPLE, positive=True)
+            checked, scale = self._checked_inputs(image_features, text_features, indices, logit_scale)
             # The minibatch loss averages the two directions; the global estimators add them.
             rows = 2 * image_features.shape[0] if self.estimator == "minibatch" else image_features.shape[0]
             banks = image_text.banks(image_features.float(), text_features.float(), labels, 1.0 / rows)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from glofnd_losses import distributed, engine, functional, host, validation
-from glofnd_losses.base import GloFNDLossBase
+from glofnd_losses.base import CheckedIndices, GloFNDLossBase
+
+_SCALE_EXAMPLE = "open_clip's logit_scale.exp()"
 
 
 class ImageTextLossBase(GloFNDLossBase):
@@ -21,6 +24,15 @@ class ImageTextLossBase(GloFNDLossBase):
     def image_thresholds(self) -> torch.Tensor:
         """Per-sample thresholds of image anchors against texts, ``(num_samples,)`` (a copy of the state's)."""
         return self._threshold_buffer("image_").detach().clone()
+
+    def _checked_inputs(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, indices: torch.Tensor, logit_scale: Any
+    ) -> tuple[CheckedIndices, torch.Tensor]:
+        """The checked indices of a pair batch (L2-normalised features) and its ``logit_scale`` as a 0-d tensor."""
+        named = [("image_features", image_features), ("text_features", text_features)]
+        checked = self._validate(named, indices, unit_norm=True)
+        scale = scalar_input(logit_scale, image_features.device, "logit_scale", _SCALE_EXAMPLE, positive=True)
+        return checked, scale
 
     @property
     def text_thresholds(self) -> torch.Tensor:

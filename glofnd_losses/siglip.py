@@ -14,7 +14,7 @@ from glofnd_losses.functional import RowTerms, sigmoid_rows
 from glofnd_losses.image_text import ImageTextLossBase
 from glofnd_losses.thresholds import ThresholdOptimizer
 
-_SCALE, _BIAS = "open_clip's logit_scale.exp()", "open_clip's logit_bias"
+_BIAS = "open_clip's logit_bias"
 SCORE_TOLERANCE = 2.0**-16
 """How far above a text's threshold an image row's score of the pair may lie and still count as kept
 by the text. The text rows compare their own product's scores; the image rows' product gives the
@@ -134,10 +134,7 @@ class GloFNDSigLipLoss(ImageTextLossBase):
         settings = self._begin_step()
         device = image_features.device
         with autocast_disabled(device.type):
-            checked = self._validate(
-                [("image_features", image_features), ("text_features", text_features)], indices, unit_norm=True
-            )
-            scale = image_text.scalar_input(logit_scale, device, "logit_scale", _SCALE, positive=True)
+            checked, scale = self._checked_inputs(image_features, text_features, indices, logit_scale)
             bias = None if logit_bias is None else image_text.scalar_input(logit_bias, device, "logit_bias", _BIAS)
             local_size = image_features.shape[0]
             image_bank, text_bank = image_text.banks(

@@ -10,6 +10,7 @@ from glofnd_losses import GloFNDClipLoss, GloFNDNTXent, GloFNDSigLipLoss, GloFND
 from tests import dist_cases
 from tests.multiprocess import run_ranks
 from tests.test_clip import make_pairs
+from tests.test_siglip import hand_written_filtered_loss
 
 
 def supervised_row_loss(logits: torch.Tensor, positive: int, negatives: list[int], flagged: list[int]) -> torch.Tensor:
@@ -112,30 +113,6 @@ def test_softmax_losses_attract_as_the_hand_written_loss(name: str) -> None:
     assert attracted > 0  # the case exercises attraction
 
 
-def siglip_attract_reference(
-    images: torch.Tensor,
-    texts: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    image_thresholds: torch.Tensor,
-    text_thresholds: torch.Tensor,
-) -> torch.Tensor:
-    """Each negative pair's two halves: ``z = -1`` where its side keeps it, ``z = +1`` where its side flags it."""
-    size = images.shape[0]
-    total = images.new_zeros(())
-    for i in range(size):
-        for j in range(size):
-            score = images[i] @ texts[j]
-            logit = scale * score + bias
-            if i == j:
-                total = total - F.logsigmoid(logit)
-                continue
-            for threshold in (image_thresholds[i], text_thresholds[j]):
-                label = 1.0 if score > threshold else -1.0
-                total = total - 0.5 * F.logsigmoid(label * logit)
-    return total / size
-
-
 def test_siglip_attracts_as_the_hand_written_loss() -> None:
     loss_fn = GloFNDSigLipLoss(30, alpha=0.15, treatment="attract", chunk_size=5)
     for images, texts, indices, _ in make_pairs(3, 12, 30, seed=3):
@@ -145,7 +122,7 @@ def test_siglip_attracts_as_the_hand_written_loss() -> None:
         loss.backward()
         inputs = [tensor.detach().double().requires_grad_(True) for tensor in (images, texts, scale, bias)]
         thresholds = (loss_fn.image_thresholds[indices].double(), loss_fn.text_thresholds[indices].double())
-        expected = siglip_attract_reference(*inputs, *thresholds)
+        expected = hand_written_filtered_loss(*inputs, *thresholds, attract=True)
         expected.backward()
         torch.testing.assert_close(loss.detach().double(), expected.detach(), rtol=1e-5, atol=1e-6)
         for got, reference in zip((*(leaf.grad for leaf in leaves), scale.grad, bias.grad), inputs):

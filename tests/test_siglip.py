@@ -54,8 +54,13 @@ def hand_written_filtered_loss(
     bias: torch.Tensor,
     image_thresholds: torch.Tensor,
     text_thresholds: torch.Tensor,
+    attract: bool = False,
 ) -> torch.Tensor:
-    """``-(1/b) sum_ij w_ij log sigmoid(z_ij x_ij)``, a negative's weight halved per flagging side, per pair."""
+    """``-(1/b) sum_ij log sigmoid(z_ij x_ij)`` per pair, each negative's term in two halves, one per side.
+
+    A side that keeps the pair (score at or below its threshold) gives its half with ``z = -1``; a
+    side that flags it gives nothing, or with ``attract`` its half with ``z = +1``.
+    """
     size = images.shape[0]
     total = images.new_zeros(())
     for i in range(size):
@@ -65,8 +70,11 @@ def hand_written_filtered_loss(
             if i == j:
                 total = total - F.logsigmoid(logit)
                 continue
-            kept_halves = 0.5 * float(score <= image_thresholds[i]) + 0.5 * float(score <= text_thresholds[j])
-            total = total - kept_halves * F.logsigmoid(-logit)
+            for threshold in (image_thresholds[i], text_thresholds[j]):
+                if score <= threshold:
+                    total = total - 0.5 * F.logsigmoid(-logit)
+                elif attract:
+                    total = total - 0.5 * F.logsigmoid(logit)
     return total / size
 
 
