@@ -45,9 +45,14 @@ class TinySimCLR(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         return [GloFNDCallback()] if self.use_callback else []
 
-    def on_train_start(self) -> None:
-        # After DDP wrapping and any checkpoint restore: give each rank its own value in a row no
-        # batch touches. Only DDP's buffer broadcast (from rank 0) can change it from here on.
+    def mark_rank(self) -> None:
+        """Give each rank its own value in a row no batch touches; only DDP's buffer broadcast
+        (from rank 0, before every forward) can change it from here on.
+
+        Set after the first step: the loss compares the ranks' states at its first call and would
+        refuse states that differ (a checkpoint loaded on one rank only), which is not what this
+        case is about.
+        """
         self.criterion.state.buffer("threshold")[MARKER] = -0.5 - self.global_rank * 0.25
         self.marker_at_start = float(self.criterion.state.buffer("threshold")[MARKER])
 
@@ -58,6 +63,8 @@ class TinySimCLR(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         view_0, view_1, indices = batch
         loss: torch.Tensor = self.criterion(self.encoder(view_0), self.encoder(view_1), indices)
+        if self.global_step == 0:
+            self.mark_rank()
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
