@@ -16,13 +16,14 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from glofnd_losses import distributed, engine, functional, host, validation
+from glofnd_losses import agreement, distributed, engine, functional, host, validation
+from glofnd_losses.accumulation import AccumulationWindow
 from glofnd_losses.detectors import Detector, Step, make_detector
 from glofnd_losses.host import LatchedHostFlag
 from glofnd_losses.state import Field, PerSampleState
@@ -48,15 +49,6 @@ class StepSettings:
     detector_step: Step
     filtering: bool
     gamma: float | None = None
-
-
-@dataclass
-class _AccumulationWindow:
-    """The calls of one accumulated optimiser step: how many, how many made, the first one's indices."""
-
-    calls: int
-    made: int = 0
-    indices: torch.Tensor | None = None
 
 
 @dataclass
@@ -170,7 +162,7 @@ class GloFNDLossBase(nn.Module):
         # A loop that never calls set_epoch stays in epoch 0: warned once after an epoch's worth of samples.
         self._epoch_was_set = False
         self._samples_in_epoch_zero = 0
-        self._accumulation: _AccumulationWindow | None = None
+        self._accumulation: AccumulationWindow | None = None
 
     def add_state(
         self, name: str, dtype: torch.dtype, init: float, minimum: float | None = None, maximum: float | None = None
@@ -278,7 +270,7 @@ class GloFNDLossBase(nn.Module):
                 f"begin_accumulation({calls}) during an accumulation of {window.calls} calls of which {window.made} "
                 "were made: finish its calls first"
             )
-        self._accumulation = _AccumulationWindow(calls) if calls > 1 else None
+        self._accumulation = AccumulationWindow(calls) if calls > 1 else None
 
     @contextlib.contextmanager
     def accumulation(self, num_calls: int) -> Iterator[None]:
@@ -317,27 +309,10 @@ class GloFNDLossBase(nn.Module):
         window = self._accumulation
         if window is None:
             return True
-        window.made += 1
-        if window.made < window.calls:
-            return False
-        self._accumulation = None
-        return True
-
-    def _check_accumulated_indices(self, indices: torch.Tensor) -> None:
-        """Every call of an accumulated step takes the first one's indices (compared where the host reads them)."""
-        window = self._accumulation
-        if window is None:
-            return
-        if window.made == 0:
-            window.indices = indices
-            return
-        assert window.indices is not None
-        same_shape = window.indices.shape == indices.shape
-        if not same_shape or (host.reads_without_sync(indices.device) and not torch.equal(window.indices, indices)):
-            raise ValueError(
-                f"indices: call {window.made + 1} of an accumulation of {window.calls} got other indices than the "
-                "first call: every call of an accumulated step takes the whole accumulated batch's indices"
-            )
+        last = window.count_call()
+        if last:
+            self._accumulation = None
+        return last
 
     # ------------------------------------------------------------------ loading a state
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -442,7 +417,8 @@ class GloFNDLossBase(nn.Module):
         validation.check_index_shape(indices, embeddings[0][1].shape[0])
         device = embeddings[0][1].device
         indices = indices.to(device=device, dtype=torch.int64)
-        self._check_accumulated_indices(indices)
+        if self._accumulation is not None:
+            self._accumulation.check_indices(indices)
         names = tuple(name for name, _ in embeddings)
         # A step without any collective (local contrast, no state rows to sync) keeps its errors to itself.
         collective = distributed.is_distributed() and (gathers or (self.updates_state and bool(self.state.fields)))
@@ -474,7 +450,7 @@ class GloFNDLossBase(nn.Module):
         """
         self._calls += 1
         if not self._ranks_agreed and distributed.is_distributed():
-            validation.raise_if_settings_differ(self._agreement_settings(), self._agreement_device())
+            validation.raise_if_settings_differ(agreement.loss_settings(self), agreement.state_device(self))
             self._ranks_agreed = True
         self._deferred.raise_if_any(call=self._calls)
         step = Step(learn=self.updates_state and self.learning, epoch=self.epoch, all_seeded=self._known_all_seeded())
@@ -517,42 +493,6 @@ class GloFNDLossBase(nn.Module):
         self._deferred.record(combined, self.num_samples, checked.names, due=due, rank=rank)
 
     # ------------------------------------------------------------------ agreement between ranks
-    def _agreement_settings(self) -> dict[str, str]:
-        """What every rank's loss must share: configuration, state fields, schedule position, state digest.
-
-        Not ``chunk_size``, which changes how the rows are computed, not what.
-        """
-        settings = {
-            "loss": type(self).__name__,
-            "num_samples": str(self.num_samples),
-            "alpha": repr(self.alpha),
-            "detector": repr(self.detector.name),
-            "start_epoch": str(self.start_epoch),
-            "start_step": str(self.start_step),
-            "filter_start_epoch": str(self.filter_start_epoch),
-        }
-        for part in filter(None, self._loss_settings().split(", ")):
-            key, _, value = part.partition("=")
-            settings[key] = value
-        optimizer = getattr(self.detector, "optimizer", None)
-        if isinstance(optimizer, ThresholdOptimizer):
-            settings.update({f"threshold_optimizer.{key}": repr(value) for key, value in asdict(optimizer).items()})
-        settings["state fields"] = ", ".join(f"{name}: {field.dtype}" for name, field in self.state.fields.items())
-        settings["(epoch, step)"] = f"({self.epoch}, {self.step})"
-        if self.state.fields:
-            # Differs where one rank loaded a checkpoint and another did not, or another one. Ten
-            # digits: equal states on different device models may round the last bits apart.
-            digests = torch.stack([_sum_and_squares(self.state.buffer(name)) for name in self.state.fields])
-            for name, (total, squares) in zip(self.state.fields, digests.tolist()):  # once per run
-                settings[f"state.{name} (sum, sum of squares)"] = f"({total:.10g}, {squares:.10g})"
-        return settings
-
-    def _agreement_device(self) -> torch.device:
-        """Where the agreement's gathers run: the state's device, else the process group's."""
-        for buffer in self.state.buffers():
-            return buffer.device
-        return distributed.collective_device()
-
     # ------------------------------------------------------------------ the engine
     def _run_bank(
         self,
@@ -675,12 +615,6 @@ def _caller_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
-
-
-def _sum_and_squares(values: torch.Tensor) -> torch.Tensor:
-    """``[sum, sum of squares]`` of a state buffer in float64 (one float64 copy at a time)."""
-    values = values.double()
-    return torch.stack([values.sum(), values.square().sum()])
 
 
 def check_int_at_least(name: str, value: Any, minimum: int, meaning: str = "") -> int:

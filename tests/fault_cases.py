@@ -87,6 +87,7 @@ MISMATCHES: list[tuple[str, str, list[dict[str, Any]]]] = [
     ("estimator", "clip", [{}, {"estimator": "sogclr"}]),
     ("threshold_optimizer.rule", "ntxent", [{"rule": "adam"}, {"rule": "sgd"}]),
     ("alpha", "clip", [{}, {"alpha": 0.2}]),
+    ("treatment", "ntxent", [{}, {"treatment": "attract"}]),
     ("gather_distributed", "ntxent", [{}, {"gather_distributed": False}]),
     ("state fields", "sogclr", [{}, {"detector": None}]),
     ("loss", "sogclr", [{}, {"loss": "ntxent"}]),
