@@ -1,7 +1,7 @@
 """What every rank's loss must share, compared once at the first call of a multi-rank run.
 
 A loss built differently on some rank (another ``num_samples``, detector, estimator, threshold
-rule, treatment) or holding another state (a checkpoint loaded on one rank only) would crash the
+rule, treatment, state sharding) or holding another state (a checkpoint loaded on one rank only) would crash the
 state's all-gather or silently diverge; :func:`glofnd_losses.validation.raise_if_settings_differ`
 compares these settings across ranks and names every difference on every rank.
 """
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from glofnd_losses import distributed
+from glofnd_losses.sharding import current_layout
 from glofnd_losses.thresholds import ThresholdOptimizer
 
 if TYPE_CHECKING:
@@ -41,9 +42,13 @@ def loss_settings(loss: GloFNDLossBase) -> dict[str, str]:
     optimizer = getattr(loss.detector, "optimizer", None)
     if isinstance(optimizer, ThresholdOptimizer):
         settings.update({f"threshold_optimizer.{key}": repr(value) for key, value in asdict(optimizer).items()})
+    settings["state_sharding"] = repr(loss.state.sharding)
     settings["state fields"] = ", ".join(f"{name}: {field.dtype}" for name, field in loss.state.fields.items())
     settings["(epoch, step)"] = f"({loss.epoch}, {loss.step})"
-    if loss.state.fields:
+    if loss.state.sharding == "sharded":
+        # Each rank holds its own block: the ranks' blocks differ by design and have no common digest.
+        settings["state ownership"] = current_layout(loss.num_samples, "sharded").describe()
+    elif loss.state.fields:
         # Differs where one rank loaded a checkpoint and another did not, or another one. Ten
         # digits: equal states on different device models may round the last bits apart.
         digests = torch.stack([_sum_and_squares(loss.state.buffer(name)) for name in loss.state.fields])

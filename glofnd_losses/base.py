@@ -26,6 +26,7 @@ from glofnd_losses import agreement, distributed, engine, functional, host, vali
 from glofnd_losses.accumulation import AccumulationWindow
 from glofnd_losses.detectors import Detector, Step, make_detector
 from glofnd_losses.host import LatchedHostFlag
+from glofnd_losses.sharding import check_state_sharding
 from glofnd_losses.state import Field, PerSampleState
 from glofnd_losses.thresholds import ThresholdOptimizer
 
@@ -106,6 +107,7 @@ class GloFNDLossBase(nn.Module):
         banks: Threshold bank prefixes (one per anchor modality).
         treatment: What becomes of flagged negatives: ``"eliminate"`` (they leave the loss, the
             paper) or ``"attract"`` (they become extra positives, Huynh et al.'s other treatment).
+        state_sharding: ``"replicated"`` or ``"sharded"`` (see :mod:`glofnd_losses.sharding`).
 
     Examples:
         See :class:`~glofnd_losses.GloFNDSogCLRLoss` and :class:`~glofnd_losses.GloFNDNTXent`.
@@ -123,6 +125,7 @@ class GloFNDLossBase(nn.Module):
         chunk_size: int | None = None,
         banks: Sequence[str] = ("",),
         treatment: str = "eliminate",
+        state_sharding: str = "replicated",
     ) -> None:
         super().__init__()
         num_samples = check_int_at_least("num_samples", num_samples, 1, "the data set size")
@@ -144,7 +147,7 @@ class GloFNDLossBase(nn.Module):
         fields: dict[str, Field] = {}
         for prefix in self.banks:
             fields.update(self.detector.fields(prefix))
-        self.state = PerSampleState(num_samples, fields)
+        self.state = PerSampleState(num_samples, fields, check_state_sharding(state_sharding))
         self.epoch = 0
         self.step = 0
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -223,9 +226,9 @@ class GloFNDLossBase(nn.Module):
     def _check_seeding(self) -> None:
         """Start a non-blocking check of whether every sample's threshold has been visited."""
         self._known_all_seeded()  # first forget what a loaded state made stale
-        visits = [self.state.buffer(name) for name in self.state.fields if name.endswith("threshold_visits")]
-        if visits:
-            self._all_seeded.check(torch.stack([(count > 0).all() for count in visits]).all())
+        visits = [name for name in self.state.fields if name.endswith("threshold_visits")]
+        if visits:  # a collective when the state is sharded: every rank reaches this in the same step
+            self._all_seeded.check(self.state.all_true(lambda count: count > 0, visits))
 
     @property
     def learning(self) -> bool:
@@ -596,6 +599,7 @@ class GloFNDLossBase(nn.Module):
             + f"filter_start_epoch={self.filter_start_epoch}"
             + (f", treatment={self.treatment!r}" if self.treatment != "eliminate" else "")
             + (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "")
+            + (f", state_sharding={self.state.sharding!r}" if self.state.sharding != "replicated" else "")
         )
 
 

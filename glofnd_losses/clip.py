@@ -72,6 +72,9 @@ class GloFNDClipLoss(ImageTextLossBase):
             within a fixed memory budget, so peak memory stays flat as the batch grows.
         treatment: ``"eliminate"`` (flagged negatives leave the loss) or ``"attract"`` (they become
             extra positives: ``-(1/|P|) sum_{q in P} log softmax_q``; ``"minibatch"`` only).
+        state_sharding: ``"replicated"`` (every rank stores every sample's row) or ``"sharded"``
+            (each rank stores a contiguous block of rows and a step fetches its anchors' rows from
+            their owners: per-rank memory divided by the world size; see docs/sharded_state.md).
 
     Examples:
         >>> import torch
@@ -105,6 +108,7 @@ class GloFNDClipLoss(ImageTextLossBase):
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
         treatment: str = "eliminate",
+        state_sharding: str = "replicated",
     ) -> None:
         _check_estimator_settings(estimator, temperature, gamma, gamma_min, gamma_decay_epochs)
         if treatment == "attract" and estimator != "minibatch":
@@ -114,7 +118,7 @@ class GloFNDClipLoss(ImageTextLossBase):
             )
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch,
-            chunk_size, banks=("image_", "text_"), treatment=treatment,
+            chunk_size, banks=("image_", "text_"), treatment=treatment, state_sharding=state_sharding,
         )  # fmt: skip
         if estimator != "minibatch":
             self.add_state("u_image", torch.float32, 0.0, minimum=0.0)

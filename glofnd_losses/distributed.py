@@ -12,6 +12,10 @@ am I) and calls two gathers in the training step:
   otherwise. accelerate's default state on a CPU-only host can report a single process while two
   ranks are running, which would make its gather silently return only the local rows.
 
+The sharded per-sample state (:mod:`glofnd_losses.sharding`) adds :func:`exchange_blocks`, an
+all-to-all that brings each rank the rows its anchors need from their owners, and
+:func:`all_ranks_true`, a logical and over ranks.
+
 Two more serve agreement between ranks: :func:`gather_host_ints` (the CPU step's batch sizes and
 input check results) and :func:`gather_texts` (the configurations, compared once).
 
@@ -188,3 +192,29 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
         gathered: torch.Tensor = gather(tensor.contiguous())
         return gathered
     return _all_gather_cat(tensor)
+
+
+@torch.compiler.disable
+def exchange_blocks(tensor: torch.Tensor) -> torch.Tensor:
+    """Send block ``q`` of ``tensor`` to rank ``q``; receive every rank's block for this rank.
+
+    ``tensor`` holds ``world_size`` equal blocks along dim 0, in rank order. The result holds, in
+    rank order, the block each rank addressed to this one (one ``all_to_all_single`` with equal
+    splits: the split sizes need no host read). Without a process group the input is returned.
+    """
+    if not is_distributed():
+        return tensor
+    check_equal_sizes(tensor)
+    received = torch.empty_like(tensor)
+    dist.all_to_all_single(received, tensor.contiguous())
+    return received
+
+
+@torch.compiler.disable
+def all_ranks_true(condition: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: whether ``condition`` (0-d bool) holds on every rank (one all-reduce)."""
+    if not is_distributed():
+        return condition
+    as_int = condition.to(torch.int32).reshape(1)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MIN)
+    return as_int[0] > 0

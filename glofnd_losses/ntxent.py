@@ -42,6 +42,9 @@ class GloFNDNTXent(GloFNDLossBase):
             within a fixed memory budget, so peak memory stays flat as the batch grows.
         treatment: ``"eliminate"`` (flagged negatives leave the loss) or ``"attract"`` (they become
             extra positives: ``-(1/|P|) sum_{q in P} log softmax_q`` over the positive and every negative).
+        state_sharding: ``"replicated"`` (every rank stores every sample's row) or ``"sharded"``
+            (each rank stores a contiguous block of rows and a step fetches its anchors' rows from
+            their owners: per-rank memory divided by the world size; see docs/sharded_state.md).
 
     Examples:
         >>> import torch
@@ -68,6 +71,7 @@ class GloFNDNTXent(GloFNDLossBase):
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
         treatment: str = "eliminate",
+        state_sharding: str = "replicated",
     ) -> None:
         bank_size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size or (0,))
         if bank_size[0] != 0:  # lightly's rule: a bank of 0 items, (0,) or (0, dim), is no bank
@@ -81,7 +85,7 @@ class GloFNDNTXent(GloFNDLossBase):
         check_finite_positive("temperature", temperature)
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size,
-            treatment=treatment,
+            treatment=treatment, state_sharding=state_sharding,
         )  # fmt: skip
         self.temperature = float(temperature)
         self.gather_distributed = bool(gather_distributed)

@@ -62,6 +62,9 @@ class GloFNDSigLipLoss(ImageTextLossBase):
             within a fixed memory budget.
         treatment: ``"eliminate"`` (a flagging side's half of the pair's negative term leaves the
             sum) or ``"attract"`` (that half's label flips to ``+1``: the pair is pulled together).
+        state_sharding: ``"replicated"`` (every rank stores every sample's row) or ``"sharded"``
+            (each rank stores a contiguous block of rows and a step fetches its anchors' rows from
+            their owners: per-rank memory divided by the world size; see docs/sharded_state.md).
 
     Examples:
         >>> import torch
@@ -93,10 +96,11 @@ class GloFNDSigLipLoss(ImageTextLossBase):
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
         treatment: str = "eliminate",
+        state_sharding: str = "replicated",
     ) -> None:
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch,
-            chunk_size, banks=("image_", "text_"), treatment=treatment,
+            chunk_size, banks=("image_", "text_"), treatment=treatment, state_sharding=state_sharding,
         )  # fmt: skip
         if dist_impl is not None and dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")

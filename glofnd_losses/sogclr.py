@@ -52,6 +52,9 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
             within a fixed memory budget, so peak memory stays flat as the batch grows.
         treatment: ``"eliminate"`` only (flagged negatives leave the loss): SogCLR tracks its
             denominator with ``u``, which has no attracted form.
+        state_sharding: ``"replicated"`` (every rank stores every sample's row) or ``"sharded"``
+            (each rank stores a contiguous block of rows and a step fetches its anchors' rows from
+            their owners: per-rank memory divided by the world size; see docs/sharded_state.md).
 
     Examples:
         >>> import torch
@@ -79,6 +82,7 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
         filter_start_epoch: int | None = None,
         chunk_size: int | None = None,
         treatment: str = "eliminate",
+        state_sharding: str = "replicated",
     ) -> None:
         if not MIN_TEMPERATURE <= temperature < math.inf:
             raise ValueError(
@@ -94,7 +98,7 @@ class GloFNDSogCLRLoss(GloFNDLossBase):
             )
         super().__init__(
             num_samples, alpha, detector, threshold_optimizer, start_epoch, start_step, filter_start_epoch, chunk_size,
-            treatment=treatment,
+            treatment=treatment, state_sharding=state_sharding,
         )  # fmt: skip
         self.add_state("u", torch.float32, 0.0, minimum=0.0)
         # A 0/1 byte, not bool: weight-averaging callbacks (Lightning's WeightAveraging) subtract buffers.

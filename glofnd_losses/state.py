@@ -24,8 +24,15 @@ With one process there is nothing to gather: the rows are written as they are, w
 last-occurrence rule and no float64 pack (some single-device backends, e.g. Apple's MPS, have no
 float64).
 
-The storage is a plain buffer per field. Moving it to the host or sharding it across ranks (for
-data sets of hundreds of millions of items) only changes :meth:`read` and :meth:`commit`.
+Sharded (``sharding="sharded"``, :mod:`glofnd_losses.sharding`): each rank stores only the block of
+rows it owns. :meth:`read` all-gathers the batch's indices and fetches every anchor's rows from its
+owner in one all-to-all; :meth:`commit` runs the same all-gather as above and every rank writes the
+rows it owns. Both are collectives in every step (also in evaluation). Per-rank memory is
+``num_samples * bytes per row / world_size``; per-step traffic is ``O(global batch)``, as in the
+replicated state. ``state_dict()`` holds the blocks as DTensors sharded on dim 0, so
+``torch.distributed.checkpoint`` saves them at one world size and loads them at another. The
+blocks are laid out when the table is first used under a process group, so a loss built before
+``init_process_group`` (a LightningModule's ``__init__``) never allocates every row.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 from torch import nn
 
 from glofnd_losses import distributed
+from glofnd_losses.sharding import Layout, check_state_sharding, current_layout
 
 
 @dataclass(frozen=True)
@@ -51,12 +59,15 @@ class Field:
         init: Initial value of every row.
         minimum: Smallest value a loaded state may hold (None: no bound). Values are always finite.
         maximum: Largest value a loaded state may hold (None: no bound).
+        saturates: Whole-number fields only: a count that stops at ``maximum``; a loaded value
+            above it (a checkpoint stored with a wider type) is read as ``maximum``.
     """
 
     dtype: torch.dtype
     init: float
     minimum: float | None = None
     maximum: float | None = None
+    saturates: bool = False
 
     def range_text(self) -> str:
         """The values this field accepts, for error messages: ``"finite values in [-1.0, 1.0]"``."""
@@ -73,6 +84,12 @@ def checked_rows(key: str, value: Any, field: Field, num_samples: int) -> torch.
     (whole numbers for integer fields) and lie in the field's range. Reads every value: meant for
     load time, not the training step.
     """
+    check_global_shape(key, value, num_samples)
+    return checked_values(key, value, field)
+
+
+def check_global_shape(key: str, value: Any, num_samples: int) -> None:
+    """A ValueError naming ``key`` unless ``value`` is a tensor of shape ``(num_samples,)`` (a DTensor's global shape)."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{key} must be a tensor of shape ({num_samples},), got {type(value).__name__}")
     if tuple(value.shape) != (num_samples,):
@@ -80,9 +97,15 @@ def checked_rows(key: str, value: Any, field: Field, num_samples: int) -> torch.
             f"{key} must have shape (num_samples={num_samples},), got {tuple(value.shape)}: "
             "was the state saved by a loss with another num_samples?"
         )
+
+
+def checked_values(key: str, value: torch.Tensor, field: Field) -> torch.Tensor:
+    """``value`` converted to ``field.dtype`` (saturating counts clamped), or a ValueError naming ``key``."""
     if value.is_complex():
         raise ValueError(f"{key} must hold real numbers (stored as {field.dtype}), got dtype {value.dtype}")
     value = value.detach()
+    if field.saturates and field.maximum is not None and not value.is_meta:
+        value = torch.where(value > field.maximum, torch.full_like(value, field.maximum), value)
     converted = value.to(field.dtype)
     if value.is_meta:  # no values to check
         return converted
@@ -132,6 +155,8 @@ class PerSampleState(nn.Module):
     Args:
         num_samples: Number of data set items (rows). Indices must lie in ``[0, num_samples)``.
         fields: Field name to declaration. Buffer names are the field names.
+        sharding: ``"replicated"`` (every rank stores every row) or ``"sharded"`` (each rank its
+            block, :mod:`glofnd_losses.sharding`).
 
     Examples:
         >>> import torch
@@ -147,11 +172,18 @@ class PerSampleState(nn.Module):
         tensor([0.5000, 0.2500])
     """
 
-    def __init__(self, num_samples: int, fields: dict[str, Field]) -> None:
+    def __init__(self, num_samples: int, fields: dict[str, Field], sharding: str = "replicated") -> None:
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         self.num_samples = int(num_samples)
+        self.sharding = check_state_sharding(sharding)
+        # The rows this rank stores; None until a sharded table is first used (see _ensure_layout).
+        self.layout: Layout | None = None
+        if sharding == "replicated" or distributed.is_distributed():
+            self.layout = current_layout(self.num_samples, sharding)
+        # Whether nothing was written or loaded yet: only such a table may be laid out anew.
+        self._pristine = True
         self.fields: dict[str, Field] = {}
         for name, field in fields.items():
             self.add(name, field)
@@ -166,7 +198,8 @@ class PerSampleState(nn.Module):
         to move: moved off it (``to_empty``) it starts from the fields' initial values.
         """
         for name, field in self.fields.items():
-            store = self.buffer(name)
+            store = self._buffers[name]
+            assert store is not None
             moved_to = fn(store[:1]).device
             if store.is_meta and moved_to.type != "meta":
                 self._buffers[name] = torch.full_like(store, field.init, device=moved_to)
@@ -174,10 +207,32 @@ class PerSampleState(nn.Module):
                 self._buffers[name] = store.to(device=moved_to)
         return self
 
+    def _ensure_layout(self) -> Layout:
+        """Lay the table out for the current process group, the first time it is used under it.
+
+        Raises:
+            RuntimeError: A sharded table that holds rows (written or loaded) under another
+                process group: its rows cannot be split anew in place.
+        """
+        wanted = current_layout(self.num_samples, self.sharding)
+        if wanted == self.layout:
+            return wanted
+        if self.layout is not None and not self._pristine:
+            raise RuntimeError(
+                f"the sharded per-sample state holds the rows of rank {self.layout.rank} of {self.layout.world_size}, "
+                f"but this process is rank {wanted.rank} of {wanted.world_size}: save it with "
+                "torch.distributed.checkpoint and load it at the new world size"
+            )
+        for name, field in self.fields.items():
+            device = self._buffers[name].device  # type: ignore[union-attr]
+            self._buffers[name] = _allocate(name, field, wanted.rows, device)
+        self.layout = wanted
+        return wanted
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Check every incoming field, then load them in their declared dtypes (all or nothing).
 
-        Every field present is checked (:func:`checked_rows`) before any is written, so a state
+        Every field present is checked (:meth:`checked_fields`) before any is written, so a state
         of another size or with a NaN leaves this table as it was. The fields are loaded in their
         declared dtypes, also with ``load_state_dict(..., assign=True)``: a plain load copies into
         the fp32 buffers; ``assign=True`` would keep a checkpoint's tensors as they are, so a
@@ -185,47 +240,96 @@ class PerSampleState(nn.Module):
         shallow copy: replacing its entries changes nothing of theirs.
         """
         state_dict.update(self.checked_fields(state_dict, prefix))
+        self._pristine = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """The rows as tensors of shape ``(num_samples,)``: sharded ones as DTensors over every rank.
+
+        A sharded table's entries are copies of this rank's block inside a DTensor sharded on
+        dim 0, the form ``torch.distributed.checkpoint`` saves and reshards; ``torch.save`` of
+        one rank's ``state_dict`` would hold that rank's block only.
+        """
+        layout = self._ensure_layout()
+        for name in self.fields:
+            store = self.buffer(name)
+            value = store if keep_vars else store.detach().clone()
+            destination[prefix + name] = _as_dtensor(value, layout) if layout.is_sharded else value
+
     def checked_fields(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
-        """The fields of ``state_dict`` under ``prefix``, checked and in their dtypes (absent ones left out).
+        """The fields of ``state_dict`` under ``prefix``: this rank's rows, checked and in their dtypes.
+
+        Absent fields are left out. A full ``(num_samples,)`` tensor gives this rank's block; a
+        DTensor sharded as this table gives its local block (other DTensors are gathered).
 
         Raises:
             ValueError: A field of another size, dtype or range, naming its key.
         """
-        return {
-            prefix + name: checked_rows(prefix + name, state_dict[prefix + name], field, self.num_samples)
-            for name, field in self.fields.items()
-            if prefix + name in state_dict
-        }
+        layout = self._ensure_layout()
+        checked = {}
+        for name, field in self.fields.items():
+            key = prefix + name
+            if key in state_dict:
+                check_global_shape(key, state_dict[key], self.num_samples)
+                checked[key] = checked_values(key, _rows_of(state_dict[key], layout), field)
+        return checked
 
     def add(self, name: str, field: Field) -> None:
-        """Declare one more field: a persistent buffer of ``num_samples`` rows at ``field.init``."""
+        """Declare one more field: a persistent buffer of this rank's rows at ``field.init``."""
         if name in self.fields:
             raise ValueError(f"per-sample field {name!r} is declared twice")
-        try:
-            values = torch.full((self.num_samples,), field.init, dtype=field.dtype)
-        except RuntimeError as error:  # the allocator's message names neither the argument nor the field
-            size = self.num_samples * torch.empty((), dtype=field.dtype).element_size()
-            raise RuntimeError(
-                f"num_samples={self.num_samples}: cannot allocate the per-sample field {name!r} "
-                f"({size / 2**30:.1f} GiB); is num_samples the data set's size?"
-            ) from error
+        rows = 0 if self.layout is None else self.layout.rows
         self.fields[name] = field
-        self.register_buffer(name, values, persistent=True)
+        self.register_buffer(name, _allocate(name, field, rows, torch.device("cpu")), persistent=True)
 
     def extra_repr(self) -> str:
-        return f"num_samples={self.num_samples}, fields=({', '.join(self.fields)})"
+        sharded = ", sharding='sharded'" if self.sharding == "sharded" else ""
+        return f"num_samples={self.num_samples}, fields=({', '.join(self.fields)}){sharded}"
+
+    @property
+    def owned_rows(self) -> range:
+        """The data set indices whose rows this rank stores (every index when replicated)."""
+        layout = self._ensure_layout()
+        return range(layout.start, layout.stop)
 
     def buffer(self, name: str) -> torch.Tensor:
-        """The full 1-D buffer of field ``name`` (not a copy)."""
+        """The 1-D buffer of field ``name`` (not a copy): this rank's rows, :attr:`owned_rows`."""
+        self._ensure_layout()
         value = getattr(self, name)
         assert isinstance(value, torch.Tensor)
         return value
 
+    def all_true(self, condition: Callable[[torch.Tensor], torch.Tensor], names: list[str]) -> torch.Tensor:
+        """0-d bool: whether ``condition`` (elementwise) holds for every row of fields ``names``, on every rank.
+
+        A collective when the table is sharded (every rank must call it in the same step).
+        """
+        layout = self._ensure_layout()
+        device = self.buffer(names[0]).device if names else torch.device("cpu")
+        local = torch.stack([condition(self.buffer(name)).all() for name in names]).all() if names else None
+        local = torch.ones((), dtype=torch.bool, device=device) if local is None else local
+        return distributed.all_ranks_true(local) if layout.is_sharded else local
+
     def read(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rows ``indices`` of every field (copies; indices must be valid)."""
-        return {name: self.buffer(name).index_select(0, indices) for name in self.fields}
+        """Rows ``indices`` of every field (copies; indices must be valid).
+
+        A collective when the table is sharded: every rank must call it in the same step with
+        the same number of indices.
+        """
+        layout = self._ensure_layout()
+        if not layout.is_sharded:
+            return {name: self.buffer(name).index_select(0, indices) for name in self.fields}
+        names = list(self.fields)
+        global_indices = distributed.gather_rows(indices)
+        local, owned = _local_positions(global_indices, layout)
+        packed = indices.new_zeros((global_indices.shape[0], len(names)), dtype=torch.float64)
+        if layout.rows > 0:
+            columns = [self.buffer(name).index_select(0, local).to(torch.float64) for name in names]
+            packed = torch.where(owned.unsqueeze(1), torch.stack(columns, dim=1), packed)
+        # Block q of ``packed`` holds rank q's anchors' rows where this rank owns them, else 0:
+        # after the exchange, exactly one rank (the owner) sent a non-zero row for each anchor.
+        received = distributed.exchange_blocks(packed).view(layout.world_size, indices.shape[0], len(names)).sum(0)
+        return {name: received[:, column].to(self.fields[name].dtype) for column, name in enumerate(names)}
 
     def commit(
         self,
@@ -236,7 +340,7 @@ class PerSampleState(nn.Module):
         """Write new rows for the local ``indices`` on every rank (one all-gather).
 
         Must be called by every rank in the same step (it is a collective when a process group
-        is active).
+        is active). Every rank writes the rows it stores: all of them, or its block.
 
         Args:
             indices: Local data set indices, 1-D int64 of length ``b`` (equal on every rank).
@@ -248,6 +352,8 @@ class PerSampleState(nn.Module):
             ``(world_size,)`` int64 error bits of every rank in rank order, on ``indices``' device
             (zeros where none were given); the caller raises from them without a host read.
         """
+        layout = self._ensure_layout()
+        self._pristine = False
         device = indices.device
         local_bits = torch.zeros((), dtype=torch.int64, device=device) if error_bits is None else error_bits
         if not distributed.is_distributed():
@@ -269,7 +375,11 @@ class PerSampleState(nn.Module):
         winning_rows = packed.index_select(0, _last_occurrence(global_indices))
         per_rank_bits = packed[:: indices.shape[0], 1].to(torch.int64)  # each rank's first row
         new_rows = {name: winning_rows[:, column] for column, name in enumerate(names, 2)}
-        self._write(global_indices, new_rows, (per_rank_bits == 0).all())
+        valid = (per_rank_bits == 0).all()
+        if layout.is_sharded:
+            self._write_owned(global_indices, new_rows, valid, layout)
+        else:
+            self._write(global_indices, new_rows, valid)
         return per_rank_bits
 
     def _write(self, indices: torch.Tensor, rows: dict[str, torch.Tensor], valid: torch.Tensor | None) -> None:
@@ -280,3 +390,76 @@ class PerSampleState(nn.Module):
             if valid is not None:
                 new_values = torch.where(valid, new_values, store.index_select(0, indices))
             store.index_copy_(0, indices, new_values)
+
+    def _write_owned(
+        self, global_indices: torch.Tensor, rows: dict[str, torch.Tensor], valid: torch.Tensor, layout: Layout
+    ) -> None:
+        """Write the rows of the indices this rank owns (one value per index), without a host read.
+
+        A scatter needs a target for every position: each position another rank owns is sent to
+        the target of one owned position, carrying that position's value (so every write to a
+        target carries the same value and none races); when no position is owned, every position
+        rewrites one row with its own value.
+        """
+        if layout.rows == 0:
+            return
+        local, owned = _local_positions(global_indices, layout)
+        representative = owned.to(torch.uint8).argmax()  # an owned position, if any
+        positions = torch.arange(global_indices.shape[0], device=global_indices.device)
+        source = torch.where(owned, positions, representative)
+        targets = local.index_select(0, source)
+        keep_new = owned.index_select(0, source) & valid
+        self._write(targets, {name: values.index_select(0, source) for name, values in rows.items()}, keep_new)
+
+
+def _local_positions(global_indices: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each index's row in this rank's block (clamped into it) and whether this rank owns it."""
+    owned = (global_indices >= layout.start) & (global_indices < layout.stop)
+    local = (global_indices - layout.start).clamp(0, max(layout.rows - 1, 0))
+    return local, owned
+
+
+def _allocate(name: str, field: Field, rows: int, device: torch.device) -> torch.Tensor:
+    """``rows`` values of ``field`` at its initial value, or an error naming the field and its size."""
+    try:
+        return torch.full((rows,), field.init, dtype=field.dtype, device=device)
+    except RuntimeError as error:  # the allocator's message names neither the argument nor the field
+        size = rows * torch.empty((), dtype=field.dtype).element_size()
+        raise RuntimeError(
+            f"num_samples: cannot allocate {rows} rows of the per-sample field {name!r} "
+            f"({size / 2**30:.1f} GiB); is num_samples the data set's size? (state_sharding='sharded' "
+            "splits the rows over the ranks)"
+        ) from error
+
+
+def _device_mesh(device_type: str) -> Any:
+    """The one-dimensional mesh of every rank of the default process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (distributed.world_size(),))
+
+
+def _as_dtensor(block: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """This rank's ``block`` as a DTensor of ``layout.num_samples`` rows sharded on dim 0."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = _device_mesh(block.device.type)
+    return DTensor.from_local(
+        block, mesh, [Shard(0)], run_check=False, shape=torch.Size([layout.num_samples]), stride=(1,)
+    )
+
+
+def _rows_of(value: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The rows of ``layout``'s block in a loaded field (a full tensor or a DTensor)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(value, DTensor):
+        same_split = (
+            layout.is_sharded
+            and value.device_mesh.size() == layout.world_size
+            and tuple(value.placements) == (Shard(0),)
+        )
+        if same_split:
+            return value.to_local()
+        value = value.full_tensor()
+    return value[layout.start : layout.stop]

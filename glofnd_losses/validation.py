@@ -179,7 +179,7 @@ def check_values_eagerly(
         offsets, tolerance = _norm_offsets(tensor)
         worst = int(offsets.argmax())
         if float(offsets[worst]) > tolerance:
-            norm = float(torch.linalg.vector_norm(tensor[worst].float()))
+            norm = float(torch.linalg.vector_norm(tensor[worst].detach().float()))
             raise ValueError(f"{_not_unit_norm(name)}, got a row of norm {norm:.4g} (the state was left unchanged)")
 
 

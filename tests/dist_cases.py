@@ -40,10 +40,17 @@ def run_steps(
         assert z1.grad is not None and z2.grad is not None
         values.append(loss.detach())
         grads.append((z1.grad.clone(), z2.grad.clone()))
+    return {"values": values, "grads": grads, "state": local_state(loss_fn)}
+
+
+def local_state(loss_fn: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the loss's state entries: this rank's block of a sharded field, else the tensor."""
+    from torch.distributed.tensor import DTensor
+
     return {
-        "values": values,
-        "grads": grads,
-        "state": {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in loss_fn.state_dict().items()},
+        key: (value.to_local() if isinstance(value, DTensor) else value).clone()
+        for key, value in loss_fn.state_dict().items()
+        if isinstance(value, torch.Tensor)
     }
 
 
@@ -189,8 +196,7 @@ def run_clip_steps(
         out["contrastive_loss"].backward()
         values.append(out["contrastive_loss"].detach())
         grads.append((image_part.grad, text_part.grad, logit_scale.grad))
-    state = {k: v.clone() for k, v in loss_fn.state_dict().items() if isinstance(v, torch.Tensor)}
-    return {"values": values, "grads": grads, "state": state}
+    return {"values": values, "grads": grads, "state": local_state(loss_fn)}
 
 
 def clip_equivalence_case(
