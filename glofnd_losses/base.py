@@ -381,10 +381,14 @@ class GloFNDLossBase(nn.Module):
 
     @property
     def threshold_visits(self) -> torch.Tensor:
-        """Training steps that updated each sample's thresholds, ``(num_samples,)`` int32.
+        """Training steps that updated each sample's thresholds, ``(num_samples,)``.
 
         0 marks a sample whose threshold was never learned (still at its initial value). With two
-        threshold banks (CLIP) both are updated by the same steps.
+        threshold banks (CLIP) both are updated by the same steps. A ``uint8`` that stops at 255
+        where the threshold rule stops reading the count after a few visits (the default rule),
+        else ``int32`` (:func:`glofnd_losses.thresholds.threshold_fields`). With
+        ``state_sharding="sharded"`` this and the other per-sample views hold this rank's rows
+        only, ``loss.state.owned_rows``.
 
         A copy (``num_samples`` values per access; nothing in the training step reads it), so
         that writing to it cannot change the state: a view would write through. The same holds

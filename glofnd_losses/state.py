@@ -225,7 +225,7 @@ class PerSampleState(nn.Module):
             )
         for name, field in self.fields.items():
             device = self._buffers[name].device  # type: ignore[union-attr]
-            self._buffers[name] = _allocate(name, field, wanted.rows, device)
+            self._buffers[name] = _allocate(name, field, wanted.rows, device, self.num_samples)
         self.layout = wanted
         return wanted
 
@@ -246,14 +246,16 @@ class PerSampleState(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         """The rows as tensors of shape ``(num_samples,)``: sharded ones as DTensors over every rank.
 
-        A sharded table's entries are copies of this rank's block inside a DTensor sharded on
-        dim 0, the form ``torch.distributed.checkpoint`` saves and reshards; ``torch.save`` of
-        one rank's ``state_dict`` would hold that rank's block only.
+        As ``nn.Module``'s, the entries share the buffers' storage (weight averaging such as
+        timm's EMA writes through them). A sharded table's entry wraps this rank's block in a
+        DTensor sharded on dim 0, the form ``torch.distributed.checkpoint`` saves and reshards
+        (and loads in place); ``torch.save`` of one rank's ``state_dict`` would hold that rank's
+        block only.
         """
         layout = self._ensure_layout()
         for name in self.fields:
             store = self.buffer(name)
-            value = store if keep_vars else store.detach().clone()
+            value = store if keep_vars else store.detach()
             destination[prefix + name] = _as_dtensor(value, layout) if layout.is_sharded else value
 
     def checked_fields(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
@@ -280,7 +282,7 @@ class PerSampleState(nn.Module):
             raise ValueError(f"per-sample field {name!r} is declared twice")
         rows = 0 if self.layout is None else self.layout.rows
         self.fields[name] = field
-        self.register_buffer(name, _allocate(name, field, rows, torch.device("cpu")), persistent=True)
+        self.register_buffer(name, _allocate(name, field, rows, torch.device("cpu"), self.num_samples), persistent=True)
 
     def extra_repr(self) -> str:
         sharded = ", sharding='sharded'" if self.sharding == "sharded" else ""
@@ -419,14 +421,14 @@ def _local_positions(global_indices: torch.Tensor, layout: Layout) -> tuple[torc
     return local, owned
 
 
-def _allocate(name: str, field: Field, rows: int, device: torch.device) -> torch.Tensor:
+def _allocate(name: str, field: Field, rows: int, device: torch.device, num_samples: int) -> torch.Tensor:
     """``rows`` values of ``field`` at its initial value, or an error naming the field and its size."""
     try:
         return torch.full((rows,), field.init, dtype=field.dtype, device=device)
     except RuntimeError as error:  # the allocator's message names neither the argument nor the field
         size = rows * torch.empty((), dtype=field.dtype).element_size()
         raise RuntimeError(
-            f"num_samples: cannot allocate {rows} rows of the per-sample field {name!r} "
+            f"num_samples={num_samples}: cannot allocate {rows} rows of the per-sample field {name!r} "
             f"({size / 2**30:.1f} GiB); is num_samples the data set's size? (state_sharding='sharded' "
             "splits the rows over the ranks)"
         ) from error

@@ -128,6 +128,22 @@ class ThresholdOptimizer:
         """
         return self.stop_at_batch_quantile or (self.init == "minibatch_quantile" and not all_seeded)
 
+    def visit_count_limit(self) -> int | None:
+        """Visits after which the rule reads nothing more from a sample's visit count (None: never).
+
+        The count decides the first visit (``0``), the decayed step size until it reaches
+        ``min_lr`` (``lr / sqrt(steps) <= min_lr`` from ``steps = (lr / min_lr) ** 2``) and Adam's
+        per-sample bias correction (forever). A count kept beyond this limit changes no result, so
+        it may be stored saturating in a small integer.
+        """
+        if self.rule == "adam" and self.bias_correction == "per_sample":
+            return None
+        if self.lr_decay == "inverse_sqrt":
+            if self.min_lr == 0:
+                return None
+            return math.ceil((self.lr / self.min_lr) ** 2) + 1
+        return 1
+
     @classmethod
     def paper(cls) -> ThresholdOptimizer:
         """The reference code's rule, for parity with the paper's experiments."""
@@ -158,17 +174,28 @@ class ThresholdOptimizer:
         return dataclasses.replace(cls.default(), stop_at_batch_quantile=False, grad_clip=3.0)
 
 
+VISIT_COUNT_SATURATION = 255
+"""Where a ``uint8`` visit count stops (:func:`threshold_fields`)."""
+
+
 def threshold_fields(prefix: str, optimizer: ThresholdOptimizer) -> dict[str, Field]:
     """Per-sample fields of one threshold bank, named ``{prefix}threshold`` etc.
 
-    Adam's two moments are stored only for ``rule="adam"``: the default (SGD) rule keeps a
-    threshold and a visit count per sample (8 bytes), and the state's all-gather sends these two
-    fields per anchor (as float64, beside the index and a validity flag).
+    Adam's two moments are stored only for ``rule="adam"``. The visit count is a ``uint8`` that
+    stops at 255 where the rule stops reading it after fewer visits
+    (:meth:`ThresholdOptimizer.visit_count_limit`), else an ``int32``: the default rule keeps
+    5 bytes per sample (a float32 threshold and a saturating count). Thresholds stay float32:
+    BENCHMARKS.md section 6 measures what 16-bit thresholds would cost.
     """
     # The bounds are what a loaded state may hold: every rule keeps thresholds in the score range.
+    limit = optimizer.visit_count_limit()
+    if limit is not None and limit <= VISIT_COUNT_SATURATION:
+        visits = Field(torch.uint8, 0, minimum=0, maximum=VISIT_COUNT_SATURATION, saturates=True)
+    else:
+        visits = Field(torch.int32, 0, minimum=0)
     fields = {
         f"{prefix}threshold": Field(torch.float32, 1.0, minimum=-1.0, maximum=1.0),
-        f"{prefix}threshold_visits": Field(torch.int32, 0, minimum=0),
+        f"{prefix}threshold_visits": visits,
     }
     if optimizer.rule == "adam":
         fields[f"{prefix}threshold_exp_avg"] = Field(torch.float32, 0.0)
@@ -182,7 +209,8 @@ class ThresholdRows:
 
     Attributes:
         threshold: ``(b,)`` float32 thresholds.
-        visits: ``(b,)`` int32 steps that updated each threshold.
+        visits: ``(b,)`` steps that updated each threshold (``uint8`` saturating at 255, or ``int32``:
+            :func:`threshold_fields`).
         exp_avg: ``(b,)`` Adam first moments (``rule="adam"`` only, else None).
         exp_avg_sq: ``(b,)`` Adam second moments (``rule="adam"`` only, else None).
     """
@@ -254,7 +282,7 @@ def _propose(
     grad = subgradient.to(torch.float32)
     if optimizer.grad_clip is not None:
         grad = grad.clamp(-optimizer.grad_clip, optimizer.grad_clip)
-    visits = rows.visits + 1
+    visits = rows.visits.to(torch.int32) + 1  # a uint8 count would wrap at 256
     # With a seeded start the first visit sets the threshold; Adam's own count starts after it.
     optimizer_steps = (rows.visits if optimizer.init == "minibatch_quantile" else visits).clamp_min(1).to(torch.float32)
     lr: torch.Tensor | float = optimizer.lr
@@ -281,7 +309,8 @@ def _propose(
             correction2 = 1 - torch.pow(beta2, optimizer_steps)
         direction = (exp_avg / correction1) / ((exp_avg_sq / correction2).sqrt() + optimizer.eps)
     threshold = (rows.threshold - lr * direction).clamp(-1.0, 1.0)
-    return ThresholdRows(threshold, visits.to(rows.visits.dtype), exp_avg, exp_avg_sq)
+    count_max = torch.iinfo(rows.visits.dtype).max
+    return ThresholdRows(threshold, visits.clamp_max(count_max).to(rows.visits.dtype), exp_avg, exp_avg_sq)
 
 
 def _stop_and_seed(

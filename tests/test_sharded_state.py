@@ -69,8 +69,14 @@ def assert_identical(replicated: dict[str, Any], sharded: dict[str, Any], owned:
 
 @pytest.mark.parametrize(
     ("case", "world_size", "accelerator_path"),
-    [("sogclr-default", 2, False), ("sogclr-adam", 3, False), ("ntxent", 3, True), ("clip-sogclr", 2, False),
-     ("clip-sogclr", 3, True), ("siglip", 2, False)],  # fmt: skip
+    [
+        ("sogclr-default", 2, False),
+        ("sogclr-adam", 3, False),
+        ("ntxent", 3, True),
+        ("clip-sogclr", 2, False),
+        ("clip-sogclr", 3, True),
+        ("siglip", 2, False),
+    ],  # fmt: skip
 )
 def test_sharded_state_equals_replicated(case: str, world_size: int, accelerator_path: bool) -> None:
     name, kwargs = CASES[case]
@@ -83,9 +89,9 @@ def test_sharded_state_equals_replicated(case: str, world_size: int, accelerator
         assert_identical(result["replicated"], result["sharded"], result["sharded"]["owned"])
     visits = [key for key in ranks[0]["replicated"]["state"] if key.endswith("threshold_visits")]
     assert visits and all(ranks[0]["replicated"]["state"][key].count_nonzero() > 0 for key in visits)
-    assert any(
-        int(result["sharded"]["state"][visits[0]].count_nonzero()) > 0 for result in ranks[1:]
-    ), "no rank but the first owned a visited row: the test would not exercise the fetch"
+    assert any(int(result["sharded"]["state"][visits[0]].count_nonzero()) > 0 for result in ranks[1:]), (
+        "no rank but the first owned a visited row: the test would not exercise the fetch"
+    )
 
 
 def test_tables_with_fewer_rows_than_ranks_and_refused_steps() -> None:
@@ -125,7 +131,13 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_one_and_three(name: str, tmp_p
 
     ranks = run_ranks(sharded_cases.resume_case, 3, loss_name, kwargs, later, path)
     for sharding in ("sharded", "replicated"):
-        after_load = full_state([result[sharding]["loaded"] for result in ranks], [result[sharding]["owned"] for result in ranks]) if sharding == "sharded" else ranks[0][sharding]["loaded"]  # noqa: E501
+        after_load = (
+            full_state(
+                [result[sharding]["loaded"] for result in ranks], [result[sharding]["owned"] for result in ranks]
+            )
+            if sharding == "sharded"
+            else ranks[0][sharding]["loaded"]
+        )  # noqa: E501
         for key, value in expected.items():
             assert torch.equal(after_load[key], value), f"{sharding}: {key}"
     for result in ranks:
@@ -140,7 +152,10 @@ def test_checkpoint_of_another_size_is_refused_by_name(tmp_path: Any) -> None:
     messages = run_ranks(sharded_cases.wrong_size_case, 2, {**kwargs, "num_samples": NUM_SAMPLES + 1}, path)
     for message in messages:
         assert message.startswith("CheckpointException"), message
-        assert "Size mismatch between saved torch.Size([40]) and current: torch.Size([41]) for loss.state.threshold" in message
+        assert (
+            "Size mismatch between saved torch.Size([40]) and current: torch.Size([41]) for loss.state.threshold"
+            in message
+        )
     bigger = GloFNDSogCLRLoss(NUM_SAMPLES + 1, state_sharding="sharded")
     with pytest.raises(ValueError, match=r"state\.threshold must have shape \(num_samples=41,\)"):
         bigger.load_state_dict(GloFNDSogCLRLoss(NUM_SAMPLES, state_sharding="sharded").state_dict())

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from glofnd_losses import functional, thresholds
 from glofnd_losses.detectors import GloFNDDetector, ScoreChunk, Step
-from glofnd_losses.thresholds import ThresholdOptimizer, ThresholdRows
+from glofnd_losses.thresholds import ThresholdOptimizer, ThresholdRows, step, threshold_fields
 
 
 def fresh(size: int = 3) -> ThresholdRows:
@@ -129,6 +129,7 @@ def test_bad_optimizer_settings_are_named(kwargs: dict, message: str) -> None:
 
 def test_normalize_grad_divides_the_subgradient_by_alpha() -> None:
     from glofnd_losses.detectors import GloFNDDetector, ScoreChunk, Step
+
     scores = torch.tensor([[[0.9, 0.5, 0.2, 0.7]]])
     excluded = torch.tensor([[0]])
     rows = ScoreChunk(scores, excluded)
@@ -187,3 +188,45 @@ def test_detector_takes_the_default_rule_step_and_flags_above_the_new_threshold(
         assert torch.equal(detection.unflagged(chunk), (scores <= bound) & negatives)
         assert torch.equal(detection.new_rows["threshold_visits"], expected.visits)
         state = detection.new_rows
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "dtype", "limit"),
+    [
+        (ThresholdOptimizer.default(), torch.uint8, 5),  # lr 0.2, floor 0.1: the decay ends at 4 steps
+        (ThresholdOptimizer.paper(), torch.uint8, 1),  # epoch bias correction: only the first visit counts
+        (ThresholdOptimizer.clipped(), torch.uint8, 5),
+        (ThresholdOptimizer(rule="adam"), torch.int32, None),  # per-sample bias correction reads every count
+        (ThresholdOptimizer(rule="sgd", lr_decay="inverse_sqrt"), torch.int32, None),  # no floor: decays forever
+    ],
+)
+def test_visit_counts_are_stored_in_a_byte_where_the_rule_stops_reading_them(
+    optimizer: ThresholdOptimizer, dtype: torch.dtype, limit: int | None
+) -> None:
+    assert optimizer.visit_count_limit() == limit
+    assert threshold_fields("", optimizer)["threshold_visits"].dtype == dtype
+
+
+def test_a_saturating_count_gives_the_thresholds_of_an_unbounded_one() -> None:
+    # 300 visits of the same rows: past the uint8 count's 255, bit for bit the int32 count's thresholds.
+    generator = torch.Generator().manual_seed(0)
+    optimizer = ThresholdOptimizer.default()
+    rows = {
+        dtype: ThresholdRows(torch.full((4,), 0.5), torch.zeros(4, dtype=dtype)) for dtype in (torch.uint8, torch.int32)
+    }
+    for _ in range(300):
+        subgradient = torch.randn(4, generator=generator)
+        quantile, spread = torch.rand(4, generator=generator), torch.rand(4, generator=generator)
+        rows = {dtype: step(row, subgradient, quantile, 0, optimizer, spread) for dtype, row in rows.items()}
+    assert rows[torch.uint8].visits.tolist() == [255] * 4 and rows[torch.int32].visits.tolist() == [300] * 4
+    assert torch.equal(rows[torch.uint8].threshold, rows[torch.int32].threshold)
+
+
+def test_a_checkpoint_with_wider_counts_loads_them_saturated() -> None:
+    from glofnd_losses import GloFNDNTXent
+
+    loss_fn = GloFNDNTXent(num_samples=4)
+    checkpoint = loss_fn.state_dict()
+    checkpoint["state.threshold_visits"] = torch.tensor([0, 3, 255, 70000], dtype=torch.int32)  # an int32 state
+    loss_fn.load_state_dict(checkpoint)
+    assert loss_fn.threshold_visits.tolist() == [0, 3, 255, 255]
