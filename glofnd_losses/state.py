@@ -89,7 +89,7 @@ def checked_rows(key: str, value: Any, field: Field, num_samples: int) -> torch.
 
 
 def check_global_shape(key: str, value: Any, num_samples: int) -> None:
-    """A ValueError naming ``key`` unless ``value`` is a tensor of shape ``(num_samples,)`` (a DTensor's global shape)."""
+    """A ValueError naming ``key`` unless ``value`` (a DTensor: its global shape) has shape ``(num_samples,)``."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{key} must be a tensor of shape ({num_samples},), got {type(value).__name__}")
     if tuple(value.shape) != (num_samples,):

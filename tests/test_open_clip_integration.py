@@ -524,3 +524,23 @@ def test_sample_key_index(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="outside the GloFND state of 10 rows"):
         SampleKeyIndex(10)("000000010")
     assert SampleKeyIndex(10)("000000009") == 9
+
+
+def test_a_sharded_state_saved_on_two_processes_resumes_on_one(data: Data, tmp_path: Path) -> None:
+    from glofnd_losses.integrations.open_clip import load_sharded_loss_state
+
+    logs, flags = tmp_path / "logs", [*_data_flags(data, "webdataset"), "--save-most-recent"]
+    _ok(train(data, logs, *flags, "--glofnd-state-sharding", "sharded", processes=2, epochs=1))
+    assert checkpoint_files(logs) == ["epoch_1.glofnd.dcp", "epoch_1.pt", "epoch_latest.glofnd.dcp", "epoch_latest.pt"]
+    saved = GloFNDClipLoss(NUM_SAMPLES, estimator="minibatch")  # one process: every row, from both files
+    assert load_sharded_loss_state(saved, str(logs / "run" / "checkpoints" / "epoch_1.glofnd.dcp")) == 1
+    for modality in ("image", "text"):
+        assert (saved.state.buffer(f"{modality}_threshold_visits") == 1).all()
+
+    _ok(train(data, logs, *flags, "--resume", "latest", processes=1, epochs=2))  # one process, replicated state
+    log = (logs / "run" / "out.log").read_text()
+    assert "GloFND: restored the loss state from" in log and "epoch_latest.glofnd.dcp" in log
+    resumed = state(logs, 2)
+    for modality in ("image", "text"):
+        assert (resumed[f"state.{modality}_threshold_visits"] == 2).all()
+    assert resumed["_extra_state"].tolist() == [1, saved.step + NUM_SAMPLES // 16]

@@ -60,7 +60,14 @@ Examples:
     (0.01, 'sogclr', 'train.csv')
 """
 
-from glofnd_losses.integrations.open_clip.checkpoint_files import load_loss_state, loss_state_path, save_loss_state
+from glofnd_losses.integrations.open_clip.checkpoint_files import (
+    load_loss_state,
+    load_sharded_loss_state,
+    loss_state_path,
+    save_loss_state,
+    save_sharded_loss_state,
+    sharded_state_path,
+)
 from glofnd_losses.integrations.open_clip.flags import (
     add_glofnd_arguments,
     check_supported,
@@ -77,8 +84,11 @@ __all__ = [
     "check_supported",
     "create_glofnd_loss",
     "load_loss_state",
+    "load_sharded_loss_state",
     "loss_state_path",
     "patch_open_clip_train",
     "save_loss_state",
+    "save_sharded_loss_state",
+    "sharded_state_path",
     "threshold_optimizer_from_args",
 ]

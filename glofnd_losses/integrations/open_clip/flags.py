@@ -67,6 +67,14 @@ def add_glofnd_arguments(parser: argparse.ArgumentParser) -> None:
     _add_threshold_arguments(add)
     _add_estimator_arguments(add)
     add(
+        "--glofnd-state-sharding",
+        choices=("replicated", "sharded"),
+        default="replicated",
+        help="Where the per-sample state lives: every row on every process, or each process its block (memory "
+        "divided by the processes; checkpoints written with torch.distributed.checkpoint, resumable at another "
+        "number of processes).",
+    )
+    add(
         "--glofnd-fresh-state",
         action="store_true",
         help="With --resume: start a new GloFND state if none was saved beside the checkpoint (default: error).",
@@ -254,6 +262,7 @@ def create_glofnd_loss(args: argparse.Namespace, num_samples: int | None = None)
         "threshold_optimizer": threshold_optimizer_from_args(args),
         "filter_start_epoch": args.glofnd_filter_start_epoch,
         "treatment": args.glofnd_treatment,
+        "state_sharding": getattr(args, "glofnd_state_sharding", "replicated"),
     }
     if getattr(args, "siglip", False):
         if args.glofnd_estimator != "minibatch":

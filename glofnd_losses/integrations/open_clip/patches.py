@@ -183,6 +183,7 @@ class _Patches:
             tb_writer=tb_writer,
         )
         loss.check_errors()
+        self.files.save_sharded_after_training(args, epoch + 1)
         return result
 
 
