@@ -48,6 +48,10 @@ def loss_settings(loss: GloFNDLossBase) -> dict[str, str]:
     if loss.state.sharding == "sharded":
         # Each rank holds its own block: the ranks' blocks differ by design and have no common digest.
         settings["state ownership"] = current_layout(loss.num_samples, "sharded").describe()
+        # False where DistributedDataParallel copied rank 0's buffers over this rank's block.
+        settings[
+            "each rank's state block its own (call ignore_loss_buffers_in_ddp(model) before wrapping it in DDP)"
+        ] = str(loss.state.blocks_untouched())
     elif loss.state.fields:
         # Differs where one rank loaded a checkpoint and another did not, or another one. Ten
         # digits: equal states on different device models may round the last bits apart.

@@ -149,6 +149,10 @@ def _last_occurrence(indices: torch.Tensor) -> torch.Tensor:
     return order[last_sorted]
 
 
+BLOCK_OWNER = "block_owner"
+"""Non-persistent buffer of a sharded table: the rank whose block it holds (see ``_mark_owner``)."""
+
+
 class PerSampleState(nn.Module):
     """A table of ``num_samples`` rows with named scalar fields, synced across ranks by index.
 
@@ -182,6 +186,7 @@ class PerSampleState(nn.Module):
         self.layout: Layout | None = None
         if sharding == "replicated" or distributed.is_distributed():
             self.layout = current_layout(self.num_samples, sharding)
+            self._mark_owner(self.layout, torch.device("cpu"))
         # Whether nothing was written or loaded yet: only such a table may be laid out anew.
         self._pristine = True
         self.fields: dict[str, Field] = {}
@@ -197,6 +202,9 @@ class PerSampleState(nn.Module):
         A table on the meta device (a model built under ``torch.device("meta")``) has no values
         to move: moved off it (``to_empty``) it starts from the fields' initial values.
         """
+        owner = self._buffers.get(BLOCK_OWNER)
+        if owner is not None:
+            self._buffers[BLOCK_OWNER] = owner.to(device=fn(owner[:1]).device)
         for name, field in self.fields.items():
             store = self._buffers[name]
             assert store is not None
@@ -223,11 +231,29 @@ class PerSampleState(nn.Module):
                 f"but this process is rank {wanted.rank} of {wanted.world_size}: save it with "
                 "torch.distributed.checkpoint and load it at the new world size"
             )
+        device = torch.device("cpu")
         for name, field in self.fields.items():
             device = self._buffers[name].device  # type: ignore[union-attr]
             self._buffers[name] = _allocate(name, field, wanted.rows, device, self.num_samples)
+        self._mark_owner(wanted, device)
         self.layout = wanted
         return wanted
+
+    def _mark_owner(self, layout: Layout, device: torch.device) -> None:
+        """Hold this rank's number in a buffer that DDP's buffer broadcast would overwrite (sharded only).
+
+        A loss inside a module wrapped by ``DistributedDataParallel`` has its buffers overwritten
+        by rank 0's at every forward unless they are ignored (:func:`glofnd_losses.ddp.ignore_loss_buffers_in_ddp`):
+        harmless for a replicated table, every other rank's rows lost for a sharded one. The
+        ranks compare :meth:`blocks_untouched` at their first call and refuse to go on.
+        """
+        if layout.is_sharded:
+            self.register_buffer(BLOCK_OWNER, torch.tensor([layout.rank], device=device), persistent=False)
+
+    def blocks_untouched(self) -> bool:
+        """Whether this rank's block still carries its own rank (reads the device: once per run)."""
+        owner = self._buffers.get(BLOCK_OWNER)
+        return owner is None or self.layout is None or int(owner[0]) == self.layout.rank
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Check every incoming field, then load them in their declared dtypes (all or nothing).

@@ -122,3 +122,37 @@ def mixed_sharding_case(rank: int, world_size: int) -> str:
     except ValueError as error:
         return str(error)
     return "no error"
+
+
+class _ModelWithLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(8, 8)
+        self.criterion = GloFNDSogCLRLoss(num_samples=40, alpha=0.1, state_sharding="sharded")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+def ddp_case(rank: int, world_size: int, use_helper: bool) -> str:
+    """A sharded loss inside a DDP-wrapped model, its buffers ignored by DDP or not: the error, if any."""
+    import gc
+
+    from glofnd_losses import ignore_loss_buffers_in_ddp
+
+    torch.manual_seed(0)
+    model = _ModelWithLoss()
+    if use_helper:
+        ignore_loss_buffers_in_ddp(model)
+    ddp_model = nn.parallel.DistributedDataParallel(model)
+    try:
+        for step in range(2):
+            x = torch.randn(4, 8)
+            z = ddp_model(x)
+            model.criterion(z, z + 0.1 * torch.randn(4, 8), torch.arange(4) + 4 * rank + 8 * step).backward()
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    del ddp_model
+    gc.collect()
+    return message

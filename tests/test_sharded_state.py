@@ -192,3 +192,13 @@ def test_dcp_checkpoint_of_a_replicated_single_process_loss_loads_sharded(tmp_pa
     dcp.load(loaded, checkpoint_id=path)
     sharded.load_state_dict(loaded["loss"])
     assert torch.equal(sharded.thresholds, replicated.thresholds) and sharded.step == 1
+
+
+@pytest.mark.parametrize("use_helper", [False, True])
+def test_a_sharded_loss_inside_ddp_needs_its_buffers_ignored(use_helper: bool) -> None:
+    # DDP copies rank 0's buffers over every rank's at each forward: rank 1's block would be lost.
+    for message in run_ranks(sharded_cases.ddp_case, 2, use_helper):
+        if use_helper:
+            assert message == "no error"
+        else:
+            assert "each rank's state block its own" in message and "rank 0 = True, rank 1 = False" in message, message
