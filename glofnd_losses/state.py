@@ -287,8 +287,8 @@ class PerSampleState(nn.Module):
     def checked_fields(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
         """The fields of ``state_dict`` under ``prefix``: this rank's rows, checked and in their dtypes.
 
-        Absent fields are left out. A full ``(num_samples,)`` tensor gives this rank's block; a
-        DTensor sharded as this table gives its local block (other DTensors are gathered).
+        Absent fields are left out. A full ``(num_samples,)`` tensor gives this rank's block; this
+        table's own DTensor entries (filled by ``torch.distributed.checkpoint``) their local block.
 
         Raises:
             ValueError: A field of another size, dtype or range, naming its key.
@@ -299,7 +299,8 @@ class PerSampleState(nn.Module):
             key = prefix + name
             if key in state_dict:
                 check_global_shape(key, state_dict[key], self.num_samples)
-                checked[key] = checked_values(key, _rows_of(state_dict[key], layout), field)
+                rows = _rows_of(key, state_dict[key], layout, self.buffer(name))
+                checked[key] = checked_values(key, rows, field)
         return checked
 
     def add(self, name: str, field: Field) -> None:
@@ -477,17 +478,23 @@ def _as_dtensor(block: torch.Tensor, layout: Layout) -> torch.Tensor:
     )
 
 
-def _rows_of(value: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The rows of ``layout``'s block in a loaded field (a full tensor or a DTensor)."""
-    from torch.distributed.tensor import DTensor, Shard
+def _rows_of(key: str, value: torch.Tensor, layout: Layout, store: torch.Tensor) -> torch.Tensor:
+    """The rows of ``layout``'s block in a loaded field: a full tensor, or this table's own DTensor entry.
 
-    if isinstance(value, DTensor):
-        same_split = (
-            layout.is_sharded
-            and value.device_mesh.size() == layout.world_size
-            and tuple(value.placements) == (Shard(0),)
-        )
-        if same_split:
-            return value.to_local()
-        value = value.full_tensor()
-    return value[layout.start : layout.stop]
+    A DTensor is accepted only where it wraps this rank's buffer (this table's ``state_dict()``
+    entry, filled in place by ``torch.distributed.checkpoint``). Any other DTensor cannot be told
+    apart from one that one rank saved with ``torch.save`` and every rank loaded, whose local
+    block is that rank's rows, not this one's.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(value, DTensor):
+        return value[layout.start : layout.stop]
+    local = value.to_local()
+    if local.untyped_storage().data_ptr() == store.untyped_storage().data_ptr() and local.shape == store.shape:
+        return local
+    raise ValueError(
+        f"{key} is a DTensor that is not this loss's own state_dict() entry: load sharded state with "
+        "torch.distributed.checkpoint into loss.state_dict() (or pass full (num_samples,) tensors). A "
+        "state_dict saved with torch.save by one rank holds that rank's rows only"
+    )

@@ -156,3 +156,17 @@ def ddp_case(rank: int, world_size: int, use_helper: bool) -> str:
     del ddp_model
     gc.collect()
     return message
+
+
+def torch_saved_by_rank_zero_case(rank: int, world_size: int, path: str) -> str:
+    """Rank 0 saves a sharded state_dict with torch.save (its rows only); every rank loads it: the error."""
+    source = GloFNDSogCLRLoss(40, state_sharding="sharded")
+    if rank == 0:
+        torch.save(source.state_dict(), path)
+    torch.distributed.barrier()
+    target = GloFNDSogCLRLoss(40, state_sharding="sharded")
+    try:
+        target.load_state_dict(torch.load(path, weights_only=True))
+    except ValueError as error:
+        return str(error)
+    return "no error"

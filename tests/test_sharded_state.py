@@ -202,3 +202,9 @@ def test_a_sharded_loss_inside_ddp_needs_its_buffers_ignored(use_helper: bool) -
             assert message == "no error"
         else:
             assert "each rank's state block its own" in message and "rank 0 = True, rank 1 = False" in message, message
+
+
+def test_a_state_dict_one_rank_saved_with_torch_save_is_refused(tmp_path: Any) -> None:
+    # Its DTensors hold rank 0's rows; taken as every rank's own block they would be silently wrong.
+    for message in run_ranks(sharded_cases.torch_saved_by_rank_zero_case, 2, str(tmp_path / "state.pt")):
+        assert "state.threshold is a DTensor that is not this loss's own state_dict() entry" in message, message
