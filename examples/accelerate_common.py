@@ -7,7 +7,9 @@
 * The loop (:func:`fit`) with accelerate's conventions for a GloFND loss: the loss is *not* passed
   to ``accelerator.prepare`` (it has no trainable parameters; DDP-wrapping it would be wrong), it
   is moved with ``loss.to(accelerator.device)`` and saved with ``register_for_checkpointing``
-  (accelerate saves it from the main process: the state is identical on every rank);
+  (accelerate saves it from the main process: the state is identical on every rank); a sharded
+  state (``--state-sharding sharded``) is written by every process with
+  :func:`glofnd_losses.checkpoint.save_state` into each checkpoint's ``glofnd_state/``;
   ``set_epoch`` every epoch; ``accelerator.save_state`` every ``--save-every`` steps and at every
   epoch end; ``--resume`` with ``accelerator.load_state`` and ``skip_first_batches``.
 * Logging (:class:`MetricLogger`): loss, flagged fraction, mean threshold and the false-negative
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 
 from glofnd_losses import ThresholdOptimizer
 from glofnd_losses.base import GloFNDLossBase
+from glofnd_losses.checkpoint import load_state, save_state
 
 CHECKPOINT_PREFIX = "step_"
 CSV_NAME = "metrics.csv"
@@ -98,6 +101,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_
         help="GloFND threshold update: the package default, the paper's Adam, or the default without its "
         "stop at the mini-batch quantile (gradient clipped at 3 instead; no per-step topk)",
     )
+    glofnd.add_argument(
+        "--state-sharding",
+        choices=("replicated", "sharded"),
+        default="replicated",
+        help="per-sample state on every process, or each process its block (saved with torch.distributed."
+        "checkpoint into each checkpoint's glofnd_state/; resume with the same choice)",
+    )
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--out", type=Path, default=Path("outputs") / parser.prog.removesuffix(".py"))
@@ -120,13 +130,14 @@ def glofnd_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The GloFND group's flags as keyword arguments of any GloFND loss.
 
     ``--alpha``, ``--start-epoch``, ``--detector`` (``"none"`` becomes None) and
-    ``--threshold-rule`` (a :class:`~glofnd_losses.ThresholdOptimizer`).
+    ``--threshold-rule`` (a :class:`~glofnd_losses.ThresholdOptimizer`), ``--state-sharding``.
     """
     return {
         "alpha": args.alpha,
         "start_epoch": args.start_epoch,
         "detector": None if args.detector == "none" else str(args.detector),
         "threshold_optimizer": THRESHOLD_RULES[args.threshold_rule](),
+        "state_sharding": args.state_sharding,
     }
 
 
@@ -351,10 +362,20 @@ def latest_checkpoint(out: Path) -> Path:
     return found[-1]
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> Path:
-    """``accelerator.save_state`` (call on every process) and removal of the oldest checkpoints."""
+SHARDED_STATE = "glofnd_state"
+"""A checkpoint's folder of a sharded loss state (accelerate saves registered objects on one process)."""
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, loss: GloFNDLossBase) -> Path:
+    """``accelerator.save_state`` (call on every process) and removal of the oldest checkpoints.
+
+    A sharded loss state is written by every process with ``torch.distributed.checkpoint`` into the
+    checkpoint's ``glofnd_state`` folder; a replicated one is one of accelerate's registered objects.
+    """
     directory = checkpoint_dir(out, step)
     accelerator.save_state(str(directory))
+    if loss.state.sharding == "sharded":
+        save_state(loss, directory / SHARDED_STATE)
     if accelerator.is_main_process and keep > 0:
         for old in sorted((out / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
             shutil.rmtree(old)
@@ -365,7 +386,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -
 def dump_loss_state(loss: nn.Module, directory: Path, name: str, accelerator: Accelerator, step: int) -> None:
     """Write this process's loss state to ``directory/<name>_rank<r>.pt`` (every process)."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in loss.state_dict().items()}
+    state = {key: _local(value) for key, value in loss.state_dict().items()}
     payload = {
         "step": step,
         "process_index": accelerator.process_index,
@@ -373,6 +394,15 @@ def dump_loss_state(loss: nn.Module, directory: Path, name: str, accelerator: Ac
         "loss_state": state,
     }
     torch.save(payload, directory / f"{name}_rank{accelerator.process_index}.pt")
+
+
+def _local(value: Any) -> Any:
+    """A state entry on the CPU: this process's rows of a sharded (DTensor) field."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.to_local().cpu()
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -428,9 +458,10 @@ def fit(accelerator: Accelerator, args: argparse.Namespace, training: Training) 
     """
     progress = TrainProgress()
     loss = training.loss.to(accelerator.device)
-    accelerator.register_for_checkpointing(loss, progress)
+    sharded = loss.state.sharding == "sharded"
+    accelerator.register_for_checkpointing(*([progress] if sharded else [loss, progress]))
     if args.resume:
-        resume(accelerator, args, progress)
+        resume(accelerator, args, progress, loss)
     steps_per_epoch, total = run_length(accelerator, args, training)
     if args.dump_state:
         dump_loss_state(loss, args.dump_state, "start", accelerator, progress.step)
@@ -452,7 +483,7 @@ def fit(accelerator: Accelerator, args: argparse.Namespace, training: Training) 
                 bar.set_postfix({name: f"{value:.4f}" for name, value in last.items() if name in BAR_METRICS})
             end_of_epoch = progress.step % steps_per_epoch == 0
             if progress.step % args.save_every == 0 or end_of_epoch or progress.step == total:
-                saved = save_checkpoint(accelerator, args.out, progress.step, args.keep)
+                saved = save_checkpoint(accelerator, args.out, progress.step, args.keep, loss)
             if progress.step >= total:
                 break
     bar.close()
@@ -471,10 +502,12 @@ def fit(accelerator: Accelerator, args: argparse.Namespace, training: Training) 
     }
 
 
-def resume(accelerator: Accelerator, args: argparse.Namespace, progress: TrainProgress) -> None:
+def resume(accelerator: Accelerator, args: argparse.Namespace, progress: TrainProgress, loss: GloFNDLossBase) -> None:
     """Load the state ``--resume`` names (a checkpoint directory, or ``latest`` under ``--out``)."""
     resume_dir = latest_checkpoint(args.out) if args.resume == "latest" else Path(args.resume)
     accelerator.load_state(str(resume_dir))
+    if loss.state.sharding == "sharded":
+        load_state(loss, resume_dir / SHARDED_STATE)  # at this run's number of processes
     accelerator.print(f"resumed from {resume_dir} at step {progress.step}")
 
 

@@ -66,6 +66,8 @@ from tqdm.auto import tqdm
 import glofnd_losses
 from glofnd_losses import GloFNDSogCLRLoss, functional, metrics
 
+# Measurement only (hidden --threshold-storage): dtypes the GloFND thresholds can be stored in.
+THRESHOLD_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STAT_KEYS = ("loss", "flagged_fraction", "fn_precision", "fn_recall", "mean_threshold")
 PROBE_FRACTIONS = (1.0, 0.1, 0.01)
 
@@ -99,6 +101,7 @@ class DemoConfig:
     progress: bool = True
     log_every: int = 10
     quick: bool = False
+    threshold_storage: str = "float32"  # measurement only (hidden flag): dtype GloFND's thresholds are stored in
 
 
 # Values of --quick, a smoke run of a few seconds on a small slice; explicit flags still win.
@@ -138,6 +141,10 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     parser.add_argument("--out", type=Path, default=defaults.out, help="report directory (outputs/demo)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run on a small slice")
+    # Measurement only, hidden from --help: emulates storing the per-sample thresholds in that dtype.
+    parser.add_argument(
+        "--threshold-storage", choices=tuple(THRESHOLD_STORAGE), default="float32", help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
 
     values: dict[str, Any] = QUICK_OVERRIDES.copy() if args.quick else {}
@@ -163,6 +170,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
         out=args.out,
         progress=not args.no_progress,
         quick=args.quick,
+        threshold_storage=args.threshold_storage,
     )
     if config.warmup_epochs < 1 or config.epochs < 1:
         parser.error("--warmup-epochs and --epochs must be >= 1")
@@ -430,8 +438,26 @@ def restore(checkpoint: Checkpoint, branch: Branch, config: DemoConfig, data: Tr
     unexpected_missing = [key for key in result.missing_keys if "threshold" not in key]
     if result.unexpected_keys or unexpected_missing:
         raise RuntimeError(f"loss state mismatch: {result.unexpected_keys=} {unexpected_missing=}")
+    if branch.detector == "glofnd":
+        store_thresholds_as(loss_fn, THRESHOLD_STORAGE[config.threshold_storage])
     generator = torch.Generator().set_state(checkpoint.generator)
     return RunState(model, optimizer, loss_fn, generator, checkpoint.epoch)
+
+
+def store_thresholds_as(loss_fn: GloFNDSogCLRLoss, dtype: torch.dtype) -> None:
+    """Measurement only: store the loss's per-sample thresholds in ``dtype`` (e.g. float16).
+
+    The threshold field's declaration and buffer are replaced by ``dtype`` ones: the state casts
+    every new row to that dtype and reads it back in it, and the update rule computes in float32,
+    so thresholds are computed in float32 and stored rounded. Not a library option.
+    """
+    if dtype == torch.float32:
+        return
+    state = loss_fn.state
+    state.fields["threshold"] = replace(state.fields["threshold"], dtype=dtype)
+    store = state._buffers["threshold"]
+    assert store is not None
+    state._buffers["threshold"] = store.to(dtype)
 
 
 def train_epochs(
@@ -608,7 +634,7 @@ def study_thresholds(state: RunState, data: TrainData, augment: AugmentConfig, c
     minibatch_error = metrics.threshold_error(minibatch, lower[items], upper[items])
     if state.loss_fn.detector.name != "glofnd":
         return ThresholdStudy(lower, upper, minibatch, minibatch_error)
-    learned = state.loss_fn.thresholds
+    learned = state.loss_fn.thresholds.float()  # float32 unless stored narrower (--threshold-storage)
     visited = state.loss_fn.threshold_visits > 0
     learned_error = metrics.threshold_error(learned[visited], lower[visited], upper[visited])
     unvisited = int((~visited).sum())

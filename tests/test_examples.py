@@ -21,6 +21,9 @@ from typing import Any
 import pytest
 import torch
 
+from glofnd_losses import GloFNDClipLoss
+from glofnd_losses.checkpoint import load_state
+
 # Expected Lightning warnings: mid-epoch resume of a plain DataLoader, a resumed run writing elsewhere,
 # and Lightning's own use of a deprecated torch pytree API.
 pytestmark = [
@@ -207,6 +210,30 @@ def test_clip_two_processes_with_torchrun(tmp_path: Path) -> None:
     check_two_process_run(tmp_path, accelerate_checkpoint_loss(tmp_path, 4), "image_threshold")
     state = dumps(tmp_path / "dump", "end", 2)[0]["loss_state"]
     assert int((state["state.u_image"] > 0).sum()) == 128
+
+
+def test_clip_with_a_sharded_state_on_two_processes_resumes_on_one(
+    examples: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    sharded = ["--estimator", "sogclr", "--state-sharding", "sharded"]
+    torchrun("train_clip.py", [*CLIP, *TWO_PROCESS_BATCH, *STEPS, *outputs(first), *sharded])
+    blocks = [dump["loss_state"] for dump in dumps(first / "dump", "end", 2)]
+    assert blocks[0]["state.image_threshold"].shape == (128,)  # each process its half of the 256 items
+    whole = {key: torch.cat([blocks[0][key], blocks[1][key]]) if key.startswith("state.") else blocks[0][key]
+             for key in blocks[0]}  # fmt: skip
+    assert_learned(whole, "image_threshold", items=128)
+
+    # One process resumes the 2-process run's step-2 checkpoint: every row, read from both processes' files.
+    resume = ["--resume", str(first / "checkpoints" / "step_0000002")]
+    examples["train_clip"].main([*CLIP, *ONE_PROCESS_BATCH, *STEPS, *outputs(resumed), *sharded, *resume])
+    saved = GloFNDClipLoss(256, estimator="sogclr")
+    load_state(saved, first / "checkpoints" / "step_0000002" / "glofnd_state")
+    (start,) = dumps(resumed / "dump", "start", 1)
+    assert start["step"] == 2
+    assert_same_state(start["loss_state"], saved.state_dict())
+    (end,) = dumps(resumed / "dump", "end", 1)
+    assert_learned(end["loss_state"], "image_threshold", items=128)
 
 
 def test_clip_siglip_loss_trains_a_logit_bias_and_refuses_an_estimator(

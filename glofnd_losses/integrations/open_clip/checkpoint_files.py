@@ -26,10 +26,9 @@ from typing import Any
 
 import open_clip_train.main as oc_main
 import torch
-import torch.distributed.checkpoint as dcp
 from open_clip_train.file_utils import check_exists, pt_load
 
-from glofnd_losses import distributed
+from glofnd_losses import checkpoint, distributed
 from glofnd_losses.image_text import ImageTextLossBase
 from glofnd_losses.integrations.open_clip.flags import loss_kind
 
@@ -157,7 +156,7 @@ def save_sharded_loss_state(loss: ImageTextLossBase, path: str, checkpoint_epoch
         shutil.rmtree(path)
     if distributed.is_distributed():
         torch.distributed.barrier()  # no process writes into the folder before it is emptied
-    dcp.save({"loss": loss.state_dict()}, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    checkpoint.save_state(loss, path)
     if distributed.rank() == 0:
         temporary = os.path.join(path, f"{_SHARDED_RECORD}.{os.getpid()}.tmp")
         with open(temporary, "w") as file:
@@ -179,12 +178,8 @@ def load_sharded_loss_state(loss: ImageTextLossBase, path: str) -> int | None:
         raise ValueError(f"{path} has no {_SHARDED_RECORD}: the state was not saved completely")
     with open(record_path) as file:
         record = json.load(file)
-    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    saved_keys = [key.removeprefix("loss.") for key in stored if key.startswith("loss.")]
-    _check_saved_loss(path, record, saved_keys, loss)
-    loaded = {"loss": loss.state_dict()}
-    dcp.load(loaded, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
-    loss.load_state_dict(loaded["loss"])
+    _check_saved_loss(path, record, checkpoint.saved_keys(path), loss)
+    checkpoint.load_state(loss, path)
     checkpoint_epoch = record.get("checkpoint_epoch")
     return None if checkpoint_epoch is None else int(checkpoint_epoch)
 
