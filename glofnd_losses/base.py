@@ -34,7 +34,12 @@ TREATMENTS = ("eliminate", "attract")
 """What a loss does with flagged negatives: remove them, or pull them in as extra positives."""
 
 SEEDING_CHECK_INTERVAL = 256
-"""Training steps between two non-blocking checks of whether every sample has been visited."""
+"""Fewest training steps between two non-blocking checks of whether every sample has been visited."""
+
+SEEDING_CHECKS_PER_EPOCH = 16
+"""Checks per epoch's worth of steps at most: a check reads every row, so with this bound its cost
+per step stays flat in ``num_samples`` (a large data set is checked every ``num_samples / (16 x
+global batch)`` steps)."""
 
 
 @dataclass(frozen=True)
@@ -224,10 +229,15 @@ class GloFNDLossBase(nn.Module):
         return self._all_seeded.known_true
 
     def _check_seeding(self) -> None:
-        """Start a non-blocking check of whether every sample's threshold has been visited."""
+        """Start a non-blocking check of whether every sample's threshold has been visited.
+
+        Reads every row: skipped once known (or while a read is in flight), except with a sharded
+        state, where it is a collective that every rank must make in the same step whatever its own
+        reads found.
+        """
         self._known_all_seeded()  # first forget what a loaded state made stale
         visits = [name for name in self.state.fields if name.endswith("threshold_visits")]
-        if visits:  # a collective when the state is sharded: every rank reaches this in the same step
+        if visits and (self._all_seeded.needs_check or self.state.sharding == "sharded"):
             self._all_seeded.check(self.state.all_true(lambda count: count > 0, visits))
 
     @property
@@ -482,7 +492,9 @@ class GloFNDLossBase(nn.Module):
         self.last_stats = stats
         if updates_state:
             self.step += 1
-            if self.step % SEEDING_CHECK_INTERVAL == 0:
+            global_batch = local_size * distributed.world_size()
+            interval = max(SEEDING_CHECK_INTERVAL, self.num_samples // (SEEDING_CHECKS_PER_EPOCH * global_batch))
+            if self.step % interval == 0:
                 self._check_seeding()
             self._count_samples_without_epoch(local_size)
 

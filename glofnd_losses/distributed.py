@@ -198,13 +198,13 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 def exchange_blocks(tensor: torch.Tensor) -> torch.Tensor:
     """Send block ``q`` of ``tensor`` to rank ``q``; receive every rank's block for this rank.
 
-    ``tensor`` holds ``world_size`` equal blocks along dim 0, in rank order. The result holds, in
-    rank order, the block each rank addressed to this one (one ``all_to_all_single`` with equal
-    splits: the split sizes need no host read). Without a process group the input is returned.
+    ``tensor`` holds ``world_size`` equal blocks along dim 0, in rank order, and has the same
+    shape on every rank (the caller's gathers have compared the sizes). The result holds, in rank
+    order, the block each rank addressed to this one (one ``all_to_all_single`` with equal splits:
+    the split sizes need no host read). Without a process group the input is returned.
     """
     if not is_distributed():
         return tensor
-    check_equal_sizes(tensor)
     received = torch.empty_like(tensor)
     dist.all_to_all_single(received, tensor.contiguous())
     return received

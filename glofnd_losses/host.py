@@ -117,9 +117,14 @@ class LatchedHostFlag:
                 self._known_true, self._pending = bool(value), None
         return self._known_true
 
+    @property
+    def needs_check(self) -> bool:
+        """Whether a :meth:`check` would start a read (not known true, no read in flight)."""
+        return not self.known_true and self._pending is None
+
     def check(self, condition: torch.Tensor) -> None:
         """Start reading the 0-d bool ``condition``, unless it is known true or a read is in flight."""
-        if not self.known_true and self._pending is None:
+        if self.needs_check:
             self._pending = PendingHostValue(condition)
 
     def reset(self) -> None:

@@ -346,7 +346,7 @@ class PerSampleState(nn.Module):
         the same number of indices.
         """
         layout = self._ensure_layout()
-        if not layout.is_sharded:
+        if not layout.is_sharded or not self.fields:  # no fields (a detector without state): nothing to fetch
             return {name: self.buffer(name).index_select(0, indices) for name in self.fields}
         names = list(self.fields)
         global_indices = distributed.gather_rows(indices)

@@ -61,6 +61,8 @@ def table_case(rank: int, world_size: int, num_samples: int, commits: list) -> d
         for sharding, table in tables.items():
             reads[sharding].append(table.read(indices[part]))
             table.commit(indices[part], {"value": values[part], "count": counts[part]}, error_bits=bits)
+    empty = PerSampleState(num_samples, {}, "sharded")  # a detector without state: no fields, no collective
+    assert empty.read(commits[0][0][:1]) == {}
     return {
         "reads": reads,
         "sharded": {name: tables["sharded"].buffer(name).clone() for name in fields},

@@ -553,3 +553,27 @@ def test_a_training_mode_forward_without_gradients_learns_nothing(name: str, no_
     assert loss_fn.step == 1 and loss_fn.training
     loss_fn.eval()
     assert torch.equal(validation_loss, call(view_b, view_a, torch.arange(10)))  # as in eval() mode
+
+
+@pytest.mark.parametrize(("num_samples", "expected_checks"), [(40, 8), (4096, 0)])
+def test_the_seeding_check_is_rarer_for_larger_data_sets(
+    monkeypatch: pytest.MonkeyPatch, num_samples: int, expected_checks: int
+) -> None:
+    # A check reads every row: at most 16 per epoch's worth of steps keeps its cost per step flat in num_samples.
+    from glofnd_losses import base
+    from glofnd_losses.state import PerSampleState
+
+    monkeypatch.setattr(base, "SEEDING_CHECK_INTERVAL", 1)
+    checks = []
+
+    def counting(self: PerSampleState, *args: Any, **kwargs: Any) -> torch.Tensor:
+        checks.append(1)
+        return torch.tensor(False)  # never all visited: every due check runs
+
+    monkeypatch.setattr(PerSampleState, "all_true", counting)
+    loss_fn = GloFNDSogCLRLoss(num_samples, alpha=0.1)
+    view_a, view_b = clustered_views(8, dim=8, seed=1)
+    for step in range(8):  # 4096 rows / (16 checks x 4 per batch): one check every 64 steps
+        indices = torch.arange(4) + 4 * step
+        loss_fn(view_a[:4], view_b[:4], indices)
+    assert len(checks) == expected_checks
