@@ -186,7 +186,7 @@ class PerSampleState(nn.Module):
         self.layout: Layout | None = None
         if sharding == "replicated" or distributed.is_distributed():
             self.layout = current_layout(self.num_samples, sharding)
-            self._mark_owner(self.layout, torch.device("cpu"))
+            self._mark_owner(self.layout, None)
         # Whether nothing was written or loaded yet: only such a table may be laid out anew.
         self._pristine = True
         self.fields: dict[str, Field] = {}
@@ -231,7 +231,7 @@ class PerSampleState(nn.Module):
                 f"but this process is rank {wanted.rank} of {wanted.world_size}: save it with "
                 "torch.distributed.checkpoint and load it at the new world size"
             )
-        device = torch.device("cpu")
+        device: torch.device | None = None
         for name, field in self.fields.items():
             device = self._buffers[name].device  # type: ignore[union-attr]
             self._buffers[name] = _allocate(name, field, wanted.rows, device, self.num_samples)
@@ -239,7 +239,7 @@ class PerSampleState(nn.Module):
         self.layout = wanted
         return wanted
 
-    def _mark_owner(self, layout: Layout, device: torch.device) -> None:
+    def _mark_owner(self, layout: Layout, device: torch.device | None) -> None:
         """Hold this rank's number in a buffer that DDP's buffer broadcast would overwrite (sharded only).
 
         A loss inside a module wrapped by ``DistributedDataParallel`` has its buffers overwritten
@@ -309,7 +309,8 @@ class PerSampleState(nn.Module):
             raise ValueError(f"per-sample field {name!r} is declared twice")
         rows = 0 if self.layout is None else self.layout.rows
         self.fields[name] = field
-        self.register_buffer(name, _allocate(name, field, rows, torch.device("cpu"), self.num_samples), persistent=True)
+        # No device: a table built under ``with torch.device("meta")`` allocates nothing.
+        self.register_buffer(name, _allocate(name, field, rows, None, self.num_samples), persistent=True)
 
     def extra_repr(self) -> str:
         sharded = ", sharding='sharded'" if self.sharding == "sharded" else ""
@@ -448,7 +449,7 @@ def _local_positions(global_indices: torch.Tensor, layout: Layout) -> tuple[torc
     return local, owned
 
 
-def _allocate(name: str, field: Field, rows: int, device: torch.device, num_samples: int) -> torch.Tensor:
+def _allocate(name: str, field: Field, rows: int, device: torch.device | None, num_samples: int) -> torch.Tensor:
     """``rows`` values of ``field`` at its initial value, or an error naming the field and its size."""
     try:
         return torch.full((rows,), field.init, dtype=field.dtype, device=device)
