@@ -492,9 +492,7 @@ class GloFNDLossBase(nn.Module):
         self.last_stats = stats
         if updates_state:
             self.step += 1
-            global_batch = local_size * distributed.world_size()
-            interval = max(SEEDING_CHECK_INTERVAL, self.num_samples // (SEEDING_CHECKS_PER_EPOCH * global_batch))
-            if self.step % interval == 0:
+            if self.step % seeding_check_interval(self.num_samples, local_size * distributed.world_size()) == 0:
                 self._check_seeding()
             self._count_samples_without_epoch(local_size)
 
@@ -635,6 +633,19 @@ def _caller_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def seeding_check_interval(num_samples: int, global_batch: int) -> int:
+    """Training steps between two checks of whether every sample has been visited.
+
+    Every :data:`SEEDING_CHECK_INTERVAL` steps, or :data:`SEEDING_CHECKS_PER_EPOCH` times per
+    epoch's worth of steps where that is rarer.
+
+    Examples:
+        >>> seeding_check_interval(1_000_000, 512), seeding_check_interval(10**8, 512)
+        (256, 12207)
+    """
+    return max(SEEDING_CHECK_INTERVAL, num_samples // (SEEDING_CHECKS_PER_EPOCH * global_batch))
 
 
 def check_int_at_least(name: str, value: Any, minimum: int, meaning: str = "") -> int:
