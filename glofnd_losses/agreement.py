@@ -48,6 +48,8 @@ def loss_settings(loss: GloFNDLossBase) -> dict[str, str]:
     if loss.state.sharding == "sharded":
         # Each rank holds its own block: the ranks' blocks differ by design and have no common digest.
         settings["state ownership"] = current_layout(loss.num_samples, "sharded").describe()
+        # A rank that trained or loaded its table before the process group holds every row.
+        settings["state held"] = loss.state.layout_held()
         # False where DistributedDataParallel copied rank 0's buffers over this rank's block.
         settings[
             "each rank's state block its own (call ignore_loss_buffers_in_ddp(model) before wrapping it in DDP)"

@@ -159,9 +159,11 @@ class GloFNDLossBase(nn.Module):
         self._deferred = validation.DeferredErrors()
         # Forward calls, for raising a deferred error on every rank in the same call.
         self._calls = 0
-        # Several ranks: whether the ranks have compared their settings (at the first call). Not
-        # again after a load: a rank that loads alone would run the comparison's collectives alone.
-        self._ranks_agreed = False
+        # Several ranks: how many more calls compare the ranks' settings: the first call, and with a
+        # sharded state the second too (its block mark exists from the first call's read on, and
+        # DDP would overwrite it at the second forward). Not again after a load: a rank that loads
+        # alone would run the comparison's collectives alone.
+        self._comparisons_left = 2 if self.state.sharding == "sharded" else 1
         # Once every sample has been visited, first-visit work (the mini-batch quantile that seeds
         # a threshold) is skipped. Learned without blocking; forgotten when a state is loaded
         # (through this module, a parent, or self.state directly).
@@ -237,7 +239,13 @@ class GloFNDLossBase(nn.Module):
         """
         self._known_all_seeded()  # first forget what a loaded state made stale
         visits = [name for name in self.state.fields if name.endswith("threshold_visits")]
-        if visits and (self._all_seeded.needs_check or self.state.sharding == "sharded"):
+        if not visits:
+            return
+        if self.state.sharding == "sharded":
+            # Not before the ranks compared their settings: a rank built replicated makes no all-reduce.
+            if self._calls > 0 or not distributed.is_distributed():
+                self._all_seeded.check(self.state.all_true(lambda count: count > 0, visits))
+        elif self._all_seeded.needs_check:
             self._all_seeded.check(self.state.all_true(lambda count: count > 0, visits))
 
     @property
@@ -438,7 +446,9 @@ class GloFNDLossBase(nn.Module):
             self._accumulation.check_indices(indices)
         names = tuple(name for name, _ in embeddings)
         # A step without any collective (local contrast, no state rows to sync) keeps its errors to itself.
-        collective = distributed.is_distributed() and (gathers or (self.updates_state and bool(self.state.fields)))
+        # A sharded state's read is a collective in every call, evaluation included.
+        state_collective = bool(self.state.fields) and (self.updates_state or self.state.sharding == "sharded")
+        collective = distributed.is_distributed() and (gathers or state_collective)
         if host.reads_without_sync(device):
             if collective:
                 validation.raise_together(indices, self.num_samples, embeddings, unit_norm)
@@ -466,9 +476,9 @@ class GloFNDLossBase(nn.Module):
         when found (one process) or when due (several ranks).
         """
         self._calls += 1
-        if not self._ranks_agreed and distributed.is_distributed():
+        if self._comparisons_left > 0 and distributed.is_distributed():
             validation.raise_if_settings_differ(agreement.loss_settings(self), agreement.state_device(self))
-            self._ranks_agreed = True
+            self._comparisons_left -= 1
         self._deferred.raise_if_any(call=self._calls)
         step = Step(learn=self.updates_state and self.learning, epoch=self.epoch, all_seeded=self._known_all_seeded())
         return StepSettings(step, self.filtering)
@@ -543,8 +553,8 @@ class GloFNDLossBase(nn.Module):
             f"{'0' if value is None else 'its positive term'} and the per-sample state is unchanged",
             stacklevel=_caller_stacklevel(),
         )
-        if self.updates_state and distributed.is_distributed():
-            # The others' state all-gather compares the sizes: a rank that skipped it would leave them waiting.
+        if (self.updates_state or self.state.sharding == "sharded") and distributed.is_distributed():
+            # The others' state collectives compare the sizes: a rank that skipped them would leave them waiting.
             distributed.check_equal_sizes(inputs[0])
         zero = inputs[0].new_zeros((), dtype=torch.float32)
         stats = {

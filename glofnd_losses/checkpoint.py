@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -40,8 +41,21 @@ def load_state(module: nn.Module, path: str | os.PathLike[str]) -> None:
     DCP reads each rank's rows in place into the module's buffers; ``load_state_dict`` then checks
     them. A saved field of another size is refused by DCP, naming it (a ``CheckpointException``,
     which is a ``BaseException``).
+
+    Raises:
+        ValueError: A saved field of another dtype (DCP would convert it in place: a count saved
+            as ``int32`` would wrap in a ``uint8`` buffer), naming it.
     """
-    loaded = {KEY: module.state_dict()}
+    target = module.state_dict()
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for key, value in target.items():
+        saved = getattr(stored.get(f"{KEY}.{key}"), "properties", None)
+        if isinstance(value, torch.Tensor) and saved is not None and saved.dtype != value.dtype:
+            raise ValueError(
+                f"{key} was saved as {saved.dtype}, this module stores it as {value.dtype}: was the state saved "
+                "under another threshold rule? (a rule that reads visit counts for ever keeps them as int32)"
+            )
+    loaded = {KEY: target}
     dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
     module.load_state_dict(loaded[KEY])
 

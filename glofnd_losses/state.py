@@ -186,9 +186,10 @@ class PerSampleState(nn.Module):
         self.layout: Layout | None = None
         if sharding == "replicated" or distributed.is_distributed():
             self.layout = current_layout(self.num_samples, sharding)
-            self._mark_owner(self.layout, None)
         # Whether nothing was written or loaded yet: only such a table may be laid out anew.
         self._pristine = True
+        # One DeviceMesh per device type for the DTensor entries of state_dict(), built once per layout.
+        self._meshes: dict[str, Any] = {}
         self.fields: dict[str, Field] = {}
         for name, field in fields.items():
             self.add(name, field)
@@ -204,13 +205,18 @@ class PerSampleState(nn.Module):
         """
         owner = self._buffers.get(BLOCK_OWNER)
         if owner is not None:
-            self._buffers[BLOCK_OWNER] = owner.to(device=fn(owner[:1]).device)
+            moved_to = fn(owner[:1]).device
+            if owner.is_meta and moved_to.type != "meta" and self.layout is not None:
+                self._buffers[BLOCK_OWNER] = _owner_mark(self.layout, moved_to)
+            else:
+                self._buffers[BLOCK_OWNER] = owner.to(device=moved_to)
         for name, field in self.fields.items():
             store = self._buffers[name]
             assert store is not None
             moved_to = fn(store[:1]).device
             if store.is_meta and moved_to.type != "meta":
-                self._buffers[name] = torch.full_like(store, field.init, device=moved_to)
+                with torch.inference_mode(False):
+                    self._buffers[name] = torch.full_like(store, field.init, device=moved_to)
             else:
                 self._buffers[name] = store.to(device=moved_to)
         return self
@@ -237,6 +243,7 @@ class PerSampleState(nn.Module):
             self._buffers[name] = _allocate(name, field, wanted.rows, device, self.num_samples)
         self._mark_owner(wanted, device)
         self.layout = wanted
+        self._meshes = {}
         return wanted
 
     def _mark_owner(self, layout: Layout, device: torch.device | None) -> None:
@@ -247,8 +254,17 @@ class PerSampleState(nn.Module):
         harmless for a replicated table, every other rank's rows lost for a sharded one. The
         ranks compare :meth:`blocks_untouched` at their first call and refuse to go on.
         """
-        if layout.is_sharded:
-            self.register_buffer(BLOCK_OWNER, torch.tensor([layout.rank], device=device), persistent=False)
+        if layout.is_sharded and self.fields:
+            self.register_buffer(BLOCK_OWNER, _owner_mark(layout, device), persistent=False)
+        else:
+            self._buffers.pop(BLOCK_OWNER, None)
+
+    def layout_held(self) -> str:
+        """What this table holds, the same text on every rank of a consistent run (for comparing ranks)."""
+        if self.layout is None:
+            return "not laid out yet"
+        held = "rows" if not self._pristine else "initial rows"
+        return f"{held} laid out for {self.layout.world_size} rank(s)"
 
     def blocks_untouched(self) -> bool:
         """Whether this rank's block still carries its own rank (reads the device: once per run)."""
@@ -282,7 +298,7 @@ class PerSampleState(nn.Module):
         for name in self.fields:
             store = self.buffer(name)
             value = store if keep_vars else store.detach()
-            destination[prefix + name] = _as_dtensor(value, layout) if layout.is_sharded else value
+            destination[prefix + name] = _as_dtensor(value, layout, self._meshes) if layout.is_sharded else value
 
     def checked_fields(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
         """The fields of ``state_dict`` under ``prefix``: this rank's rows, checked and in their dtypes.
@@ -311,6 +327,8 @@ class PerSampleState(nn.Module):
         self.fields[name] = field
         # No device: a table built under ``with torch.device("meta")`` allocates nothing.
         self.register_buffer(name, _allocate(name, field, rows, None, self.num_samples), persistent=True)
+        if self.layout is not None and BLOCK_OWNER not in self._buffers:
+            self._mark_owner(self.layout, None)
 
     def extra_repr(self) -> str:
         sharded = ", sharding='sharded'" if self.sharding == "sharded" else ""
@@ -356,10 +374,12 @@ class PerSampleState(nn.Module):
         if layout.rows > 0:
             columns = [self.buffer(name).index_select(0, local).to(torch.float64) for name in names]
             packed = torch.where(owned.unsqueeze(1), torch.stack(columns, dim=1), packed)
-        # Block q of ``packed`` holds rank q's anchors' rows where this rank owns them, else 0:
-        # after the exchange, exactly one rank (the owner) sent a non-zero row for each anchor.
-        received = distributed.exchange_blocks(packed).view(layout.world_size, indices.shape[0], len(names)).sum(0)
-        return {name: received[:, column].to(self.fields[name].dtype) for column, name in enumerate(names)}
+        # Block q of ``packed`` holds rank q's anchors' rows where this rank owns them: after the
+        # exchange, block r holds what rank r sent, and each anchor takes its owner's row.
+        received = distributed.exchange_blocks(packed).view(layout.world_size, indices.shape[0], len(names))
+        owners = torch.div(indices, layout.block, rounding_mode="floor").clamp_max(layout.world_size - 1)
+        rows = received[owners, torch.arange(indices.shape[0], device=indices.device)]
+        return {name: rows[:, column].to(self.fields[name].dtype) for column, name in enumerate(names)}
 
     def commit(
         self,
@@ -452,7 +472,9 @@ def _local_positions(global_indices: torch.Tensor, layout: Layout) -> tuple[torc
 def _allocate(name: str, field: Field, rows: int, device: torch.device | None, num_samples: int) -> torch.Tensor:
     """``rows`` values of ``field`` at its initial value, or an error naming the field and its size."""
     try:
-        return torch.full((rows,), field.init, dtype=field.dtype, device=device)
+        # A table first laid out in an inference_mode() forward (a validation loop) must stay writable.
+        with torch.inference_mode(False):
+            return torch.full((rows,), field.init, dtype=field.dtype, device=device)
     except RuntimeError as error:  # the allocator's message names neither the argument nor the field
         size = rows * torch.empty((), dtype=field.dtype).element_size()
         raise RuntimeError(
@@ -462,18 +484,26 @@ def _allocate(name: str, field: Field, rows: int, device: torch.device | None, n
         ) from error
 
 
-def _device_mesh(device_type: str) -> Any:
-    """The one-dimensional mesh of every rank of the default process group."""
-    from torch.distributed.device_mesh import init_device_mesh
+def _owner_mark(layout: Layout, device: torch.device | None) -> torch.Tensor:
+    """The value of the ``block_owner`` buffer: this rank's number."""
+    with torch.inference_mode(False):
+        return torch.tensor([layout.rank], device=device)
 
-    return init_device_mesh(device_type, (distributed.world_size(),))
 
+def _as_dtensor(block: torch.Tensor, layout: Layout, meshes: dict[str, Any]) -> torch.Tensor:
+    """This rank's ``block`` as a DTensor of ``layout.num_samples`` rows sharded on dim 0.
 
-def _as_dtensor(block: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """This rank's ``block`` as a DTensor of ``layout.num_samples`` rows sharded on dim 0."""
+    Its mesh is the default process group itself (``DeviceMesh.from_group``: no new group, no
+    collective), kept in ``meshes`` by device type.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
 
-    mesh = _device_mesh(block.device.type)
+    device_type = block.device.type
+    if device_type not in meshes:
+        meshes[device_type] = DeviceMesh.from_group(dist.distributed_c10d._get_default_group(), device_type)
+    mesh = meshes[device_type]
     return DTensor.from_local(
         block, mesh, [Shard(0)], run_check=False, shape=torch.Size([layout.num_samples]), stride=(1,)
     )
@@ -490,7 +520,8 @@ def _rows_of(key: str, value: torch.Tensor, layout: Layout, store: torch.Tensor)
     from torch.distributed.tensor import DTensor
 
     if not isinstance(value, DTensor):
-        return value[layout.start : layout.stop]
+        # A copy where it is a part: a load with assign=True would otherwise keep every row alive.
+        return value[layout.start : layout.stop].clone() if layout.is_sharded else value
     local = value.to_local()
     if local.untyped_storage().data_ptr() == store.untyped_storage().data_ptr() and local.shape == store.shape:
         return local

@@ -185,7 +185,7 @@ def threshold_fields(prefix: str, optimizer: ThresholdOptimizer) -> dict[str, Fi
     stops at 255 where the rule stops reading it after fewer visits
     (:meth:`ThresholdOptimizer.visit_count_limit`), else an ``int32``: the default rule keeps
     5 bytes per sample (a float32 threshold and a saturating count). Thresholds stay float32:
-    BENCHMARKS.md section 6 measures what 16-bit thresholds would cost.
+    BENCHMARKS.md section 4 measures what 16-bit thresholds would cost.
     """
     # The bounds are what a loaded state may hold: every rule keeps thresholds in the score range.
     limit = optimizer.visit_count_limit()

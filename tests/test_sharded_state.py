@@ -208,3 +208,29 @@ def test_a_state_dict_one_rank_saved_with_torch_save_is_refused(tmp_path: Any) -
     # Its DTensors hold rank 0's rows; taken as every rank's own block they would be silently wrong.
     for message in run_ranks(sharded_cases.torch_saved_by_rank_zero_case, 2, str(tmp_path / "state.pt")):
         assert "state.threshold is a DTensor that is not this loss's own state_dict() entry" in message, message
+
+
+def test_a_table_first_laid_out_in_an_inference_mode_forward_still_trains() -> None:
+    # Lightning's sanity check validates under inference_mode before the first training step.
+    from glofnd_losses import GloFNDNTXent
+
+    loss_fn = GloFNDNTXent(16, alpha=0.1, state_sharding="sharded")
+    z1, z2 = torch.randn(8, 8), torch.randn(8, 8)
+    with torch.inference_mode():
+        loss_fn.eval()(z1, z2, torch.arange(8))
+    loss_fn.train()(z1.requires_grad_(), z2, torch.arange(8)).backward()
+    assert loss_fn.threshold_visits[:8].tolist() == [1] * 8
+
+
+def test_a_checkpoint_with_counts_of_another_dtype_is_refused_by_name(tmp_path: Any) -> None:
+    # DCP would copy int32 counts into the uint8 buffer in place: 300 visits would read as 44.
+    from glofnd_losses import GloFNDNTXent, ThresholdOptimizer
+    from glofnd_losses.checkpoint import load_state, save_state
+
+    forever = ThresholdOptimizer(rule="sgd", lr_decay="inverse_sqrt")  # reads the count for ever: int32
+    source = GloFNDNTXent(16, threshold_optimizer=forever)
+    assert source.threshold_visits.dtype == torch.int32
+    save_state(source, tmp_path / "state")
+    target = GloFNDNTXent(16, state_sharding="sharded")
+    with pytest.raises(ValueError, match=r"state.threshold_visits was saved as torch.int32, this module stores it"):
+        load_state(target, tmp_path / "state")

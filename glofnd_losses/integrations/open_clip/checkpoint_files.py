@@ -26,6 +26,7 @@ from typing import Any
 
 import open_clip_train.main as oc_main
 import torch
+from open_clip_train.distributed import broadcast_object
 from open_clip_train.file_utils import check_exists, pt_load
 
 from glofnd_losses import checkpoint, distributed
@@ -194,12 +195,17 @@ def restore_loss_state(loss: ImageTextLossBase, args: argparse.Namespace) -> int
         FileNotFoundError: No state beside the checkpoint, and no ``--glofnd-fresh-state``.
     """
     sharded = sharded_state_path(args.resume)
-    if os.path.isdir(sharded):
+    # Rank 0 decides for all (a shared file system may show the files to some ranks before others,
+    # and the sharded load is a collective).
+    found = "sharded" if os.path.isdir(sharded) else "file" if check_exists(loss_state_path(args.resume)) else None
+    if distributed.is_distributed():
+        found = broadcast_object(args, found)
+    if found == "sharded":
         checkpoint_epoch = load_sharded_loss_state(loss, sharded)
         logging.info(f"GloFND: restored the loss state from {sharded} (epoch {loss.epoch}, step {loss.step})")
         return checkpoint_epoch
     path = loss_state_path(args.resume)
-    if check_exists(path):
+    if found == "file":
         checkpoint_epoch = load_loss_state(loss, path)
         logging.info(f"GloFND: restored the loss state from {path} (epoch {loss.epoch}, step {loss.step})")
         return checkpoint_epoch
@@ -311,9 +317,11 @@ class LossStateFiles:
         staged_folder = os.path.join(os.path.dirname(os.fspath(source)), _STAGED_LATEST)
         if os.path.isdir(staged_folder):
             target = sharded_state_path(os.fspath(destination))
-            if os.path.isdir(target):
-                shutil.rmtree(target)
+            previous = f"{target}.previous.{os.getpid()}"
+            if os.path.isdir(target):  # renamed aside, not deleted, until the new one is in place
+                os.replace(target, previous)
             os.replace(staged_folder, target)
+            shutil.rmtree(previous, ignore_errors=True)
 
     def remove(self, path: Any) -> None:
         """``os.remove``, with the loss state beside an epoch checkpoint removed too."""
