@@ -496,6 +496,13 @@ def gib(value: float) -> str:
     return f"{value / 2**30:,.2f}"
 
 
+def ratio_row(label: str, entry: dict[str, Any], target: str, verdict: str) -> str:
+    """A row of the ratios table: the value, each round's rank-0 ratio and their median."""
+    rounds = ", ".join(f"{value:.3f}" for value in entry["per_round_rank0"])
+    rounds += f" ({entry['median_per_round_rank0']:.3f})"
+    return f"| {label} | {entry['value']:.3f} | {rounds} | {target} | {verdict} |"
+
+
 def profile_row(config: dict[str, Any]) -> str:
     """One configuration's row of the "where the time goes" table (rank 0's profile)."""
     per_step = config["profile"][0]["per_step"]
@@ -557,19 +564,11 @@ def print_tables(summary: dict[str, Any], table: dict[str, Any], settings: dict[
     for sharding in SHARDINGS:
         entry = flat[sharding]
         target = f"<= {entry['target']:.2f}" if "target" in entry else "-"
-        rounds = ", ".join(f"{value:.3f}" for value in entry["per_round_rank0"])
-        rounds += f" ({entry['median_per_round_rank0']:.3f})"
-        print(
-            f"| {sharding}: time at {fmt_n(flat['to'])} / at {fmt_n(flat['from'])} | {entry['value']:.3f} | {rounds} "
-            f"| {target} | {entry.get('verdict', '-')} |"
-        )
+        label = f"{sharding}: time at {fmt_n(flat['to'])} / at {fmt_n(flat['from'])}"
+        print(ratio_row(label, entry, target, entry.get("verdict", "-")))
     for n, entry in ratios["sharded_over_replicated_time"].items():
-        rounds = ", ".join(f"{value:.3f}" for value in entry["per_round_rank0"])
-        rounds += f" ({entry['median_per_round_rank0']:.3f})"
-        print(
-            f"| time sharded / replicated at {fmt_n(int(n))} | {entry['value']:.3f} | {rounds} "
-            f"| <= {entry['target']:.2f} | {entry['verdict']} |"
-        )
+        label = f"time sharded / replicated at {fmt_n(int(n))}"
+        print(ratio_row(label, entry, f"<= {entry['target']:.2f}", entry["verdict"]))
     for n, entry in ratios["sharded_over_replicated_memory"].items():
         as_expected = "met" if abs(entry["value"] - entry["expected"]) < 1e-9 else "off"
         print(
