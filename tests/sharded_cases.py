@@ -93,12 +93,13 @@ def resume_case(
         results[sharding] = run(loss_fn, name, batches, rank, world_size)
         results[sharding]["loaded"] = after_load
         results[sharding]["owned"] = loss_fn.state.owned_rows
+    results["another size"] = wrong_size_message(name, {**kwargs, "num_samples": kwargs["num_samples"] + 1}, path)
     return results
 
 
-def wrong_size_case(rank: int, world_size: int, kwargs: dict[str, Any], path: str) -> str:
-    """Load a checkpoint into a sharded loss of another num_samples: the error's text."""
-    loss_fn = make_loss("sogclr", kwargs, "sharded")
+def wrong_size_message(name: str, kwargs: dict[str, Any], path: str) -> str:
+    """Load a checkpoint into a sharded loss of another num_samples: the error's text (nothing is loaded)."""
+    loss_fn = make_loss(name, kwargs, "sharded")
     before = dist_cases.local_state(loss_fn)
     loaded = {"loss": loss_fn.state_dict()}
     try:
@@ -134,6 +135,11 @@ class _ModelWithLoss(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
+
+
+def ddp_cases(rank: int, world_size: int) -> dict[bool, str]:
+    """:func:`ddp_case` without and with ``ignore_loss_buffers_in_ddp`` (one spawn for both)."""
+    return {use_helper: ddp_case(rank, world_size, use_helper) for use_helper in (False, True)}
 
 
 def ddp_case(rank: int, world_size: int, use_helper: bool) -> str:
