@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glofnd_losses import distributed
+from glofnd_losses import distributed, sharded_rows
 from glofnd_losses.sharding import Layout, check_state_sharding, current_layout
 
 
@@ -75,17 +75,6 @@ class Field:
         high = "inf" if self.maximum is None else repr(float(self.maximum))
         kind = "whole numbers" if not self.dtype.is_floating_point else "finite values"
         return f"{kind} in [{low}, {high}]" if self.minimum is not None or self.maximum is not None else kind
-
-
-def checked_rows(key: str, value: Any, field: Field, num_samples: int) -> torch.Tensor:
-    """A loaded field's rows converted to ``field.dtype``, or a ValueError naming ``key``.
-
-    The rows must be a ``(num_samples,)`` tensor of real numbers that ``field.dtype`` holds exactly
-    (whole numbers for integer fields) and lie in the field's range. Reads every value: meant for
-    load time, not the training step.
-    """
-    check_global_shape(key, value, num_samples)
-    return checked_values(key, value, field)
 
 
 def check_global_shape(key: str, value: Any, num_samples: int) -> None:
@@ -298,7 +287,9 @@ class PerSampleState(nn.Module):
         for name in self.fields:
             store = self.buffer(name)
             value = store if keep_vars else store.detach()
-            destination[prefix + name] = _as_dtensor(value, layout, self._meshes) if layout.is_sharded else value
+            destination[prefix + name] = (
+                sharded_rows.as_dtensor(value, layout, self._meshes) if layout.is_sharded else value
+            )
 
     def checked_fields(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
         """The fields of ``state_dict`` under ``prefix``: this rank's rows, checked and in their dtypes.
@@ -315,7 +306,7 @@ class PerSampleState(nn.Module):
             key = prefix + name
             if key in state_dict:
                 check_global_shape(key, state_dict[key], self.num_samples)
-                rows = _rows_of(key, state_dict[key], layout, self.buffer(name))
+                rows = sharded_rows.block_of(key, state_dict[key], layout, self.buffer(name))
                 checked[key] = checked_values(key, rows, field)
         return checked
 
@@ -368,17 +359,7 @@ class PerSampleState(nn.Module):
         if not layout.is_sharded or not self.fields:  # no fields (a detector without state): nothing to fetch
             return {name: self.buffer(name).index_select(0, indices) for name in self.fields}
         names = list(self.fields)
-        global_indices = distributed.gather_rows(indices)
-        local, owned = _local_positions(global_indices, layout)
-        packed = indices.new_zeros((global_indices.shape[0], len(names)), dtype=torch.float64)
-        if layout.rows > 0:
-            columns = [self.buffer(name).index_select(0, local).to(torch.float64) for name in names]
-            packed = torch.where(owned.unsqueeze(1), torch.stack(columns, dim=1), packed)
-        # Block q of ``packed`` holds rank q's anchors' rows where this rank owns them: after the
-        # exchange, block r holds what rank r sent, and each anchor takes its owner's row.
-        received = distributed.exchange_blocks(packed).view(layout.world_size, indices.shape[0], len(names))
-        owners = torch.div(indices, layout.block, rounding_mode="floor").clamp_max(layout.world_size - 1)
-        rows = received[owners, torch.arange(indices.shape[0], device=indices.device)]
+        rows = sharded_rows.fetch([self.buffer(name) for name in names], indices, layout)
         return {name: rows[:, column].to(self.fields[name].dtype) for column, name in enumerate(names)}
 
     def commit(
@@ -444,29 +425,12 @@ class PerSampleState(nn.Module):
     def _write_owned(
         self, global_indices: torch.Tensor, rows: dict[str, torch.Tensor], valid: torch.Tensor, layout: Layout
     ) -> None:
-        """Write the rows of the indices this rank owns (one value per index), without a host read.
-
-        A scatter needs a target for every position: each position another rank owns is sent to
-        the target of one owned position, carrying that position's value (so every write to a
-        target carries the same value and none races); when no position is owned, every position
-        rewrites one row with its own value.
-        """
+        """Write the rows of the indices this rank owns (one value per index), without a host read."""
         if layout.rows == 0:
             return
-        local, owned = _local_positions(global_indices, layout)
-        representative = owned.to(torch.uint8).argmax()  # an owned position, if any
-        positions = torch.arange(global_indices.shape[0], device=global_indices.device)
-        source = torch.where(owned, positions, representative)
-        targets = local.index_select(0, source)
-        keep_new = owned.index_select(0, source) & valid
-        self._write(targets, {name: values.index_select(0, source) for name, values in rows.items()}, keep_new)
-
-
-def _local_positions(global_indices: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each index's row in this rank's block (clamped into it) and whether this rank owns it."""
-    owned = (global_indices >= layout.start) & (global_indices < layout.stop)
-    local = (global_indices - layout.start).clamp(0, max(layout.rows - 1, 0))
-    return local, owned
+        scatter = sharded_rows.owned_scatter(global_indices, layout)
+        new_rows = {name: values.index_select(0, scatter.source) for name, values in rows.items()}
+        self._write(scatter.targets, new_rows, scatter.source_owned & valid)
 
 
 def _allocate(name: str, field: Field, rows: int, device: torch.device | None, num_samples: int) -> torch.Tensor:
@@ -488,45 +452,3 @@ def _owner_mark(layout: Layout, device: torch.device | None) -> torch.Tensor:
     """The value of the ``block_owner`` buffer: this rank's number."""
     with torch.inference_mode(False):
         return torch.tensor([layout.rank], device=device)
-
-
-def _as_dtensor(block: torch.Tensor, layout: Layout, meshes: dict[str, Any]) -> torch.Tensor:
-    """This rank's ``block`` as a DTensor of ``layout.num_samples`` rows sharded on dim 0.
-
-    Its mesh is the default process group itself (``DeviceMesh.from_group``: no new group, no
-    collective), kept in ``meshes`` by device type.
-    """
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor, Shard
-
-    device_type = block.device.type
-    if device_type not in meshes:
-        meshes[device_type] = DeviceMesh.from_group(dist.distributed_c10d._get_default_group(), device_type)
-    mesh = meshes[device_type]
-    return DTensor.from_local(
-        block, mesh, [Shard(0)], run_check=False, shape=torch.Size([layout.num_samples]), stride=(1,)
-    )
-
-
-def _rows_of(key: str, value: torch.Tensor, layout: Layout, store: torch.Tensor) -> torch.Tensor:
-    """The rows of ``layout``'s block in a loaded field: a full tensor, or this table's own DTensor entry.
-
-    A DTensor is accepted only where it wraps this rank's buffer (this table's ``state_dict()``
-    entry, filled in place by ``torch.distributed.checkpoint``). Any other DTensor cannot be told
-    apart from one that one rank saved with ``torch.save`` and every rank loaded, whose local
-    block is that rank's rows, not this one's.
-    """
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(value, DTensor):
-        # A copy where it is a part: a load with assign=True would otherwise keep every row alive.
-        return value[layout.start : layout.stop].clone() if layout.is_sharded else value
-    local = value.to_local()
-    if local.untyped_storage().data_ptr() == store.untyped_storage().data_ptr() and local.shape == store.shape:
-        return local
-    raise ValueError(
-        f"{key} is a DTensor that is not this loss's own state_dict() entry: load sharded state with "
-        "torch.distributed.checkpoint into loss.state_dict() (or pass full (num_samples,) tensors). A "
-        "state_dict saved with torch.save by one rank holds that rank's rows only"
-    )
