@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +22,13 @@ import torch
 from torch import nn
 
 from glofnd_losses import agreement, distributed, engine, functional, host, validation
-from glofnd_losses.accumulation import AccumulationWindow
+from glofnd_losses.accumulation import AccumulatingLoss
 from glofnd_losses.detectors import Detector, Step, make_detector
 from glofnd_losses.host import LatchedHostFlag
 from glofnd_losses.sharding import check_state_sharding
 from glofnd_losses.state import Field, PerSampleState
 from glofnd_losses.thresholds import ThresholdOptimizer
+from glofnd_losses.validation import check_int_at_least
 
 TREATMENTS = ("eliminate", "attract")
 """What a loss does with flagged negatives: remove them, or pull them in as extra positives."""
@@ -91,7 +91,7 @@ class TwoViewInputs:
     global_size: int
 
 
-class GloFNDLossBase(nn.Module):
+class GloFNDLossBase(AccumulatingLoss, nn.Module):
     """Base class of the GloFND losses. Not used directly.
 
     Args:
@@ -172,7 +172,7 @@ class GloFNDLossBase(nn.Module):
         # A loop that never calls set_epoch stays in epoch 0: warned once after an epoch's worth of samples.
         self._epoch_was_set = False
         self._samples_in_epoch_zero = 0
-        self._accumulation: AccumulationWindow | None = None
+        self._accumulation = None
 
     def add_state(
         self, name: str, dtype: torch.dtype, init: float, minimum: float | None = None, maximum: float | None = None
@@ -268,72 +268,6 @@ class GloFNDLossBase(nn.Module):
     def filtering(self) -> bool:
         """Whether flagged negatives are removed from the loss in the current step."""
         return self.learning and self.epoch >= self.filter_start_epoch
-
-    # ------------------------------------------------------------------ gradient accumulation
-    def begin_accumulation(self, num_calls: int) -> None:
-        """The next ``num_calls`` calls form one optimiser step of gradient accumulation.
-
-        As open_clip's ``--accum-freq``: every call gets the whole accumulated batch (the same
-        ``indices``), with one micro-batch's features carrying gradients. Every call reads the
-        state as it was before the step, so each computes what one call on the whole batch would
-        (its masks, ``u`` and learned rows), and only the last call writes the state and counts
-        the step: the summed feature gradients and the state equal those of one call on the whole
-        batch. The window closes after the last call. Prefer :meth:`accumulation` where the calls
-        are in your own loop.
-
-        Args:
-            num_calls: Calls of the optimiser step (open_clip's ``accum_freq``); 1 is a plain step.
-        """
-        calls = check_int_at_least("num_calls", num_calls, 1, "loss calls per optimiser step")
-        if self._accumulation is not None:
-            window = self._accumulation
-            raise RuntimeError(
-                f"begin_accumulation({calls}) during an accumulation of {window.calls} calls of which {window.made} "
-                "were made: finish its calls first"
-            )
-        self._accumulation = AccumulationWindow(calls) if calls > 1 else None
-
-    @contextlib.contextmanager
-    def accumulation(self, num_calls: int) -> Iterator[None]:
-        """Context manager around the ``num_calls`` loss calls of one accumulated optimiser step.
-
-        See :meth:`begin_accumulation`. Leaving the block after another number of calls raises
-        a ``RuntimeError``; the state is then unchanged by the step.
-
-        Examples:
-            >>> import torch
-            >>> from glofnd_losses import GloFNDSogCLRLoss
-            >>> loss_fn, model = GloFNDSogCLRLoss(num_samples=100), torch.nn.Linear(16, 8)
-            >>> inputs = [torch.randn(8, 16) for _ in range(2)]  # two views of the accumulated batch
-            >>> with torch.no_grad():
-            ...     cached = [model(view) for view in inputs]
-            >>> with loss_fn.accumulation(2):
-            ...     for part in (slice(0, 4), slice(4, 8)):  # each micro-batch's features with gradients
-            ...         z1, z2 = (torch.cat([old[: part.start], model(view[part]), old[part.stop :]])
-            ...                   for old, view in zip(cached, inputs))
-            ...         loss_fn(z1, z2, torch.arange(8)).backward()
-            >>> loss_fn.step
-            1
-        """
-        self.begin_accumulation(num_calls)
-        window = self._accumulation
-        try:
-            yield
-        finally:
-            unfinished = window is not None and self._accumulation is window
-            self._accumulation = None
-        if unfinished and window is not None:
-            raise RuntimeError(f"an accumulation of {window.calls} loss calls ended after {window.made}")
-
-    def _count_call(self) -> bool:
-        """Count a call of an accumulated step; whether this call ends its step (always, outside one)."""
-        window = self._accumulation
-        if window is None:
-            return True
-        last = window.count_call()
-        if last:
-            self._accumulation = None
-        return last
 
     # ------------------------------------------------------------------ loading a state
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -519,7 +453,6 @@ class GloFNDLossBase(nn.Module):
         due = self._calls + validation.COLLECTIVE_ERROR_DELAY
         self._deferred.record(combined, self.num_samples, checked.names, due=due, rank=rank)
 
-    # ------------------------------------------------------------------ agreement between ranks
     # ------------------------------------------------------------------ the engine
     def _run_bank(
         self,
@@ -656,19 +589,6 @@ def seeding_check_interval(num_samples: int, global_batch: int) -> int:
         (256, 12207)
     """
     return max(SEEDING_CHECK_INTERVAL, num_samples // (SEEDING_CHECKS_PER_EPOCH * global_batch))
-
-
-def check_int_at_least(name: str, value: Any, minimum: int, meaning: str = "") -> int:
-    """``value`` as an int (any integer type, e.g. ``numpy.int64``) >= ``minimum``, or a ValueError naming ``name``."""
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        as_int = minimum - 1
-    if isinstance(value, bool) or as_int < minimum:
-        requirement = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        meaning = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{name} must be {requirement}{meaning}, got {value!r}")
-    return as_int
 
 
 def check_finite_positive(name: str, value: float) -> None:

@@ -21,8 +21,9 @@ With several ranks every rank raises, in the same call (docs/reliability.md):
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -333,3 +334,16 @@ def check_model_outputs(extra: Mapping[str, object], loss_name: str) -> None:
             f"{loss_name}.forward() got an unexpected keyword argument {unknown[0]!r} (besides its own arguments it "
             f"takes only the outputs of open_clip's models, ignored: {known}, and their 'dist_' forms)"
         )
+
+
+def check_int_at_least(name: str, value: Any, minimum: int, meaning: str = "") -> int:
+    """``value`` as an int (any integer type, e.g. ``numpy.int64``) >= ``minimum``, or a ValueError naming ``name``."""
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        as_int = minimum - 1
+    if isinstance(value, bool) or as_int < minimum:
+        requirement = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        meaning = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be {requirement}{meaning}, got {value!r}")
+    return as_int
